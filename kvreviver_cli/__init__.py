@@ -1,0 +1,1 @@
+"""The ``kvreviver`` command line: a thin Typer layer over :mod:`kvreviver_core`."""

@@ -1,0 +1,3 @@
+from kvreviver_cli.app import main
+
+main()

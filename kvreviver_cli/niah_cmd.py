@@ -1,0 +1,9 @@
+"""`kvreviver niah`: not implemented yet (its issue is open). It says so and exits with code 2."""
+
+from __future__ import annotations
+
+from kvreviver_cli.common import fail
+
+
+def niah_command() -> None:
+    raise fail("'niah' is not implemented yet")

@@ -1,0 +1,9 @@
+"""`kvreviver sweep`: not implemented yet (its issue is open). It says so and exits with code 2."""
+
+from __future__ import annotations
+
+from kvreviver_cli.common import fail
+
+
+def sweep_command() -> None:
+    raise fail("'sweep' is not implemented yet")

@@ -1,0 +1,261 @@
+"""``kvreviver``: Recent + Candidate kept exactly, every other token folded into a Count-Sketch (the paper).
+
+Storage of one layer (B = batch, H = KV heads, E = exact slots, N = logical length, D = head_dim):
+
+* exact store ``exact_keys/exact_values`` ``(B, H, E, D)`` with ``exact_pos`` ``(B, H, E)`` (int32, -1 = empty).
+  It holds Recent (the ``recent_count`` newest tokens of each sequence) and Candidate (the other exact tokens).
+  Candidate sets differ between KV heads, because scores are per KV head.
+* ``scores`` ``(B, H, N)`` fp32: cumulative softmax(QK^T) of every token. Vague tokens need theirs for the
+  swap-back test, so it is kept for all tokens and charged to the budget.
+* ``sketch``: the Vague part (:class:`~kvreviver_core.sketch.VagueSketch`), r rows x b buckets.
+
+Compress (Algorithm 3, run after every attention call): when Recent exceeds its share, its oldest tokens become
+Candidates in bulk; the lowest-scored Candidates beyond the Candidate share go into the sketch; then, while the
+lowest Candidate score x ReplaceRate is below the highest Vague score, the two swap. Pairing the k lowest
+Candidates with the k highest Vague tokens and swapping the prefix where the test holds gives the same result as
+the paper's one-at-a-time loop for ReplaceRate >= 1.
+
+Swap-back: a returning token is read from the sketch (its reconstruction at that moment), that estimate is
+deleted from the sketch, and the estimate is what the exact store holds from then on. The original K/V are gone
+once folded; that is the paper's Algorithm 3.
+
+Revive (Algorithm 4): the sketch is queried at every position, the exact tokens are written over their positions,
+and the layer's full K/V exist only for the duration of its attention call.
+
+A sequence is compressed from the moment its tokens exceed the budget's capacity (at prefill for any fraction
+below 1). With a Vague share of 0, there is no sketch: tokens leaving Candidate are dropped and masked, which is the
+ablation of the Vague part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvreviver_core.budget import Budget, split_capacity, token_capacity
+from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
+from kvreviver_core.sketch import ESTIMATORS, Estimator, VagueSketch
+
+SCORE_BYTES = 4  # fp32 cumulative score per token and KV head
+POSITION_BYTES = 4  # int32 position per exact slot and KV head
+
+
+class ReviverLayer(CompressedLayer):
+    def __init__(self, layer_idx: int, budget: Budget, estimator: Estimator = "sum", seed: int = 0) -> None:
+        super().__init__(layer_idx, budget)
+        self.estimator = estimator
+        self.seed = seed * 1_000_003 + layer_idx
+        self.sketch: VagueSketch | None = None
+        self.compressing: torch.Tensor | None = None
+
+    # -- storage ---------------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h = self.batch, self.heads
+        self.exact_keys = key_states[:, :, :0]
+        self.exact_values = value_states[:, :, :0]
+        self.exact_pos = torch.empty(b, h, 0, dtype=torch.int32, device=self.device)
+        self.scores = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+        self.recent_count = torch.zeros(b, dtype=torch.long, device=self.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, t, _ = key_states.shape
+        past = self.revive() if self.logical_len else None
+        new_pos = torch.arange(self.logical_len, self.logical_len + t, device=self.device, dtype=torch.int32)
+        self.exact_keys = torch.cat([self.exact_keys, key_states], dim=2)
+        self.exact_values = torch.cat([self.exact_values, value_states], dim=2)
+        self.exact_pos = torch.cat([self.exact_pos, new_pos.expand(b, h, t)], dim=2)
+        self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], dim=2)
+        self.recent_count += t
+        self.logical_len += t
+        if past is None:
+            return key_states, value_states
+        return torch.cat([past[0], key_states], dim=2), torch.cat([past[1], value_states], dim=2)
+
+    def revive(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 4: all ``logical_len`` keys and values in position order, ``(B, H, N, D)`` each."""
+        b, h, n, d = self.batch, self.heads, self.logical_len, self.head_dim
+        if self.sketch is not None:
+            positions = torch.arange(n, device=self.device).expand(b, h, n)
+            keys, values = self.sketch.query(positions)
+            keys = torch.cat([keys, keys.new_zeros(b, h, 1, d)], dim=2)
+            values = torch.cat([values, values.new_zeros(b, h, 1, d)], dim=2)
+        else:
+            keys = self.exact_keys.new_zeros(b, h, n + 1, d)
+            values = self.exact_values.new_zeros(b, h, n + 1, d)
+        # Empty slots write into the extra column n, which is then cut off.
+        slot = torch.where(self.exact_pos >= 0, self.exact_pos, n).long().unsqueeze(-1).expand(-1, -1, -1, d)
+        keys.scatter_(2, slot, self.exact_keys)
+        values.scatter_(2, slot, self.exact_values)
+        return keys[:, :, :n], values[:, :, :n]
+
+    def exact_map(self) -> torch.Tensor:
+        """``(B, H, N)`` bool: positions held in the exact store."""
+        b, h, n = self.batch, self.heads, self.logical_len
+        held = torch.zeros(b, h, n + 1, dtype=torch.bool, device=self.device)
+        held.scatter_(2, torch.where(self.exact_pos >= 0, self.exact_pos, n).long(), True)
+        return held[:, :, :n]
+
+    def valid_positions(self) -> torch.Tensor:
+        """``(B, 1, N)`` bool: non-padding positions."""
+        return (torch.arange(self.logical_len, device=self.device).view(1, 1, -1) >= self.offsets.view(-1, 1, 1))
+
+    # -- attention hooks -------------------------------------------------------------------------------------------
+    def score_queries(self, query_length: int) -> int | None:
+        return None
+
+    def slot_mask(self) -> torch.Tensor | None:
+        if self.sketch is None or bool(self.sketch.enabled.all()):
+            return None
+        # Rows without a sketch (Vague share 0): tokens outside the exact store are gone, so mask them.
+        no_sketch = (~self.sketch.enabled).view(-1, 1)
+        return (self.exact_map().any(dim=1) | ~no_sketch)
+
+    def observe(self, scores: torch.Tensor | None, key_valid: torch.Tensor) -> None:
+        first = self.offsets is None
+        super().observe(scores, key_valid)
+        if first:
+            self._plan_capacity()
+            # Padding never enters any part.
+            pad = self.exact_pos.long() < self.offsets.view(-1, 1, 1)
+            self.exact_pos = self.exact_pos.masked_fill(pad, -1)
+        if scores is not None:
+            self.scores += scores[:, :, : self.logical_len]
+        self._compress()
+
+    # -- Algorithm 3 -----------------------------------------------------------------------------------------------
+    def _plan_capacity(self) -> None:
+        capacities, vague, candidate, recent = [], [], [], []
+        for prompt in self.prompt_lengths.tolist():
+            cap = token_capacity(self.budget, prompt, self.token_bytes(), SCORE_BYTES * self.heads, POSITION_BYTES * self.heads)
+            sizes = split_capacity(self.budget, max(cap, 0))
+            capacities.append(cap)
+            vague.append(sizes.vague_slots // self.budget.sketch_rows)
+            candidate.append(sizes.candidate)
+            recent.append(sizes.recent)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        self.capacity = as_tensor(capacities)
+        self.candidate_size = as_tensor(candidate)
+        self.recent_size = as_tensor(recent)
+        # The slack comes out of the Recent share: Recent refills from recent_base up to recent_size.
+        slack = torch.clamp(torch.minimum(as_tensor([self.budget.recent_slack] * self.batch), self.recent_size - 1), min=0)
+        self.recent_base = self.recent_size - slack
+        self.compressing = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        self.sketch = VagueSketch(
+            self.batch, self.heads, self.head_dim, self.budget.sketch_rows, as_tensor(vague), self.offsets,
+            self.dtype, self.device, seed=self.seed, estimator=self.estimator,
+        )
+
+    def _compress(self) -> None:
+        held = (self.exact_pos >= 0)[:, 0].sum(dim=-1)  # counts are equal across heads
+        self.compressing |= (self.capacity >= 0) & (held > self.capacity)
+        if not bool(self.compressing.any()):
+            return
+        on = self.compressing
+        overflow = on & (self.recent_count > self.recent_size)
+        self.recent_count = torch.where(overflow, self.recent_base, self.recent_count)
+
+        pos = self.exact_pos.long()
+        recent_start = (self.logical_len - self.recent_count).view(-1, 1, 1)
+        is_candidate = (pos >= 0) & (pos < recent_start)
+        slot_scores = self.scores.gather(2, pos.clamp(min=0))
+        candidates = is_candidate.sum(dim=-1)[:, 0]
+        excess = torch.where(on, (candidates - self.candidate_size).clamp(min=0), 0)
+        if int(excess.max()) > 0:
+            self._fold_lowest(torch.where(is_candidate, slot_scores, float("inf")), excess)
+            pos = self.exact_pos.long()
+            is_candidate = (pos >= 0) & (pos < recent_start)
+        self._swap_back(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")))
+        self._compact()
+
+    def _fold_lowest(self, candidate_scores: torch.Tensor, excess: torch.Tensor) -> None:
+        """Move each sequence's ``excess`` lowest-scored Candidates into the sketch."""
+        k = int(excess.max())
+        _, slots = torch.topk(candidate_scores, k, dim=-1, largest=False)  # (B, H, k)
+        chosen = torch.arange(k, device=self.device).view(1, 1, -1) < excess.view(-1, 1, 1)
+        chosen = chosen.expand_as(slots)
+        gather = slots.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+        weight = (chosen & self.sketch.enabled.view(-1, 1, 1)).float()
+        self.sketch.insert(self.exact_pos.gather(2, slots).long(), self.exact_keys.gather(2, gather),
+                           self.exact_values.gather(2, gather), weight)
+        self.exact_pos = self.exact_pos.scatter(2, slots, torch.where(chosen, -1, self.exact_pos.gather(2, slots)))
+
+    def _swap_back(self, candidate_scores: torch.Tensor) -> None:
+        """Swap Vague tokens whose score beats the lowest Candidates x ReplaceRate back into the exact store."""
+        rows = self.compressing & self.sketch.enabled
+        if not bool(rows.any()):
+            return
+        vague = ~self.exact_map() & self.valid_positions()
+        vague_scores = torch.where(vague, self.scores, float("-inf"))
+        k = min(int(torch.isfinite(candidate_scores).sum(-1).max()), int(vague.sum(-1).max()))
+        if k == 0:
+            return
+        top_vague, vague_pos = torch.topk(vague_scores, k, dim=-1)
+        low_cand, cand_slots = torch.topk(candidate_scores, k, dim=-1, largest=False)
+        swap = (low_cand * self.budget.replace_rate < top_vague) & torch.isfinite(low_cand) & torch.isfinite(top_vague)
+        swap &= rows.view(-1, 1, 1)
+        if not bool(swap.any()):
+            return
+        weight = swap.float()
+        revived_k, revived_v = self.sketch.query(vague_pos)
+        self.sketch.delete(vague_pos, revived_k, revived_v, weight)
+        gather = cand_slots.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+        out_k, out_v = self.exact_keys.gather(2, gather), self.exact_values.gather(2, gather)
+        self.sketch.insert(self.exact_pos.gather(2, cand_slots).long(), out_k, out_v, weight)
+        put = swap.unsqueeze(-1)
+        self.exact_keys = self.exact_keys.scatter(2, gather, torch.where(put, revived_k, out_k))
+        self.exact_values = self.exact_values.scatter(2, gather, torch.where(put, revived_v, out_v))
+        new_pos = torch.where(swap, vague_pos.to(torch.int32), self.exact_pos.gather(2, cand_slots))
+        self.exact_pos = self.exact_pos.scatter(2, cand_slots, new_pos)
+
+    def _compact(self) -> None:
+        """Drop empty slots so the exact store holds no more than the largest sequence needs."""
+        filled = self.exact_pos >= 0
+        keep = int(filled.sum(dim=-1).max())
+        if keep == self.exact_pos.shape[-1]:
+            return
+        order = torch.argsort((~filled).to(torch.int8), dim=-1, stable=True)[:, :, :keep]
+        gather = order.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+        self.exact_keys = self.exact_keys.gather(2, gather)
+        self.exact_values = self.exact_values.gather(2, gather)
+        self.exact_pos = self.exact_pos.gather(2, order)
+
+    # -- accounting ------------------------------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        sketch = self.sketch.nbytes() if self.sketch is not None else 0
+        return tensor_bytes(self.exact_keys, self.exact_values, self.exact_pos, self.scores) + sketch
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """Per-sequence token counts of each part, ``(B,)`` each (for reports and tests)."""
+        filled = (self.exact_pos >= 0)[:, 0].sum(-1)
+        recent = torch.minimum(self.recent_count, filled)
+        valid = self.logical_len - self.offsets
+        return {"recent": recent, "candidate": filled - recent, "vague": valid - filled}
+
+
+@register("kvreviver")
+@dataclass
+class KVReviverMethod(Method):
+    """KVReviver (arXiv 2512.17917).
+
+    Args:
+        estimator: ``"sum"`` (the paper's Count-Sketch) or ``"mean"`` (buckets averaged; an option, measured beside).
+        seed: seed of the sketch's hash and sign functions.
+    """
+
+    estimator: str = "sum"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def make_layer(self, layer_idx: int, budget: Budget) -> CompressedLayer:
+        return ReviverLayer(layer_idx, budget, estimator=self.estimator, seed=self.seed)

@@ -1,0 +1,165 @@
+"""VagueSketch: KVReviver's Count-Sketch of keys and values (paper Algorithms 1 and 2).
+
+One sketch per layer holds, for every sequence and KV head, ``r`` rows of ``b`` buckets. Each bucket is one key
+vector and one value vector. Inserting token ``j`` adds its key, and its value times a sign ``g_i(j)``, at bucket
+``h_i(j)`` of row ``i``. A query takes the median over rows of the bucket keys, and of the bucket values times
+``g_i(j)``. Delete subtracts what insert added.
+
+Hashes are deterministic functions of (row, logical token position, seed), computed on the tensors' device, so a
+sequence gets the same buckets whether it runs alone or left-padded in a batch.
+
+Estimators:
+* ``"sum"`` is the paper's: buckets hold sums.
+* ``"mean"`` divides each bucket by the number of tokens it holds before the median. It is an option measured
+  beside the faithful one, never a silent replacement.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Estimator = Literal["sum", "mean"]
+ESTIMATORS: tuple[str, ...] = ("sum", "mean")
+
+_MIX_1 = 0x5851F42D4C957F2D  # odd 64-bit multipliers (PCG / splitmix family)
+_MIX_2 = 0x14057B7EF767814F
+
+
+def _wrap64(x: int) -> int:
+    return (x + 2**63) % 2**64 - 2**63
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit avalanche on int64 tensors (multiplications wrap around)."""
+    x = x ^ (x >> 31)
+    x = x * _wrap64(_MIX_1)
+    x = x ^ (x >> 29)
+    x = x * _wrap64(_MIX_2)
+    return x ^ (x >> 32)
+
+
+def median_of_rows(stacked: torch.Tensor) -> torch.Tensor:
+    """Median over dim 2 of ``(B, H, r, M, D)``; min/max form for r=3, which is far faster than torch.median."""
+    r = stacked.shape[2]
+    if r == 1:
+        return stacked[:, :, 0]
+    if r == 3:
+        a, b, c = stacked.unbind(2)
+        return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+    return stacked.median(dim=2).values
+
+
+class VagueSketch:
+    """Batched Count-Sketch of K/V for one layer.
+
+    Args:
+        batch, heads, head_dim: shapes of the layer's cache.
+        rows: r.
+        buckets: per-sequence bucket count b, a ``(batch,)`` long tensor (sequences may have different budgets).
+        offsets: per-sequence position offset ``(batch,)`` (left padding), so hashes use logical positions.
+        seed: hash seed; a different seed gives independent hash and sign functions.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        rows: int,
+        buckets: torch.Tensor,
+        offsets: torch.Tensor,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int = 0,
+        estimator: Estimator = "sum",
+    ) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown sketch estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        self.rows = rows
+        self.buckets = buckets.to(device=device, dtype=torch.long)
+        self.width = max(1, int(self.buckets.max().item())) if self.buckets.numel() else 1
+        self.offsets = offsets.to(device=device, dtype=torch.long)
+        self.seed = seed
+        self.estimator = estimator
+        shape = (batch, heads, rows * self.width, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.counts = torch.zeros(shape[:3], dtype=torch.int32, device=device) if estimator == "mean" else None
+
+    @property
+    def enabled(self) -> torch.Tensor:
+        """``(batch,)`` bool: sequences whose sketch has at least one bucket per row."""
+        return self.buckets > 0
+
+    def nbytes(self) -> int:
+        total = self.keys.numel() * self.keys.element_size() * 2
+        if self.counts is not None:
+            total += self.counts.numel() * self.counts.element_size()
+        return total
+
+    def slots(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat slot index ``row * width + h_row(pos)`` and sign ``g_row(pos)``, each ``(B, H, r, M)``.
+
+        Args:
+            positions: ``(B, H, M)`` physical positions in the cache (long).
+        """
+        logical = positions - self.offsets.view(-1, 1, 1)
+        rows = torch.arange(self.rows, device=positions.device, dtype=torch.long).view(1, 1, -1, 1)
+        x = logical.unsqueeze(2) * 0x9E3779B1 + rows * 0x632BE5AB + (self.seed * 0x27D4EB2F + 1)
+        mixed = _mix(x)
+        buckets = self.buckets.clamp(min=1).view(-1, 1, 1, 1)
+        bucket = torch.remainder(mixed, buckets)
+        sign = 1 - 2 * ((mixed >> 40) & 1)
+        return rows * self.width + bucket, sign
+
+    def _scatter(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
+        slot, sign = self.slots(positions)
+        b, h, r, m = slot.shape
+        d = keys.shape[-1]
+        w = weight.to(keys.dtype).unsqueeze(2).unsqueeze(-1)  # (B, H, 1, M, 1)
+        key_src = (keys.unsqueeze(2) * w).expand(b, h, r, m, d).reshape(b, h, r * m, d)
+        value_src = (values.unsqueeze(2) * (sign.to(values.dtype).unsqueeze(-1) * w)).reshape(b, h, r * m, d)
+        index = slot.reshape(b, h, r * m, 1).expand(b, h, r * m, d)
+        self.keys.scatter_add_(2, index, key_src)
+        self.values.scatter_add_(2, index, value_src)
+        if self.counts is not None:
+            ones = weight.to(torch.int32).unsqueeze(2).expand(b, h, r, m).reshape(b, h, r * m)
+            self.counts.scatter_add_(2, slot.reshape(b, h, r * m), ones)
+
+    def insert(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
+        """Algorithm 1, batched. ``weight`` ``(B, H, M)`` is 1 for tokens to insert and 0 for ignored entries.
+
+        Args:
+            positions: ``(B, H, M)`` long.
+            keys, values: ``(B, H, M, D)``.
+            weight: ``(B, H, M)`` 0/1.
+        """
+        self._scatter(positions, keys, values, weight)
+
+    def delete(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
+        """Subtract what :meth:`insert` added for these tokens (same arguments)."""
+        self._scatter(positions, keys, values, -weight)
+
+    def query(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 2, batched: the median over rows. ``positions`` ``(B, H, M)`` -> keys, values ``(B, H, M, D)``."""
+        slot, sign = self.slots(positions)
+        b, h, r, m = slot.shape
+        d = self.keys.shape[-1]
+        index = slot.reshape(b, h, r * m, 1).expand(b, h, r * m, d)
+        keys = self.keys.gather(2, index).view(b, h, r, m, d)
+        values = self.values.gather(2, index).view(b, h, r, m, d) * sign.to(self.values.dtype).unsqueeze(-1)
+        if self.counts is not None:
+            count = self.counts.gather(2, slot.reshape(b, h, r * m)).view(b, h, r, m, 1).clamp(min=1)
+            keys = keys / count.to(keys.dtype)
+            values = values / count.to(values.dtype)
+        return median_of_rows(keys), median_of_rows(values)
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        self.keys = self.keys[indices]
+        self.values = self.values[indices]
+        self.buckets = self.buckets[indices]
+        self.offsets = self.offsets[indices]
+        if self.counts is not None:
+            self.counts = self.counts[indices]
