@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny random Llama (GQA) built in the test, and the embedded SmolLM2 loaded once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, vocab: int = 128, seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture()
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct in fp32 on the CPU; skipped if not installed."""
+    from kvreviver_core import models
+
+    try:
+        model, tokenizer = models.load_model(None, dtype="float32", device="cpu")
+    except models.ModelUnavailable as exc:
+        pytest.skip(str(exc))
+    return model, tokenizer
