@@ -1,6 +1,12 @@
-"""Compression methods, one file each, found through the registry in :mod:`kvreviver_core.methods.base`."""
+"""Compression methods, one file each. Every module in this package is imported so its ``@register`` runs."""
+
+import importlib
+import pkgutil
 
 from kvreviver_core.methods.base import METHODS, CompressedLayer, Method, list_methods, register
-from kvreviver_core.methods import full, reviver  # noqa: F401  (registration)
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base" and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "CompressedLayer", "Method", "list_methods", "register"]
