@@ -1,0 +1,59 @@
+"""``--config FILE.toml``: the same keys as a command's flags; flags given on the command line win."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import click
+import typer
+from click.core import ParameterSource
+
+from kvreviver_cli.common import UsageError
+
+
+def load_toml(path: Path, command: str) -> dict:
+    """Top-level keys, overlaid with the table named after ``command`` if the file has one."""
+    if not path.exists():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    section = data.get(command, {})
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    if isinstance(section, dict):
+        flat.update(section)
+    return {key.replace("-", "_"): _as_flag_value(value) for key, value in flat.items()}
+
+
+def _as_flag_value(value):
+    # Lists in TOML stand for the comma-separated lists the flags take.
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def apply_config(ctx: typer.Context, config: Path | None, values: dict, command: str) -> dict:
+    """Return ``values`` with defaults replaced by the config file's entries (explicit flags untouched)."""
+    if config is None:
+        return values
+    from_file = load_toml(config, command)
+    unknown = sorted(set(from_file) - set(values))
+    if unknown:
+        raise UsageError(f"config file {config} has unknown key(s) for '{command}': {', '.join(unknown)}")
+    merged = dict(values)
+    for name, value in from_file.items():
+        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None):
+            param = next((p for p in ctx.command.params if p.name == name), None)
+            merged[name] = _convert(param, value, config)
+    return merged
+
+
+def _convert(param: click.Parameter | None, value, config: Path):
+    if param is None:
+        return value
+    try:
+        return param.type_cast_value(click.Context(click.Command("config")), value)
+    except click.BadParameter as exc:
+        raise UsageError(f"config file {config}: bad value for {param.name}: {exc.message}") from None
