@@ -1,0 +1,211 @@
+"""KVReviver cache: equivalence with the full cache, revive/compress against references, memory, batching, errors."""
+
+from __future__ import annotations
+
+import pydoc_data.topics
+import pytest
+import torch
+
+from kvreviver_core import Budget, make_cache
+from kvreviver_core.generation import cache_kwargs
+from kvreviver_core.methods.reviver import ReviverLayer
+from tests.conftest import tiny_llama
+from tests.test_sketch import naive_query
+
+
+def greedy(model, input_ids, cache=None, attention_mask=None, new_tokens=12):
+    kwargs = cache_kwargs(model, cache) if cache is not None else {}
+    out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences, torch.stack(out.logits)
+
+
+@torch.no_grad()
+def test_budget_covering_the_context_gives_the_full_cache_logits(tiny_model):
+    ids = torch.randint(3, 128, (2, 90), generator=torch.Generator().manual_seed(0))
+    full_seq, full_logits = greedy(tiny_model, ids, make_cache("full", 1.0, model=tiny_model))
+    plain_seq, plain_logits = greedy(tiny_model, ids)  # DynamicCache, through the same registered attention
+    seq, logits = greedy(tiny_model, ids, make_cache("kvreviver", 1.0, model=tiny_model))
+    assert (logits - full_logits).abs().max() < 1e-4
+    assert (plain_logits - full_logits).abs().max() < 1e-4
+    assert torch.equal(seq, full_seq)
+
+
+@torch.no_grad()
+def test_compression_changes_the_output_so_the_equivalence_test_can_fail(tiny_model):
+    ids = torch.randint(3, 128, (1, 120), generator=torch.Generator().manual_seed(1))
+    _, full_logits = greedy(tiny_model, ids, make_cache("full", 1.0, model=tiny_model))
+    _, logits = greedy(tiny_model, ids, make_cache("kvreviver", 0.2, model=tiny_model))
+    assert (logits - full_logits).abs().max() > 1e-3
+
+
+def feed_prefill(layer: ReviverLayer, keys, values, scores):
+    layer.update(keys, values)
+    layer.observe(scores, torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool))
+
+
+def test_revive_puts_exact_tokens_and_the_sketch_estimate_of_the_others_in_position_order():
+    torch.manual_seed(3)
+    b, h, n, d = 1, 2, 60, 8
+    keys, values = torch.randn(b, h, n, d, dtype=torch.float64), torch.randn(b, h, n, d, dtype=torch.float64)
+    scores = torch.rand(b, h, n, dtype=torch.float32)
+    layer = ReviverLayer(0, Budget(tokens=24, split=(0.25, 0.5, 0.25), recent_slack=0))
+    feed_prefill(layer, keys, values, scores)
+    parts = layer.parts()
+    assert parts["recent"].item() + parts["candidate"].item() + parts["vague"].item() == n
+    revived_k, revived_v = layer.revive()
+    assert revived_k.shape[2] == n == layer.get_seq_length()
+    exact = layer.exact_map()
+    for head in range(h):
+        held = exact[0, head]
+        # Recent: the newest tokens; Candidate: the highest-scored of the rest (Algorithm 3 at prefill).
+        recent = parts["recent"].item()
+        assert held[n - recent:].all()
+        older = torch.arange(n - recent)
+        chosen = older[held[: n - recent]]
+        others = older[~held[: n - recent]]
+        assert scores[0, head, chosen].min() >= scores[0, head, others].max()
+        torch.testing.assert_close(revived_k[0, head, held], keys[0, head, held])
+        torch.testing.assert_close(revived_v[0, head, held], values[0, head, held])
+        vague = {int(p): (keys[0, head, p], values[0, head, p]) for p in others}
+        head_sketch = layer.sketch
+        for p in list(vague)[:10]:
+            # The naive reference of Algorithms 1-2 over exactly the Vague tokens of this head.
+            one_head = _single_head_view(head_sketch, head)
+            want_k, want_v = naive_query(one_head, vague, p)
+            torch.testing.assert_close(revived_k[0, head, p], want_k)
+            torch.testing.assert_close(revived_v[0, head, p], want_v)
+
+
+def _single_head_view(sketch, head):
+    from copy import copy
+
+    view = copy(sketch)
+    view.keys, view.values = sketch.keys[:, head : head + 1], sketch.values[:, head : head + 1]
+    return view
+
+
+def test_a_vague_token_whose_score_rises_is_swapped_back_with_its_reconstruction():
+    torch.manual_seed(4)
+    b, h, n, d = 1, 1, 40, 8
+    keys, values = torch.randn(b, h, n, d, dtype=torch.float64), torch.randn(b, h, n, d, dtype=torch.float64)
+    scores = torch.linspace(1.0, 2.0, n).view(1, 1, n).clone()
+    target = 3
+    scores[0, 0, target] = 0.0  # lowest: folded into the sketch at prefill
+    # The slack keeps Recent from spilling into Candidate at the next step, so no fold changes the sketch before
+    # the swap and the reconstruction read now is the one the token returns with.
+    layer = ReviverLayer(0, Budget(tokens=20, split=(0.3, 0.35, 0.35), recent_slack=2))
+    feed_prefill(layer, keys, values, scores)
+    assert not layer.exact_map()[0, 0, target]
+    estimate_k, estimate_v = layer.sketch.query(torch.tensor([[[target]]]))
+    assert (estimate_k[0, 0, 0] - keys[0, 0, target]).abs().max() > 1e-3  # it collided: the estimate is not exact
+
+    new_k, new_v = torch.randn(b, h, 1, d, dtype=torch.float64), torch.randn(b, h, 1, d, dtype=torch.float64)
+    layer.update(new_k, new_v)
+    step_scores = torch.zeros(1, 1, n + 1)
+    step_scores[0, 0, target] = 100.0  # attention on the revived token makes it the highest-scored
+    lowest_candidate = int(layer.exact_pos[0, 0][layer.exact_pos[0, 0] >= 0].min())  # oldest slots hold low scores
+    layer.observe(step_scores, torch.ones(1, n + 1, dtype=torch.bool))
+    assert layer.exact_map()[0, 0, target]
+    slot = (layer.exact_pos[0, 0] == target).nonzero().item()
+    torch.testing.assert_close(layer.exact_keys[0, 0, slot], estimate_k[0, 0, 0])
+    torch.testing.assert_close(layer.exact_values[0, 0, slot], estimate_v[0, 0, 0])
+    revived_k, _ = layer.revive()
+    assert revived_k.shape[2] == n + 1
+    torch.testing.assert_close(revived_k[0, 0, target], estimate_k[0, 0, 0])
+    assert not layer.exact_map()[0, 0, lowest_candidate] or lowest_candidate == target
+
+
+@torch.no_grad()
+def test_no_token_is_ever_missing_from_the_revived_cache(tiny_model):
+    ids = torch.randint(3, 128, (2, 70), generator=torch.Generator().manual_seed(5))
+    cache = make_cache("kvreviver", 0.3, model=tiny_model, recent_slack=3)
+    out = tiny_model(ids, **cache_kwargs(tiny_model, cache))
+    for step in range(25):
+        token = out.logits[:, -1:].argmax(-1)
+        out = tiny_model(token, **cache_kwargs(tiny_model, cache))
+        for layer in cache.layers:
+            n = layer.get_seq_length()
+            assert n == 70 + step + 1
+            parts = layer.parts()
+            assert torch.equal(parts["recent"] + parts["candidate"] + parts["vague"], torch.full((2,), n))
+            assert layer.revive()[0].shape[2] == n
+            held = (layer.exact_pos >= 0)[:, 0].sum(-1)
+            assert (held <= layer.capacity).all()  # exact part never exceeds its share of the budget
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_budget_covering_the_context_matches_full_and_memory_at_ten_percent(smollm2):
+    model, tokenizer = smollm2
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :4096]
+    short = ids[:, :256]
+    _, full_logits = greedy(model, short, make_cache("full", 1.0, model=model), new_tokens=4)
+    _, logits = greedy(model, short, make_cache("kvreviver", 1.0, model=model), new_tokens=4)
+    assert (logits - full_logits).abs().max() < 1e-4
+
+    cache = make_cache("kvreviver", 0.1, model=model)
+    model(ids, **cache_kwargs(model, cache))
+    assert cache.full_bytes() == 30 * 4096 * 2 * 3 * 64 * 4
+    assert cache.memory_bytes() <= 0.11 * cache.full_bytes()
+    assert cache.memory_bytes() >= 0.08 * cache.full_bytes()  # the budget is used, not starved
+
+
+@torch.no_grad()
+def test_batch_of_different_lengths_gives_each_prompt_its_solo_tokens():
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 128, (n,), generator=gen) for n in (40, 64, 51, 90)]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, p in enumerate(prompts):
+        batch[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    for budget in (0.3, Budget(0.5, split=(0.2, 0.4, 0.4))):
+        batched, _ = greedy(model, batch, make_cache("kvreviver", budget, model=model), attention_mask=mask)
+        for i, p in enumerate(prompts):
+            solo, _ = greedy(model, p.view(1, -1), make_cache("kvreviver", budget, model=model))
+            assert torch.equal(batched[i, width:], solo[0, len(p):]), f"prompt {i} at budget {budget}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.no_grad()
+def test_half_precision_runs_and_stays_finite(dtype):
+    model = tiny_llama(seed=9).to(dtype)
+    ids = torch.randint(3, 128, (2, 80), generator=torch.Generator().manual_seed(10))
+    cache = make_cache("kvreviver", 0.25, model=model)
+    seq, logits = greedy(model, ids, cache, new_tokens=6)
+    assert torch.isfinite(logits).all()
+    assert cache.layers[0].exact_keys.dtype == dtype and cache.layers[0].sketch.keys.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(fraction=0.1, split=(0.2, 0.45, 0.45)), "sum to 1"),
+        (dict(fraction=0.0), "(0, 1]"),
+        (dict(fraction=-0.5), "(0, 1]"),
+        (dict(fraction=1.5), "(0, 1]"),
+        (dict(fraction=0.1, sketch_rows=0), "r must be"),
+        (dict(fraction=0.1, recent_slack=-1), "slack"),
+        (dict(fraction=0.1, replace_rate=0.5), "replace rate"),
+        (dict(tokens=0), "positive"),
+        (dict(), "exactly one"),
+    ],
+)
+def test_bad_budgets_raise_clear_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        Budget(**kwargs)
+
+
+def test_make_cache_rejects_unknown_methods_and_options(tiny_model):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        make_cache("nope", 0.1, model=tiny_model)
+    with pytest.raises(ValueError, match="has no option"):
+        make_cache("kvreviver", 0.1, model=tiny_model, bogus=1)
+    with pytest.raises(ValueError, match="estimator"):
+        make_cache("kvreviver", 0.1, model=tiny_model, estimator="avg")
+    with pytest.raises(ValueError, match="sum to 1"):
+        make_cache("kvreviver", 0.1, model=tiny_model, split=(0.5, 0.5, 0.5))
