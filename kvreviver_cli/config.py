@@ -44,16 +44,22 @@ def apply_config(ctx: typer.Context, config: Path | None, values: dict, command:
         raise UsageError(f"config file {config} has unknown key(s) for '{command}': {', '.join(unknown)}")
     merged = dict(values)
     for name, value in from_file.items():
-        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None):
+        source = ctx.get_parameter_source(name)
+        # By name: typer >= 0.26 vendors its own click, whose ParameterSource is a different enum.
+        if source is None or source.name in (ParameterSource.DEFAULT.name, ParameterSource.DEFAULT_MAP.name):
             param = next((p for p in ctx.command.params if p.name == name), None)
-            merged[name] = _convert(param, value, config)
+            merged[name] = _convert(ctx, param, value, config)
     return merged
 
 
-def _convert(param: click.Parameter | None, value, config: Path):
+def _convert(ctx: typer.Context, param: click.Parameter | None, value, config: Path):
     if param is None:
         return value
     try:
-        return param.type_cast_value(click.Context(click.Command("config")), value)
-    except click.BadParameter as exc:
+        if hasattr(param, "type_cast_value"):  # click's own parameters (typer < 0.26)
+            return param.type_cast_value(click.Context(click.Command("config")), value)
+        return param.process_value(ctx, value)  # typer >= 0.26 parameters, on its vendored click
+    except Exception as exc:
+        if type(exc).__name__ != "BadParameter":  # either click's
+            raise
         raise UsageError(f"config file {config}: bad value for {param.name}: {exc.message}") from None
