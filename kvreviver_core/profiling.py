@@ -1,0 +1,292 @@
+"""Throughput and memory measurement: a background NVML sampler, synchronized timers, and the profile harness.
+
+Peak device memory comes from a thread that reads a :data:`MemoryReader` every ``interval_s`` (NVML's "memory
+used" of the device, by default every 10 ms). It sees what the process really holds on the card (CUDA context,
+weights, the caching allocator's reserved blocks), which ``torch.cuda.max_memory_allocated`` does not; both are
+reported side by side. The reader is a plain callable, so tests can drive the sampler with a fake source.
+
+One measured run (:func:`measure_run`) is a manual prefill + decode loop through the real model forward and a
+method's cache: one prefill of ``batch x context`` synthetic token ids, then a fixed number of greedy decode steps.
+The first decode steps are a warm-up and are not timed. Running out of device memory is a result:
+:func:`guarded` turns it into an ``oom`` row after releasing what the run held.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from kvreviver_core.cache import make_cache
+from kvreviver_core.generation import cache_kwargs
+
+MemoryReader = Callable[[], int]
+"""Returns the device memory in use now, in bytes."""
+
+
+class NvmlUnavailable(RuntimeError):
+    """NVML cannot be read here (no NVIDIA driver, no nvidia-ml-py, or a CPU device)."""
+
+
+def nvml_reader(device: torch.device) -> MemoryReader:
+    """NVML's "memory used" of the card behind ``device`` (CUDA_VISIBLE_DEVICES taken into account)."""
+    if device.type != "cuda":
+        raise NvmlUnavailable(f"NVML reads NVIDIA GPUs only, not {device.type}")
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # ImportError, or NVMLError when there is no driver
+        raise NvmlUnavailable(f"NVML is unavailable: {exc}") from None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        # torch's own mapping from its device index to NVML's (it honours CUDA_VISIBLE_DEVICES).
+        index = torch.cuda._get_nvml_device_index(index)
+    except (AttributeError, RuntimeError):
+        pass
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+@dataclass
+class PeakSampler:
+    """Reads ``read()`` on a background thread every ``interval_s`` and keeps the peak.
+
+    ``start()`` takes one reading at once (``baseline_bytes``); ``stop()`` takes a last one, joins the thread and
+    returns the peak, so even a region shorter than the interval is covered at both ends. An exception raised by
+    the reader stops the sampling and is raised again by ``stop()``.
+    """
+
+    read: MemoryReader
+    interval_s: float = 0.01
+    baseline_bytes: int = field(default=0, init=False)
+    peak_bytes: int = field(default=0, init=False)
+    samples: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if not (self.interval_s > 0):
+            raise ValueError(f"sampling interval must be > 0 seconds, got {self.interval_s}")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _take(self) -> None:
+        value = int(self.read())
+        self.samples += 1
+        self.peak_bytes = max(self.peak_bytes, value)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.wait(self.interval_s):
+                self._take()
+        except BaseException as exc:  # surfaced by stop(); a dead sampler must not look like a low peak
+            self._error = exc
+
+    def start(self) -> "PeakSampler":
+        if self._thread is not None:
+            raise RuntimeError("PeakSampler.start() called twice")
+        self.baseline_bytes = int(self.read())
+        self.peak_bytes, self.samples = self.baseline_bytes, 1
+        self._thread = threading.Thread(target=self._loop, name="kvreviver-memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        if self._thread is None:
+            raise RuntimeError("PeakSampler.stop() called before start()")
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self._take()
+        return self.peak_bytes
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> "PeakSampler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.running:
+            self.stop()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall-clock seconds of a block, with the device synchronized on entry and exit (GPU work is asynchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Timer":
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._start
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed blocks back to the driver so that NVML's reading reflects what the next run holds."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@dataclass
+class RunSpec:
+    """What one measured run does. ``decode_warmup`` first decode steps are run but not timed."""
+
+    method: str
+    budget: float
+    context: int
+    new_tokens: int
+    decode_warmup: int = 4
+    seed: int = 0
+    sample_interval_s: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not (0 < self.budget <= 1):
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.context < 1:
+            raise ValueError(f"context must be >= 1 token, got {self.context}")
+        if self.new_tokens < 1:
+            raise ValueError(f"new tokens must be >= 1, got {self.new_tokens}")
+        if self.decode_warmup < 0:
+            raise ValueError(f"decode warm-up steps must be >= 0, got {self.decode_warmup}")
+
+    @property
+    def timed_steps(self) -> int:
+        return self.new_tokens - min(self.decode_warmup, self.new_tokens - 1)
+
+
+@dataclass
+class ProfileRow:
+    """One method at one batch size. Byte counts are None where they cannot be measured (e.g. NVML on a CPU)."""
+
+    method: str
+    batch: int
+    status: str  # "ok" or "oom"
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    decode_steps_timed: int | None = None
+    decode_tokens_per_s: float | None = None
+    kv_bytes: int | None = None
+    kv_full_bytes: int | None = None
+    nvml_baseline_bytes: int | None = None
+    nvml_peak_bytes: int | None = None
+    torch_max_allocated_bytes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def synthetic_ids(vocab_size: int, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``(batch, length)`` random token ids, avoiding the first few (pad/bos/eos) ids."""
+    generator = torch.Generator().manual_seed(seed)
+    low = min(3, vocab_size - 1)
+    return torch.randint(low, vocab_size, (batch, length), generator=generator).to(device)
+
+
+@torch.no_grad()
+def measure_run(model: torch.nn.Module, spec: RunSpec, batch: int, memory: MemoryReader | None = None) -> ProfileRow:
+    """Prefill ``batch`` sequences of ``spec.context`` tokens, then decode ``spec.new_tokens`` greedy steps.
+
+    Prefill time covers one forward pass over ``(batch, context)`` ids, cache compression included. Decode
+    tokens/s counts every sequence: ``batch x timed steps / decode seconds``. KV bytes are read from the cache at
+    the end (``cache.memory_bytes()``). With a ``memory`` reader, a :class:`PeakSampler` runs over the whole run.
+    """
+    device = next(model.parameters()).device
+    release_memory(device)
+    ids = synthetic_ids(model.config.vocab_size, batch, spec.context, spec.seed, device)
+    sampler = PeakSampler(memory, spec.sample_interval_s) if memory is not None else None
+    with sampler if sampler is not None else nullcontext():
+        cache = make_cache(spec.method, spec.budget, model=model)
+        forward = cache_kwargs(model, cache)
+        with Timer(device) as prefill:
+            logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward).logits
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        warmup = spec.new_tokens - spec.timed_steps
+        for _ in range(warmup):
+            token = model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(dim=-1, keepdim=True)
+        with Timer(device) as decode:
+            for _ in range(spec.timed_steps):
+                token = model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(dim=-1, keepdim=True)
+        kv_bytes, kv_full = cache.memory_bytes(), cache.full_bytes()
+    row = ProfileRow(
+        spec.method, batch, "ok", prefill_s=prefill.seconds, decode_s=decode.seconds,
+        decode_steps_timed=spec.timed_steps, decode_tokens_per_s=batch * spec.timed_steps / decode.seconds,
+        kv_bytes=kv_bytes, kv_full_bytes=kv_full,
+    )
+    if sampler is not None:
+        row.nvml_baseline_bytes, row.nvml_peak_bytes = sampler.baseline_bytes, sampler.peak_bytes
+    if device.type == "cuda":
+        row.torch_max_allocated_bytes = torch.cuda.max_memory_allocated(device)
+    return row
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OOM error, or the allocation failures that cuBLAS/cuDNN report as plain RuntimeErrors."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+
+
+def guarded(step: Callable[[int], ProfileRow], method: str, batch: int, device: torch.device) -> ProfileRow:
+    """Run ``step(batch)``; out of memory gives an ``oom`` row, after the failed run's memory is released."""
+    try:
+        return step(batch)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+    # Outside the except block the traceback (and the tensors its frames hold) is gone, so it can be freed.
+    release_memory(device)
+    return ProfileRow(method, batch, "oom")
+
+
+def find_max_batch(fits: Callable[[int], bool], start: int = 1, limit: int = 1024) -> int:
+    """Largest batch in ``[1, limit]`` for which ``fits`` holds: doubling from ``start``, then bisecting.
+
+    ``start`` is a batch already known to fit (or 1, which is tried). Returns 0 when batch 1 does not fit.
+    Assumes that a batch that does not fit is never followed by a larger one that does.
+    """
+    if start < 1 or limit < start:
+        raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
+    if start == 1 and not fits(1):
+        return 0
+    good, bad = start, None
+    while bad is None and good < limit:
+        trial = min(2 * good, limit)
+        if fits(trial):
+            good = trial
+        else:
+            bad = trial
+    if bad is None:
+        return good
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
