@@ -53,10 +53,11 @@ PROTECTED = 1e12
 
 
 class Scorer:
-    """How an eviction method ranks its tokens. Stateless itself: per-slot numbers live in ``layer.state``.
+    """How an eviction method ranks its tokens. Each layer gets its own scorer instance.
 
-    Subclasses set ``state_names`` (per-slot fp32 tensors the layer allocates, moves and charges for them) and
-    override the three hooks.
+    Per-slot numbers live in ``layer.state``: subclasses name them in ``state_names`` (fp32 tensors the layer
+    allocates, moves with their tokens and charges to the budget), and override the three hooks. At an unlimited
+    budget no scores are asked for and no state is allocated.
     """
 
     state_names: ClassVar[tuple[str, ...]] = ()
@@ -98,7 +99,8 @@ class EvictionLayer(CompressedLayer):
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
         self.positions = torch.empty(self.batch, self.heads, 0, dtype=torch.int32, device=self.device)
-        self.state = {name: self.new_state(0) for name in self.scorer.state_names}
+        names = () if self.budget.is_unlimited else self.scorer.state_names
+        self.state = {name: self.new_state(0) for name in names}
 
     def new_state(self, slots: int) -> torch.Tensor:
         return torch.zeros(self.batch, self.heads, slots, dtype=torch.float32, device=self.device)
