@@ -30,6 +30,7 @@ from kvreviver_core.profiling import (
 from kvreviver_core.results import ResultStore
 
 GIB = 1024**3
+MIB = 1024**2
 
 
 def _validate(methods: list[str], batches: list[int], budget: float, context: int, new_tokens: int,
@@ -71,7 +72,7 @@ def render_table(rows: list[ProfileRow], methods: list[str], batches: list[int],
     table = Table(title=title, title_justify="left")
     table.add_column("Batch", justify="right")
     columns = [("tok/s", lambda r: f"{r.decode_tokens_per_s:.1f}"), ("prefill s", lambda r: f"{r.prefill_s:.2f}"),
-               ("KV GiB", lambda r: _gib(r.kv_bytes)),
+               ("KV MiB", lambda r: f"{r.kv_bytes / MIB:.1f}"),
                ("peak GiB NVML/torch", lambda r: f"{_gib(r.nvml_peak_bytes)}/{_gib(r.torch_max_allocated_bytes)}")]
     for label, _ in columns:
         for method in methods:

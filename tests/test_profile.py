@@ -11,7 +11,6 @@ import torch
 from typer.testing import CliRunner
 
 from kvreviver_cli import profile_cmd
-from kvreviver_cli.app import app
 from kvreviver_core.models import ARCH_PRESETS
 from kvreviver_core.profiling import PeakSampler, ProfileRow, find_max_batch, guarded, is_out_of_memory
 
@@ -148,6 +147,8 @@ def test_find_max_batch_starts_from_a_batch_known_to_fit():
 
 # -- the command ----------------------------------------------------------------------------------------------------
 def _invoke(args: list[str]):
+    from kvreviver_cli.app import app  # here, so the GPU test needs no other command's dependencies
+
     return CliRunner().invoke(app, ["profile", *args])
 
 
