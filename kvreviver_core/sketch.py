@@ -10,8 +10,10 @@ sequence gets the same buckets whether it runs alone or left-padded in a batch.
 
 Estimators:
 * ``"sum"`` is the paper's: buckets hold sums.
-* ``"mean"`` divides each bucket by the number of tokens it holds before the median. It is an option measured
-  beside the faithful one, never a silent replacement.
+* ``"mean"`` divides each bucket by the number of tokens it holds before the median.
+Keys are summed without signs in the paper. ``signed_keys=True`` gives keys the same +-1 signs as values, which
+makes the key estimate unbiased too: colliding keys no longer add up coherently. Both are options measured beside
+the faithful sketch, never silent replacements.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class VagueSketch:
         device: torch.device,
         seed: int = 0,
         estimator: Estimator = "sum",
+        signed_keys: bool = False,
     ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown sketch estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
@@ -83,6 +86,7 @@ class VagueSketch:
         self.offsets = offsets.to(device=device, dtype=torch.long)
         self.seed = seed
         self.estimator = estimator
+        self.signed_keys = signed_keys
         shape = (batch, heads, rows * self.width, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -119,8 +123,10 @@ class VagueSketch:
         b, h, r, m = slot.shape
         d = keys.shape[-1]
         w = weight.to(keys.dtype).unsqueeze(2).unsqueeze(-1)  # (B, H, 1, M, 1)
-        key_src = (keys.unsqueeze(2) * w).expand(b, h, r, m, d).reshape(b, h, r * m, d)
-        value_src = (values.unsqueeze(2) * (sign.to(values.dtype).unsqueeze(-1) * w)).reshape(b, h, r * m, d)
+        signed_w = sign.to(values.dtype).unsqueeze(-1) * w  # (B, H, r, M, 1)
+        key_w = signed_w if self.signed_keys else w
+        key_src = (keys.unsqueeze(2) * key_w).expand(b, h, r, m, d).reshape(b, h, r * m, d)
+        value_src = (values.unsqueeze(2) * signed_w).reshape(b, h, r * m, d)
         index = slot.reshape(b, h, r * m, 1).expand(b, h, r * m, d)
         self.keys.scatter_add_(2, index, key_src)
         self.values.scatter_add_(2, index, value_src)
@@ -148,8 +154,11 @@ class VagueSketch:
         b, h, r, m = slot.shape
         d = self.keys.shape[-1]
         index = slot.reshape(b, h, r * m, 1).expand(b, h, r * m, d)
+        row_sign = sign.to(self.values.dtype).unsqueeze(-1)
         keys = self.keys.gather(2, index).view(b, h, r, m, d)
-        values = self.values.gather(2, index).view(b, h, r, m, d) * sign.to(self.values.dtype).unsqueeze(-1)
+        if self.signed_keys:
+            keys = keys * row_sign
+        values = self.values.gather(2, index).view(b, h, r, m, d) * row_sign
         if self.counts is not None:
             count = self.counts.gather(2, slot.reshape(b, h, r * m)).view(b, h, r, m, 1).clamp(min=1)
             keys = keys / count.to(keys.dtype)

@@ -11,9 +11,9 @@ from kvreviver_core.sketch import VagueSketch
 
 
 def make_sketch(buckets: int, batch: int = 1, heads: int = 1, dim: int = 8, seed: int = 0, rows: int = 3,
-                estimator: str = "sum", dtype=torch.float64) -> VagueSketch:
+                estimator: str = "sum", dtype=torch.float64, signed_keys: bool = False) -> VagueSketch:
     return VagueSketch(batch, heads, dim, rows, torch.full((batch,), buckets), torch.zeros(batch, dtype=torch.long),
-                       dtype, torch.device("cpu"), seed=seed, estimator=estimator)
+                       dtype, torch.device("cpu"), seed=seed, estimator=estimator, signed_keys=signed_keys)
 
 
 def naive_query(sketch: VagueSketch, inserted: dict[int, tuple[torch.Tensor, torch.Tensor]], position: int):
@@ -121,6 +121,12 @@ def test_value_estimate_is_unbiased_over_hash_seeds():
     key_sketch.insert(pos, keys + 3.0, values, torch.ones(1, 1, tokens))
     # Keys are summed without signs (the paper): with a non-zero mean they are biased, which this test can see.
     assert (key_sketch.query(pos)[0] - (keys + 3.0)).mean() > 1.0
+    key_errors = []
+    for seed in range(seeds // 4):
+        signed = make_sketch(6, dim=dim, seed=seed, signed_keys=True)
+        signed.insert(pos, keys + 3.0, values, torch.ones(1, 1, tokens))
+        key_errors.append(signed.query(pos)[0] - (keys + 3.0))
+    assert abs(torch.stack(key_errors).mean().item()) < 0.1  # signed keys remove that bias
 
 
 @pytest.mark.parametrize("part", ["keys", "values"])
