@@ -57,7 +57,7 @@ class CaMLayer(EvictionLayer):
         """``(B, H, S)`` float64 in [0, 1): the Bernoulli draws, a hash of (seed, layer, head, real position)."""
         head = torch.arange(self.heads, device=self.device).view(1, -1, 1)
         x = self.real_positions() * 0x9E3779B1 + head * 0x632BE5AB + self.layer_idx * 0x27D4EB2F + self.seed * 0x165667B1 + 1
-        return ((_mix(x) >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+        return (_mix(x) >> 10).double() / float(1 << 53)  # _mix leaves the sign bit clear: 53 random bits remain
 
     def before_drop(self, keep: torch.Tensor) -> None:
         dropped = self.filled() & ~keep
@@ -81,15 +81,16 @@ class CaMLayer(EvictionLayer):
             return
 
         # Spread V_i / m over sorted slots [start, stop) with a difference array, then undo the sort.
-        weight = merged.float() / count.clamp(min=1)
-        share = self.values.float() * weight.unsqueeze(-1)
+        work = torch.promote_types(self.values.dtype, torch.float32)
+        weight = merged.to(work) / count.clamp(min=1)
+        share = self.values.to(work) * weight.unsqueeze(-1)
         d = self.head_dim
-        delta = torch.zeros(self.batch, self.heads, s + 1, d, device=self.device)
+        delta = torch.zeros(self.batch, self.heads, s + 1, d, dtype=work, device=self.device)
         delta.scatter_add_(2, start.unsqueeze(-1).expand(-1, -1, -1, d), share)
         delta.scatter_add_(2, stop.unsqueeze(-1).expand(-1, -1, -1, d), -share)
         added_sorted = delta.cumsum(dim=2)[:, :, :s]
         added = torch.zeros_like(added_sorted).scatter_(2, order.unsqueeze(-1).expand(-1, -1, -1, d), added_sorted)
-        self.values = torch.where(keep.unsqueeze(-1), (self.values.float() + added).to(self.values.dtype), self.values)
+        self.values = torch.where(keep.unsqueeze(-1), (self.values.to(work) + added).to(self.values.dtype), self.values)
 
 
 @register("cam")
