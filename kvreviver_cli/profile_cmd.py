@@ -162,8 +162,8 @@ def profile_command(
             if stored["setup"] == setup and stored["method"] == method and stored["batch"] == size:
                 return ProfileRow(**{k: v for k, v in stored.items() if k != "setup"})
         if method not in warmed:  # kernels, cuBLAS handles and allocator pools, kept out of the first timed row
-            short = RunSpec(method, o["budget"], min(o["context"], 32), 2, 1, o["seed"])
-            guarded(lambda b: measure_run(net, short, b), method, 1, target)
+            short = RunSpec(method, o["budget"], o["context"], 2, 1, o["seed"])
+            guarded(lambda b: measure_run(net, short, b), method, size, target)
             warmed.add(method)
         row = guarded(lambda b: measure_run(net, spec_of[method], b, memory), method, size, target)
         store.append({"setup": setup, **row.to_dict()})
