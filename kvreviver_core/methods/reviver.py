@@ -20,7 +20,9 @@ deleted from the sketch, and the estimate is what the exact store holds from the
 once folded; that is the paper's Algorithm 3.
 
 Revive (Algorithm 4): the sketch is queried at every position, the exact tokens are written over their positions,
-and the layer's full K/V exist only for the duration of its attention call.
+and the layer's full K/V exist only for the duration of its attention call. A decode step can skip revival
+(option ``fused``): ``fused_attention`` then attends straight from the exact store and the sketch
+(:mod:`kvreviver_core.kernels`) and feeds the resulting attention mass to ``observe`` as the unfused path does.
 
 A sequence is compressed from the moment its tokens exceed the budget's capacity (at prefill for any fraction
 below 1). With a Vague share of 0, there is no sketch: tokens leaving Candidate are dropped and masked, which is the
@@ -33,7 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvreviver_core.attention import _key_validity
 from kvreviver_core.budget import Budget, split_capacity, token_capacity
+from kvreviver_core.kernels import check_fused_option, decode_backend
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
 from kvreviver_core.sketch import ESTIMATORS, Estimator, VagueSketch
 
@@ -42,8 +46,11 @@ POSITION_BYTES = 4  # int32 position per exact slot and KV head
 
 
 class ReviverLayer(CompressedLayer):
-    def __init__(self, layer_idx: int, budget: Budget, estimator: Estimator = "sum", seed: int = 0) -> None:
+    def __init__(self, layer_idx: int, budget: Budget, estimator: Estimator = "sum", seed: int = 0,
+                 fused: bool | str = "auto") -> None:
         super().__init__(layer_idx, budget)
+        self.fused = fused
+        self._decode = None  # the fused decode attention chosen by update() for the step in progress
         self.estimator = estimator
         self.seed = seed * 1_000_003 + layer_idx
         self.sketch: VagueSketch | None = None
@@ -63,7 +70,9 @@ class ReviverLayer(CompressedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, t, _ = key_states.shape
-        past = self.revive() if self.logical_len else None
+        fusable = t == 1 and self.offsets is not None
+        self._decode = decode_backend(self.fused, key_states, self.sketch) if fusable else None
+        past = self.revive() if self.logical_len and self._decode is None else None
         new_pos = torch.arange(self.logical_len, self.logical_len + t, device=self.device, dtype=torch.int32)
         self.exact_keys = torch.cat([self.exact_keys, key_states], dim=2)
         self.exact_values = torch.cat([self.exact_values, value_states], dim=2)
@@ -71,6 +80,9 @@ class ReviverLayer(CompressedLayer):
         self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], dim=2)
         self.recent_count += t
         self.logical_len += t
+        if self._decode is not None:
+            # fused_attention reads the compressed store itself; the model only needs the length (stride-0 views).
+            return key_states.expand(b, h, self.logical_len, -1), value_states.expand(b, h, self.logical_len, -1)
         if past is None:
             return key_states, value_states
         return torch.cat([past[0], key_states], dim=2), torch.cat([past[1], value_states], dim=2)
@@ -106,6 +118,16 @@ class ReviverLayer(CompressedLayer):
     # -- attention hooks -------------------------------------------------------------------------------------------
     def score_queries(self, query_length: int) -> int | None:
         return None
+
+    def fused_attention(self, query, key, value, mask, scaling) -> torch.Tensor | None:
+        """Decode step without revival: attention straight from the exact store and the sketch (kernels/)."""
+        decode, self._decode = self._decode, None
+        if decode is None:
+            return None
+        key_valid = _key_validity(mask, key)
+        out, mass = decode(query, self.exact_keys, self.exact_values, self.exact_pos, self.sketch, key_valid, scaling)
+        self.observe(mass, key_valid)
+        return out
 
     def slot_mask(self) -> torch.Tensor | None:
         if self.sketch is None or bool(self.sketch.enabled.all()):
@@ -246,16 +268,21 @@ class KVReviverMethod(Method):
     Args:
         estimator: ``"sum"`` (the paper's Count-Sketch) or ``"mean"`` (buckets averaged; an option, measured beside).
         seed: seed of the sketch's hash and sign functions.
+        fused: decode attention straight from the compressed store (no revival): ``"auto"`` uses the Triton
+            kernel on CUDA, ``True`` also the pure-torch reference elsewhere, ``"reference"`` the reference
+            everywhere, ``False`` never (see :mod:`kvreviver_core.kernels`).
     """
 
     estimator: str = "sum"
     seed: int = 0
+    fused: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_fused_option(self.fused)
 
     def make_layer(self, layer_idx: int, budget: Budget) -> CompressedLayer:
-        return ReviverLayer(layer_idx, budget, estimator=self.estimator, seed=self.seed)
+        return ReviverLayer(layer_idx, budget, estimator=self.estimator, seed=self.seed, fused=self.fused)

@@ -1,0 +1,52 @@
+"""Decode kernels: KVReviver's fused revive+attention (Triton) and its pure-torch reference.
+
+:func:`decode_backend` picks what a layer runs for a decode step from its ``fused`` option:
+
+* ``"auto"`` (default): the Triton kernel on CUDA when Triton is installed and the inputs are supported, else the
+  layer's unfused path (revive, then exact attention);
+* ``True``: the kernel on CUDA, the reference anywhere else;
+* ``"reference"``: the pure-torch reference on any device (to check the kernel against it);
+* ``False``: always the unfused path.
+
+Both backends take ``(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scaling)`` and return
+``(output (B, 1, Hq, D), mass (B, Hkv, L) fp32)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import torch
+
+from kvreviver_core.kernels.reference import reviver_decode_reference
+from kvreviver_core.sketch import VagueSketch
+
+FUSED_CHOICES: tuple[object, ...] = ("auto", True, False, "reference")
+DecodeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_fused_option(fused: object) -> None:
+    if not any(fused is choice or (isinstance(fused, str) and fused == choice) for choice in FUSED_CHOICES):
+        raise ValueError(f"fused must be one of True, False, 'auto', 'reference'; got {fused!r}")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def decode_backend(fused: object, query: torch.Tensor, sketch: VagueSketch | None) -> DecodeFn | None:
+    """The decode attention to run for ``query`` under option ``fused``; None means the unfused path."""
+    if fused is False:
+        return None
+    if fused == "reference":
+        return reviver_decode_reference
+    if query.device.type == "cuda" and triton_available():
+        from kvreviver_core.kernels.reviver_decode import kernel_unsupported, reviver_decode_triton
+
+        if kernel_unsupported(query, sketch) is None:
+            return reviver_decode_triton
+    return reviver_decode_reference if fused is True else None
+
+
+__all__ = ["FUSED_CHOICES", "check_fused_option", "decode_backend", "reviver_decode_reference", "triton_available"]

@@ -1,0 +1,324 @@
+"""Fused KVReviver decode attention in Triton: split-K flash-decoding over the exact slots and the Vague sketch.
+
+One decode step (one query per sequence) reads only the compressed store:
+
+* the exact slots (Recent + Candidate) ``(B, Hkv, E, D)`` and their positions;
+* the Vague tokens, rebuilt on the fly inside the kernel from the sketch's ``r x b`` bucket rows: the position is
+  hashed exactly as :meth:`kvreviver_core.sketch.VagueSketch.slots` does, the key is the median of the r bucket
+  keys and the value the median of the signed bucket values (divided by the bucket counts for ``"mean"``).
+
+Memory traffic is the exact store, the sketch, a byte per position for the exact-position map and the fp32 logits
+of the query heads, so it follows the budget, not the context. The full K/V are never materialised.
+
+Launches (one layer, one step):
+
+1. ``_mark_exact``: a ``(B, Hkv, L)`` int8 map of the positions held exactly (after a memset), so the Vague loop
+   skips them;
+2. ``_decode_split``: grid ``(B * Hkv, splits)``. Each program owns one KV head (all G query heads of its group,
+   so keys are loaded once for the group) and one slice of the exact slots and of the positions. It runs an online
+   softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
+3. ``_combine``: merges the splits into the output and turns the logits into each position's attention mass,
+   summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kvreviver_core.kernels.reference import check_decode_inputs
+from kvreviver_core.sketch import _MIX_1, _MIX_2, VagueSketch, _wrap64
+
+# The hash of VagueSketch.slots: x = pos * POS_MUL + row * ROW_MUL + (seed * SEED_MUL + 1), then _mix(x).
+_POS_MUL = tl.constexpr(0x9E3779B1)
+_ROW_MUL = 0x632BE5AB
+_SEED_MUL = 0x27D4EB2F
+_M1 = tl.constexpr(_wrap64(_MIX_1))
+_M2 = tl.constexpr(_wrap64(_MIX_2))
+
+SUPPORTED_ROWS = (1, 3)  # median of 1 or 3 rows; other row counts use the reference
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BLOCK_EXACT = 64  # exact slots per loop step
+BLOCK_VAGUE = 32  # positions per loop step (3 gathered rows each for keys and values)
+BLOCK_MASS = 1024  # positions per program in the combine kernel
+MAX_SPLITS = 128
+PROGRAMS_PER_SM = 4  # split-K target: programs of the main kernel per multiprocessor
+NUM_WARPS = 4
+
+
+@triton.jit
+def _mix(x):
+    x = x ^ (x >> 31)
+    x = x * _M1
+    x = x ^ (x >> 29)
+    x = x * _M2
+    return x ^ (x >> 32)
+
+
+@triton.jit
+def _mark_exact(EPOS, HELD, E, L, BLOCK: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pos = tl.load(EPOS + bh * E + slots, mask=slots < E, other=-1)
+    tl.store(HELD + bh * L + pos, tl.full(pos.shape, 1, tl.int8), mask=(pos >= 0) & (pos < L))
+
+
+@triton.jit
+def _sketch_row(SK, SV, SCNT, sbase, logical, nb, width, ROW_TERMS, vague, di, dmask,
+                ROW: tl.constexpr, D: tl.constexpr, MEAN: tl.constexpr):
+    """One row's bucket key and signed bucket value for each position, fp32 ``(BLOCK, DP)``."""
+    mixed = _mix(logical * _POS_MUL + tl.load(ROW_TERMS + ROW))
+    bucket = mixed % nb
+    bucket = tl.where(bucket < 0, bucket + nb, bucket)  # Python's (torch.remainder's) sign convention
+    sign = 1 - 2 * ((mixed >> 40) & 1)
+    slot = sbase + ROW * width + bucket
+    offs = slot[:, None] * D + di[None, :]
+    lmask = vague[:, None] & dmask[None, :]
+    key = tl.load(SK + offs, mask=lmask, other=0.0, eviction_policy="evict_last")
+    value = tl.load(SV + offs, mask=lmask, other=0.0, eviction_policy="evict_last")
+    value = value * sign.to(value.dtype)[:, None]
+    if MEAN:
+        # torch divides in the storage dtype: the count is rounded to it first, and so is the quotient.
+        count = tl.maximum(tl.load(SCNT + slot, mask=vague, other=1), 1).to(key.dtype).to(tl.float32)
+        key = (key.to(tl.float32) / count[:, None]).to(key.dtype)
+        value = (value.to(tl.float32) / count[:, None]).to(value.dtype)
+    return key.to(tl.float32), value.to(tl.float32)
+
+
+@triton.jit
+def _median3(a, b, c):
+    return tl.maximum(tl.minimum(a, b), tl.minimum(tl.maximum(a, b), c))
+
+
+@triton.jit
+def _online_softmax(m, l, acc, s, v):
+    """Fold logits ``s`` (GP, BLOCK) and values ``v`` (BLOCK, DP) into the running max, sum and output."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_use)
+    p = tl.exp(s - m_use[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l, acc
+
+
+@triton.jit
+def _decode_split(
+    Q, stride_qb, stride_qh,
+    EK, EV, EPOS, HELD, VALID,
+    SK, SV, SCNT, BUCKETS, OFFSETS, ROW_TERMS,
+    LOGITS, PART_ACC, PART_M, PART_L,
+    scaling, Hkv, E, L, width, slots_per_split, pos_per_split,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
+    HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    b = bh // Hkv
+    h = bh % Hkv
+    bh64 = bh.to(tl.int64)
+    gi = tl.arange(0, GP)
+    di = tl.arange(0, DP)
+    gmask = gi < G
+    dmask = di < D
+    qh = h * G + gi
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + di[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    logit_rows = LOGITS + (b.to(tl.int64) * Hkv * G + qh)[:, None] * L  # (GP, 1) row starts
+    valid_row = VALID + b.to(tl.int64) * L
+
+    m = tl.full((GP,), float("-inf"), tl.float32)
+    l = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, DP), tl.float32)
+
+    # Exact slots (Recent + Candidate): one contiguous slice of the slots.
+    for start in range(0, slots_per_split, BLOCK_E):
+        slots = split * slots_per_split + start + tl.arange(0, BLOCK_E)
+        pos = tl.load(EPOS + bh64 * E + slots, mask=slots < E, other=-1)
+        ok = (pos >= 0) & (tl.load(valid_row + pos, mask=pos >= 0, other=0) != 0)
+        offs = (bh64 * E + slots)[:, None] * D + di[None, :]
+        lmask = ok[:, None] & dmask[None, :]
+        k = tl.load(EK + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
+        v = tl.load(EV + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+        s = tl.where(ok[None, :], s, float("-inf"))
+        tl.store(logit_rows + pos[None, :], s, mask=gmask[:, None] & (pos >= 0)[None, :])
+        m, l, acc = _online_softmax(m, l, acc, s, v)
+
+    # Every position not held exactly: Vague (rebuilt from the sketch) or masked. Each is written exactly once.
+    nb = tl.load(BUCKETS + b)
+    offset = tl.load(OFFSETS + b)
+    sbase = bh64 * (ROWS * width)
+    for start in range(0, pos_per_split, BLOCK_V):
+        p = split * pos_per_split + start + tl.arange(0, BLOCK_V)
+        inside = p < L
+        free = inside & (tl.load(HELD + bh64 * L + p, mask=inside, other=1) == 0)
+        vague = free & (tl.load(valid_row + p, mask=inside, other=0) != 0) & (nb > 0)
+        s = tl.full((GP, BLOCK_V), float("-inf"), tl.float32)
+        if HAS_SKETCH:
+            if tl.max(vague.to(tl.int32), 0) > 0:
+                logical = p.to(tl.int64) - offset
+                k0, v0 = _sketch_row(SK, SV, SCNT, sbase, logical, nb, width, ROW_TERMS, vague, di, dmask, 0, D, MEAN)
+                if ROWS == 3:
+                    k1, v1 = _sketch_row(SK, SV, SCNT, sbase, logical, nb, width, ROW_TERMS, vague, di, dmask, 1, D, MEAN)
+                    k2, v2 = _sketch_row(SK, SV, SCNT, sbase, logical, nb, width, ROW_TERMS, vague, di, dmask, 2, D, MEAN)
+                    k0 = _median3(k0, k1, k2)
+                    v0 = _median3(v0, v1, v2)
+                k = k0.to(q.dtype)
+                v = v0.to(q.dtype)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+                s = tl.where(vague[None, :], s, float("-inf"))
+                m, l, acc = _online_softmax(m, l, acc, s, v)
+        tl.store(logit_rows + p[None, :], s, mask=gmask[:, None] & free[None, :])
+
+    part = (bh64 * G + gi) * splits + split  # (GP,) rows of PART_M / PART_L
+    tl.store(PART_M + part, m, mask=gmask)
+    tl.store(PART_L + part, l, mask=gmask)
+    tl.store(PART_ACC + part[:, None] * D + di[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _combine(
+    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, L, splits,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    gi = tl.arange(0, GP)
+    si = tl.arange(0, SP)
+    di = tl.arange(0, DP)
+    gmask = gi < G
+    dmask = di < D
+    rows = bh * G + gi  # query heads of this KV group
+    pmask = gmask[:, None] & (si < splits)[None, :]
+    part_m = tl.load(PART_M + rows[:, None] * splits + si[None, :], mask=pmask, other=float("-inf"))
+    part_l = tl.load(PART_L + rows[:, None] * splits + si[None, :], mask=pmask, other=0.0)
+    top = tl.max(part_m, 1)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(part_l * tl.exp(part_m - top[:, None]), 1)
+    inv = tl.where(total > 0, 1.0 / total, 0.0)  # a query with nothing to attend gets 0, as the reference does
+
+    if blk == 0:
+        out = tl.zeros((GP, DP), tl.float32)
+        for s in range(0, splits):
+            weight = tl.exp(tl.load(PART_M + rows * splits + s, mask=gmask, other=float("-inf")) - top)
+            part = tl.load(PART_ACC + (rows * splits + s)[:, None] * D + di[None, :],
+                           mask=gmask[:, None] & dmask[None, :], other=0.0)
+            out += part * weight[:, None]
+        out = out * inv[:, None]
+        tl.store(OUT + rows[:, None] * D + di[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+
+    p = blk * BLOCK + tl.arange(0, BLOCK)
+    inside = p < L
+    logits = tl.load(LOGITS + rows[:, None] * L + p[None, :], mask=gmask[:, None] & inside[None, :], other=float("-inf"))
+    mass = tl.sum(tl.exp(logits - top[:, None]) * inv[:, None], 0)
+    tl.store(MASS + bh * L + p, mass, mask=inside)
+
+
+def kernel_unsupported(query: torch.Tensor, sketch: VagueSketch | None) -> str | None:
+    """Why the Triton kernel cannot run these inputs (then use the reference), or None when it can."""
+    if query.device.type != "cuda":
+        return "the Triton kernel runs on CUDA only"
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype} is not supported by the kernel"
+    if sketch is not None and sketch.rows not in SUPPORTED_ROWS:
+        return f"the kernel takes the median of {' or '.join(map(str, SUPPORTED_ROWS))} sketch rows, not {sketch.rows}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_plan(work_items: int, programs: int, device: torch.device) -> int:
+    """Splits per KV head: PROGRAMS_PER_SM programs per multiprocessor, never more than there are blocks of work."""
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(MAX_SPLITS, triton.cdiv(PROGRAMS_PER_SM * sms, programs), work_items))
+
+
+def reviver_decode_triton(
+    query: torch.Tensor,
+    exact_keys: torch.Tensor,
+    exact_values: torch.Tensor,
+    exact_pos: torch.Tensor,
+    sketch: VagueSketch | None,
+    key_valid: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel. Same arguments and results as :func:`~kvreviver_core.kernels.reference.reviver_decode_reference`.
+
+    Args:
+        query: ``(B, Hq, 1, D)``; exact_keys, exact_values: ``(B, Hkv, E, D)``; exact_pos: ``(B, Hkv, E)`` int
+            (-1 = empty); sketch: the Vague part or None; key_valid: ``(B, L)`` bool; scaling: softmax scale.
+
+    Returns:
+        output ``(B, 1, Hq, D)`` in the query's dtype and the mass ``(B, Hkv, L)`` fp32.
+    """
+    check_decode_inputs(query, exact_keys, exact_values, exact_pos, sketch, key_valid)
+    reason = kernel_unsupported(query, sketch)
+    if reason is not None:
+        raise ValueError(reason)
+    b, hq, _, d = query.shape
+    hkv, e = exact_keys.shape[1], exact_keys.shape[2]
+    length = key_valid.shape[1]
+    group = hq // hkv
+    device = query.device
+    q = query.reshape(b, hq, d)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    exact_keys = exact_keys.to(query.dtype).contiguous()
+    exact_values = exact_values.to(query.dtype).contiguous()
+    exact_pos = exact_pos.to(torch.int32).contiguous()
+    valid = key_valid.to(torch.int8).contiguous()
+
+    has_sketch = sketch is not None
+    if has_sketch:
+        sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
+        counts = sketch.counts.contiguous() if sketch.counts is not None else exact_pos
+        buckets, offsets, width, rows = sketch.buckets.contiguous(), sketch.offsets.contiguous(), sketch.width, sketch.rows
+        seed_term = sketch.seed * _SEED_MUL + 1
+        row_terms = torch.tensor([_wrap64(r * _ROW_MUL + seed_term) for r in range(rows)], dtype=torch.int64, device=device)
+        mean = sketch.counts is not None
+    else:
+        sk, sv, counts = exact_keys, exact_values, exact_pos
+        buckets = torch.zeros(b, dtype=torch.long, device=device)
+        offsets, width, rows, mean = buckets, 1, 1, False
+        row_terms = torch.zeros(1, dtype=torch.int64, device=device)
+
+    held = torch.zeros(b, hkv, length, dtype=torch.int8, device=device)
+    if e:
+        _mark_exact[(b * hkv, triton.cdiv(e, 1024))](exact_pos, held, e, length, BLOCK=1024)
+
+    splits = _split_plan(max(triton.cdiv(length, BLOCK_VAGUE), triton.cdiv(max(e, 1), BLOCK_EXACT)), b * hkv, device)
+    slots_per_split = triton.cdiv(triton.cdiv(max(e, 1), splits), BLOCK_EXACT) * BLOCK_EXACT
+    pos_per_split = triton.cdiv(triton.cdiv(length, splits), BLOCK_VAGUE) * BLOCK_VAGUE
+    gp = max(16, triton.next_power_of_2(group))
+    dp = max(16, triton.next_power_of_2(d))
+
+    logits = torch.empty(b, hq, length, dtype=torch.float32, device=device)
+    part_acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
+    part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
+    part_l = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
+    _decode_split[(b * hkv, splits)](
+        q, q.stride(0), q.stride(1),
+        exact_keys, exact_values, exact_pos, held, valid,
+        sk, sv, counts, buckets, offsets, row_terms,
+        logits, part_acc, part_m, part_l,
+        float(scaling), hkv, e, length, width, slots_per_split, pos_per_split,
+        G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=mean,
+        BLOCK_E=BLOCK_EXACT, BLOCK_V=BLOCK_VAGUE, num_warps=NUM_WARPS,
+    )
+
+    out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
+    mass = torch.empty(b, hkv, length, dtype=torch.float32, device=device)
+    _combine[(b * hkv, triton.cdiv(length, BLOCK_MASS))](
+        logits, part_acc, part_m, part_l, out, mass, length, splits,
+        G=group, GP=gp, D=d, DP=dp, SP=triton.next_power_of_2(splits), BLOCK=BLOCK_MASS, num_warps=4,
+    )
+    return out.view(b, 1, hq, d), mass

@@ -1,0 +1,218 @@
+"""The fused KVReviver decode attention: the torch reference against revive() + exact attention (CPU), the Triton
+kernel against the reference (GPU only), and the layer's fused path against its unfused one inside ``generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvreviver_core.attention import combined_mask, scored_attention
+from kvreviver_core.budget import Budget
+from kvreviver_core.cache import make_cache
+from kvreviver_core.generation import cache_kwargs
+from kvreviver_core.kernels import decode_backend, reviver_decode_reference, triton_available
+from kvreviver_core.kernels.reference import exact_position_map
+from kvreviver_core.methods.reviver import ReviverLayer
+from kvreviver_core.sketch import VagueSketch
+from tests.conftest import tiny_llama
+
+SPLITS = {"paper": (0.1, 0.45, 0.45), "wide-vague": (0.4, 0.3, 0.3), "no-vague": (0.0, 0.5, 0.5)}
+
+
+def compressed_layer(estimator: str, split, fraction: float = 0.2, batch: int = 3, heads: int = 2, head_dim: int = 16,
+                     prompt: int = 160, pads=(0, 13, 40), steps: int = 3, seed: int = 0, device="cpu",
+                     dtype=torch.float32) -> tuple[ReviverLayer, torch.Tensor]:
+    """A real ReviverLayer after a left-padded prefill and ``steps`` unfused decode steps; and its padding mask."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    layer = ReviverLayer(0, Budget(fraction, split=split), estimator=estimator, seed=seed, fused=False)
+    layer.update(rand(batch, heads, prompt, head_dim), rand(batch, heads, prompt, head_dim))
+    valid = torch.arange(prompt).view(1, -1) >= torch.tensor(pads[:batch]).view(-1, 1)
+    scores = torch.rand(batch, heads, prompt, generator=gen).to(device) * valid.to(device).unsqueeze(1)
+    layer.observe(scores, valid.to(device))
+    for _ in range(steps):
+        layer.update(rand(batch, heads, 1, head_dim), rand(batch, heads, 1, head_dim))
+        valid = torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool)], dim=1)
+        layer.observe(torch.rand(batch, heads, layer.logical_len, generator=gen).to(device) * 0.3, valid.to(device))
+    return layer, valid.to(device)
+
+
+def unfused_step(layer: ReviverLayer, query, new_k, new_v, valid, scaling):
+    """The existing path: update() revives the full K/V, then exact attention with its column sums."""
+    keys, values = layer.update(new_k, new_v)
+    valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    mask = combined_mask(valid.view(valid.shape[0], 1, 1, -1), layer.slot_mask(), 1, keys.shape[2], keys.device)
+    out, scores = scored_attention(query, keys, values, mask, scaling, None)
+    return out, scores, mask[:, 0, -1, :]
+
+
+@pytest.mark.parametrize("estimator,split", [("sum", "paper"), ("mean", "paper"), ("sum", "wide-vague")])
+def test_reference_equals_revive_then_exact_attention(estimator, split):
+    layer, valid = compressed_layer(estimator, SPLITS[split], fraction=0.3, prompt=400)
+    parts = layer.parts()
+    assert int(parts["candidate"].min()) > 0 and int(parts["recent"].min()) > 0 and int(parts["vague"].min()) > 0
+    assert bool(layer.sketch.enabled.all())
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(3, 4, 1, 16, generator=gen) * 2  # GQA: 2 query heads per KV head
+    new_k, new_v = torch.randn(3, 2, 1, 16, generator=gen), torch.randn(3, 2, 1, 16, generator=gen)
+    out, scores, key_valid = unfused_step(layer, query, new_k, new_v, valid, 0.25)
+
+    ref_out, mass = reviver_decode_reference(query, layer.exact_keys, layer.exact_values, layer.exact_pos,
+                                             layer.sketch, key_valid, 0.25)
+    torch.testing.assert_close(ref_out, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass, scores, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(mass.sum(-1), torch.full_like(mass[..., 0], 2.0), atol=1e-5)  # G=2 heads, each sums to 1
+    assert float(mass[1, :, :13].abs().max()) == 0.0  # padding gets no mass
+
+
+@pytest.mark.parametrize("sketch", ["none", "no-buckets"])
+def test_reference_without_sketch_attends_each_heads_exact_slots_only(sketch):
+    """No sketch, or one without buckets (Vague share 0): a head attends only the tokens it holds itself.
+
+    (The unfused path masks per sequence, so there a head also sees zero K/V where another head holds a token.)
+    """
+    layer, valid = compressed_layer("sum", SPLITS["no-vague"], batch=2, pads=(0, 5))
+    assert not bool(layer.sketch.enabled.any())
+    key_valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+    query = torch.randn(2, 2, 1, 16)
+    out, mass = reviver_decode_reference(query, layer.exact_keys, layer.exact_values, layer.exact_pos,
+                                         None if sketch == "none" else layer.sketch, key_valid, 0.3)
+    held = exact_position_map(layer.exact_pos, key_valid.shape[1])
+    assert float(mass[~held].abs().max()) == 0.0 and torch.allclose(mass.sum(-1), torch.ones(2, 2))
+    logits = torch.einsum("bhd,bhed->bhe", query[:, :, 0], layer.exact_keys) * 0.3
+    probs = torch.softmax(logits.masked_fill(layer.exact_pos < 0, float("-inf")), dim=-1)
+    torch.testing.assert_close(out[:, 0], torch.einsum("bhe,bhed->bhd", probs, layer.exact_values))
+
+
+def test_fused_update_returns_views_not_revived_kv():
+    layer, _ = compressed_layer("sum", SPLITS["paper"])
+    layer.fused = "reference"
+    keys, values = layer.update(torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16))
+    assert keys.shape[2] == layer.logical_len and keys.stride(2) == 0 and values.stride(2) == 0
+    assert layer.fused_attention(torch.randn(3, 4, 1, 16), keys, values, None, 0.25) is not None
+    assert layer.fused_attention(torch.randn(3, 4, 1, 16), keys, values, None, 0.25) is None  # one call per step
+
+
+def test_fused_option_is_checked_and_auto_keeps_the_unfused_path_on_cpu():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="fused must be one of"):
+        make_cache("kvreviver", 0.2, model=model, fused="yes")
+    assert decode_backend("auto", torch.zeros(1, 1, 1, 4), None) is None
+    assert decode_backend(True, torch.zeros(1, 1, 1, 4), None) is reviver_decode_reference
+    assert decode_backend(False, torch.zeros(1, 1, 1, 4), None) is None
+
+
+def generate_with(model, fused, device, prompts, new_tokens: int = 8, **options):
+    """Greedy ``generate`` with a kvreviver cache: the new ids and the cache."""
+    cache = make_cache("kvreviver", Budget(0.25, split=SPLITS["wide-vague"]), model=model, fused=fused, **options)
+    out = model.generate(**prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         num_beams=1, pad_token_id=0, **cache_kwargs(model, cache))
+    return out[:, prompts["input_ids"].shape[1]:], cache
+
+
+def padded_prompts(lengths, vocab: int, device, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[row, width - n:] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def assert_same_generation(model, fused_a, fused_b, device, lengths=(300, 200), **options):
+    prompts = padded_prompts(lengths, model.config.vocab_size, device)
+    with torch.no_grad():
+        ids_a, cache_a = generate_with(model, fused_a, device, prompts, **options)
+        ids_b, cache_b = generate_with(model, fused_b, device, prompts, **options)
+    assert ids_a.tolist() == ids_b.tolist()
+    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers):
+        assert bool(layer_a.sketch.enabled.all()) and int(layer_a.parts()["vague"].min()) > 0  # Vague part in use
+        assert torch.equal(layer_a.exact_pos, layer_b.exact_pos)
+        torch.testing.assert_close(layer_a.scores, layer_b.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_reference_in_generate_matches_unfused_path():
+    assert_same_generation(tiny_llama(), "reference", False, "cpu")
+
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and Triton")
+
+
+def random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, seed, buckets, pads):
+    """Random exact store and sketch (filled through VagueSketch.insert) on the GPU, with padding and empty slots."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = torch.device("cuda")
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dev, dtype)  # noqa: E731
+    offsets = torch.tensor(pads, device=dev)
+    sketch = VagueSketch(batch, kv_heads, head_dim, rows, torch.tensor(buckets), offsets, dtype, dev, seed=seed,
+                         estimator=estimator)
+    folded = torch.randint(0, length, (batch, kv_heads, 4 * length), generator=gen).to(dev)
+    sketch.insert(folded, rand(batch, kv_heads, 4 * length, head_dim) * 0.3,
+                  rand(batch, kv_heads, 4 * length, head_dim) * 0.3, torch.ones(folded.shape, device=dev))
+    pos = torch.stack([torch.stack([torch.randperm(length, generator=gen)[:slots] for _ in range(kv_heads)])
+                       for _ in range(batch)]).int().to(dev)
+    pos[:, :, -7:] = -1  # empty slots
+    valid = torch.arange(length, device=dev).view(1, -1) >= offsets.view(-1, 1)
+    query = rand(batch, kv_heads * group, 1, head_dim)
+    return query, rand(batch, kv_heads, slots, head_dim), rand(batch, kv_heads, slots, head_dim), pos, sketch, valid
+
+
+KERNEL_CASES = [
+    # batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads
+    (1, 32, 1, 128, 8193, 760, 3, "sum", torch.bfloat16, (25,), (0,)),
+    (3, 4, 4, 64, 5000, 300, 3, "sum", torch.bfloat16, (40, 0, 7), (0, 900, 4000)),
+    (3, 4, 4, 64, 5000, 300, 3, "mean", torch.bfloat16, (40, 3, 7), (0, 900, 4000)),
+    (2, 3, 3, 64, 1500, 200, 1, "sum", torch.float32, (30, 11), (0, 100)),
+    (2, 8, 2, 128, 3000, 2999, 3, "mean", torch.float32, (5, 9), (10, 0)),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"B{c[0]}-Hkv{c[1]}-G{c[2]}-D{c[3]}-L{c[4]}-r{c[6]}-{c[7]}-{str(c[8])[6:]}")
+def test_kernel_matches_reference(case):
+    from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
+
+    batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads = case
+    for seed in range(3):  # fresh inputs each time: the kernel must compute the same function on any input
+        args = random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, seed, buckets, pads)
+        ref_out, ref_mass = reviver_decode_reference(*args, head_dim**-0.5)
+        out, mass = reviver_decode_triton(*args, head_dim**-0.5)
+        assert torch.isfinite(out).all() and torch.isfinite(mass).all()
+        rel = float((out.float() - ref_out.float()).norm() / ref_out.float().norm())
+        mass_err = float((mass - ref_mass).abs().max())
+        print(f"{case[:8]} {str(dtype)[6:]} seed {seed}: output rel err {rel:.2e}, mass max abs err {mass_err:.2e}, "
+              f"mass total {float(mass.sum()):.3f} (expected {batch * kv_heads * group})")
+        # The reference rounds its logits to bf16 (as scored_attention does); the kernel keeps them in fp32.
+        tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        assert rel < tolerance and mass_err < tolerance
+        torch.testing.assert_close(mass.sum(-1), torch.full_like(mass[..., 0], float(group)), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_kernel_on_a_real_layer_matches_revive_then_exact_attention():
+    from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
+
+    layer, valid = compressed_layer("sum", SPLITS["paper"], fraction=0.1, batch=2, heads=8, head_dim=128,
+                                    prompt=4096, pads=(0, 1000), device="cuda", dtype=torch.float32)
+    query = torch.randn(2, 16, 1, 128, device="cuda")
+    new_k, new_v = torch.randn(2, 8, 1, 128, device="cuda"), torch.randn(2, 8, 1, 128, device="cuda")
+    out, scores, key_valid = unfused_step(layer, query, new_k, new_v, valid, 128**-0.5)
+    fused_out, mass = reviver_decode_triton(query, layer.exact_keys, layer.exact_values, layer.exact_pos,
+                                            layer.sketch, key_valid, 128**-0.5)
+    print(f"real layer: output max abs err {float((fused_out - out).abs().max()):.2e}, "
+          f"scores max abs err {float((mass - scores).abs().max()):.2e}")
+    torch.testing.assert_close(fused_out, out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mass, scores, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("estimator", ["sum", "mean"])
+def test_kernel_in_generate_matches_reference(estimator):
+    model = tiny_llama(layers=2, heads=8, kv_heads=2, hidden=256).to("cuda")  # head_dim 32, GQA 4
+    assert_same_generation(model, True, "reference", "cuda", lengths=(700, 400), estimator=estimator)
