@@ -91,27 +91,34 @@ def scored_attention(
     b, hq, t, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
     group = hq // hkv
-    q = query.view(b, hkv, group, t, d)
     first_scored = 0 if score_queries is None else max(0, t - score_queries)
-    chunk = max(1, CHUNK_ELEMENTS // max(1, b * hq * n))
     out = torch.empty(b, hkv, group, t, value.shape[-1], dtype=query.dtype, device=query.device)
     scores = torch.zeros(b, hkv, n, dtype=torch.float32, device=query.device)
+    if first_scored:
+        # Queries whose probabilities nobody asked for (before an observation window) take the fused SDPA path.
+        early = _sdpa(query[:, :, :first_scored], key, value, _rows(mask, 0, first_scored, t, n, query.device), scaling)
+        out[:, :, :, :first_scored] = early.transpose(1, 2).reshape(b, hkv, group, first_scored, -1)
+    q = query.view(b, hkv, group, t, d)
+    chunk = max(1, CHUNK_ELEMENTS // max(1, b * hq * n))
     k_t = key.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, 1, D, N)
     v = value.unsqueeze(2)
-    for start in range(0, t, chunk):
+    for start in range(first_scored, t, chunk):
         stop = min(t, start + chunk)
         logits = torch.matmul(q[:, :, :, start:stop], k_t).float() * scaling  # (B, Hkv, G, c, N)
-        if mask is None:
-            q_pos = torch.arange(n - t + start, n - t + stop, device=query.device).view(-1, 1)
-            allowed = (torch.arange(n, device=query.device).view(1, -1) <= q_pos).view(1, 1, 1, stop - start, n)
-        else:
-            allowed = mask[:, :, start:stop].unsqueeze(1)  # (B, 1, 1, c, N)
+        allowed = _rows(mask, start, stop, t, n, query.device).unsqueeze(1)  # (B or 1, 1, 1, c, N)
         logits = logits.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (padding queries) give 0
         out[:, :, :, start:stop] = torch.matmul(probs.to(value.dtype), v)
-        if stop > first_scored:
-            scores += probs[:, :, :, max(0, first_scored - start) :].sum(dim=(2, 3))
+        scores += probs.sum(dim=(2, 3))
     return out.view(b, hq, t, -1).transpose(1, 2), scores
+
+
+def _rows(mask: torch.Tensor | None, start: int, stop: int, t: int, n: int, device) -> torch.Tensor:
+    """Rows ``start:stop`` of the (B, 1, T, N) bool mask; causal with the queries at the end when ``mask`` is None."""
+    if mask is not None:
+        return mask[:, :, start:stop]
+    q_pos = torch.arange(n - t + start, n - t + stop, device=device).view(-1, 1)
+    return (torch.arange(n, device=device).view(1, -1) <= q_pos).view(1, 1, stop - start, n)
 
 
 def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
