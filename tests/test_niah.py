@@ -297,3 +297,36 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, message):
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "results.jsonl").exists()
+
+
+# -- the embedded SmolLM2 (slow) -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_full_cache_finds_the_needle_and_both_modes_agree(smollm2, haystack_text):
+    """A 3-point grid in CI; the 1000-4000 x 5-depth figure (>= 0.9) is in BENCHMARKS.md (bench_niah_fig5.py)."""
+    model, tokenizer = smollm2
+    grid = niah.NiahGrid(methods=["full"], budget=0.25, lengths=[1000], depths=[0.0, 0.5, 1.0])
+    rows = niah.run_niah(model, tokenizer, grid, haystack_text, ResultStore(None, niah.KEY_FIELDS), "smollm2", "pydoc")
+    assert sum(r["score"] for r in rows) / len(rows) >= 0.9, [r["output"] for r in rows]
+    # The split is exact on the chat template: same output tokens with the question in the prompt.
+    needle = grid.needles(1000, 0.5)[0]
+    doc = niah.build_document(niah.Haystack(haystack_text, tokenizer), 1000, 0.5, [needle])
+    split = split_prompts(tokenizer, doc.text, [needle.question])
+    after = generate_after_context(model, tokenizer, split, "full", 1.0, 32)[0]
+    in_prompt = generate_batch(model, tokenizer, [format_prompt(tokenizer, doc.text + "\n\n" + needle.question)],
+                               "full", 1.0, 32)[0]
+    assert after.token_ids == in_prompt.token_ids and needle.answer in after.text
+    assert tokenizer.decode(split[0].question_ids).startswith("\n\n" + needle.question)
+    assert after.text == next(r["output"] for r in rows if r["depth"] == 0.5)
+
+
+def test_sample_config_runs_the_figure5_methods(tiny_model_dir, tmp_path):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "sample_configs" / "paper-fig5-niah.toml"
+    out = tmp_path / "fig5"
+    result = _cli("--config", config, "--model", tiny_model_dir, "--device", "cpu", "--lengths", "100",
+                  "--depths", "0.5", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["full", "kvreviver", "h2o", "streaming", "snapkv", "cam"]
+    assert {r["budget"] for r in rows} == {0.25} and {r["mode"] for r in rows} == {"after-context"}
