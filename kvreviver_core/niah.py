@@ -179,7 +179,7 @@ def _insert(haystack: Haystack, body_tokens: int, depth: float, block: str) -> D
     body_end = haystack.token_ends[body_tokens - 1]
     body = haystack.text[:body_end]
     if depth >= 1.0:
-        target = position = len(body)
+        target = len(body)
         text = body + " " + block
         needle_char = len(body) + 1
     else:
@@ -268,7 +268,7 @@ def run_niah(
     (one per question) are appended together once all its questions are answered, so a kill loses at most the
     point in progress.
     """
-    haystack = Haystack(haystack_text, tokenizer)
+    haystack = Haystack(haystack_text, tokenizer).repeated_to(max(grid.lengths) + 64)
     done = store.done_keys()
     rows: list[dict] = []
     for length, depth in grid.points():
