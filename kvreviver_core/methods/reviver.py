@@ -47,9 +47,10 @@ POSITION_BYTES = 4  # int32 position per exact slot and KV head
 
 class ReviverLayer(CompressedLayer):
     def __init__(self, layer_idx: int, budget: Budget, estimator: Estimator = "sum", seed: int = 0,
-                 fused: bool | str = "auto") -> None:
+                 fused: bool | str = "auto", signed_keys: bool = False) -> None:
         super().__init__(layer_idx, budget)
         self.fused = fused
+        self.signed_keys = signed_keys
         self._decode = None  # the fused decode attention chosen by update() for the step in progress
         self.estimator = estimator
         self.seed = seed * 1_000_003 + layer_idx
@@ -168,7 +169,7 @@ class ReviverLayer(CompressedLayer):
         self.compressing = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
         self.sketch = VagueSketch(
             self.batch, self.heads, self.head_dim, self.budget.sketch_rows, as_tensor(vague), self.offsets,
-            self.dtype, self.device, seed=self.seed, estimator=self.estimator,
+            self.dtype, self.device, seed=self.seed, estimator=self.estimator, signed_keys=self.signed_keys,
         )
 
     def _compress(self) -> None:
@@ -267,6 +268,7 @@ class KVReviverMethod(Method):
 
     Args:
         estimator: ``"sum"`` (the paper's Count-Sketch) or ``"mean"`` (buckets averaged; an option, measured beside).
+        signed_keys: give keys the values' +-1 signs in the sketch (unbiased keys; the paper sums them unsigned).
         seed: seed of the sketch's hash and sign functions.
         fused: decode attention straight from the compressed store (no revival): ``"auto"`` uses the Triton
             kernel on CUDA, ``True`` also the pure-torch reference elsewhere, ``"reference"`` the reference
@@ -274,6 +276,7 @@ class KVReviverMethod(Method):
     """
 
     estimator: str = "sum"
+    signed_keys: bool = False
     seed: int = 0
     fused: bool | str = "auto"
 
@@ -282,7 +285,10 @@ class KVReviverMethod(Method):
             raise ValueError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.signed_keys, bool):
+            raise ValueError(f"signed_keys must be true or false, got {self.signed_keys!r}")
         check_fused_option(self.fused)
 
     def make_layer(self, layer_idx: int, budget: Budget) -> CompressedLayer:
-        return ReviverLayer(layer_idx, budget, estimator=self.estimator, seed=self.seed, fused=self.fused)
+        return ReviverLayer(layer_idx, budget, estimator=self.estimator, seed=self.seed, fused=self.fused,
+                            signed_keys=self.signed_keys)
