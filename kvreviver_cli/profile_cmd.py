@@ -66,6 +66,12 @@ def _gib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / GIB:.2f}"
 
 
+def _peaks(row: ProfileRow) -> str:
+    if row.nvml_peak_bytes is None and row.torch_max_allocated_bytes is None:
+        return "n/a"
+    return f"{_gib(row.nvml_peak_bytes)}/{_gib(row.torch_max_allocated_bytes)}"
+
+
 def render_table(rows: list[ProfileRow], methods: list[str], batches: list[int], title: str) -> Table:
     """Batch size against each method's decode tok/s (the paper's Table 1), then prefill and memory columns."""
     by_key = {(r.method, r.batch): r for r in rows}
@@ -73,7 +79,7 @@ def render_table(rows: list[ProfileRow], methods: list[str], batches: list[int],
     table.add_column("Batch", justify="right")
     columns = [("tok/s", lambda r: f"{r.decode_tokens_per_s:.1f}"), ("prefill s", lambda r: f"{r.prefill_s:.2f}"),
                ("KV MiB", lambda r: f"{r.kv_bytes / MIB:.1f}"),
-               ("peak GiB NVML/torch", lambda r: f"{_gib(r.nvml_peak_bytes)}/{_gib(r.torch_max_allocated_bytes)}")]
+               ("peak GiB NVML/torch", _peaks)]
     for label, _ in columns:
         for method in methods:
             table.add_column(f"{method} {label}", justify="right")
