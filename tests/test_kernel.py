@@ -3,6 +3,8 @@ kernel against the reference (GPU only), and the layer's fused path against its 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -141,14 +143,15 @@ def test_fused_reference_in_generate_matches_unfused_path():
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and Triton")
 
 
-def random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, seed, buckets, pads):
+def random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, seed, buckets, pads,
+                 signed_keys=False):
     """Random exact store and sketch (filled through VagueSketch.insert) on the GPU, with padding and empty slots."""
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device("cuda")
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(dev, dtype)  # noqa: E731
     offsets = torch.tensor(pads, device=dev)
     sketch = VagueSketch(batch, kv_heads, head_dim, rows, torch.tensor(buckets), offsets, dtype, dev, seed=seed,
-                         estimator=estimator)
+                         estimator=estimator, signed_keys=signed_keys)
     folded = torch.randint(0, length, (batch, kv_heads, 4 * length), generator=gen).to(dev)
     sketch.insert(folded, rand(batch, kv_heads, 4 * length, head_dim) * 0.3,
                   rand(batch, kv_heads, 4 * length, head_dim) * 0.3, torch.ones(folded.shape, device=dev))
@@ -161,35 +164,49 @@ def random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimato
 
 
 KERNEL_CASES = [
-    # batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads
+    # batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads[, signed_keys]
     (1, 32, 1, 128, 8193, 760, 3, "sum", torch.bfloat16, (25,), (0,)),
     (3, 4, 4, 64, 5000, 300, 3, "sum", torch.bfloat16, (40, 0, 7), (0, 900, 4000)),
     (3, 4, 4, 64, 5000, 300, 3, "mean", torch.bfloat16, (40, 3, 7), (0, 900, 4000)),
     (2, 3, 3, 64, 1500, 200, 1, "sum", torch.float32, (30, 11), (0, 100)),
     (2, 8, 2, 128, 3000, 2999, 3, "mean", torch.float32, (5, 9), (10, 0)),
+    (2, 4, 2, 128, 4000, 400, 3, "sum", torch.bfloat16, (30, 12), (0, 333), True),
+    (2, 4, 2, 64, 2000, 100, 3, "mean", torch.float32, (20, 6), (50, 0), True),
 ]
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"B{c[0]}-Hkv{c[1]}-G{c[2]}-D{c[3]}-L{c[4]}-r{c[6]}-{c[7]}-{str(c[8])[6:]}")
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"B{c[0]}-Hkv{c[1]}-G{c[2]}-D{c[3]}-L{c[4]}-r{c[6]}-{c[7]}-{str(c[8])[6:]}{'-signed' * (len(c) > 11)}")
 def test_kernel_matches_reference(case):
     from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
 
-    batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads = case
+    batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads = case[:11]
     for seed in range(3):  # fresh inputs each time: the kernel must compute the same function on any input
-        args = random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, seed, buckets, pads)
-        ref_out, ref_mass = reviver_decode_reference(*args, head_dim**-0.5)
+        args = random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, seed, buckets, pads,
+                            signed_keys=len(case) > 11)
         out, mass = reviver_decode_triton(*args, head_dim**-0.5)
         assert torch.isfinite(out).all() and torch.isfinite(mass).all()
-        rel = float((out.float() - ref_out.float()).norm() / ref_out.float().norm())
-        mass_err = float((mass - ref_mass).abs().max())
-        print(f"{case[:8]} {str(dtype)[6:]} seed {seed}: output rel err {rel:.2e}, mass max abs err {mass_err:.2e}, "
-              f"mass total {float(mass.sum()):.3f} (expected {batch * kv_heads * group})")
-        # The reference rounds its logits to bf16 (as scored_attention does); the kernel keeps them in fp32.
-        tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        # Reference in fp32 on the same (upcast) store; the bf16 reference itself rounds its logits to bf16.
+        gold_out, gold_mass = reviver_decode_reference(*upcast(args), head_dim**-0.5)
+        rel = float((out.float() - gold_out).norm() / gold_out.norm())
+        mass_err = float((mass - gold_mass).abs().max())
+        same_dtype_out, _ = reviver_decode_reference(*args, head_dim**-0.5)
+        ref_rel = float((same_dtype_out.float() - gold_out).norm() / gold_out.norm())
+        print(f"{case[:8]} {str(dtype)[6:]} seed {seed}: kernel vs fp32 reference: output rel err {rel:.2e}, mass max "
+              f"abs err {mass_err:.2e}, mass total {float(mass.sum()):.3f} (expected {batch * kv_heads * group}); "
+              f"{str(dtype)[6:]} reference vs fp32 reference: output rel err {ref_rel:.2e}")
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
         assert rel < tolerance and mass_err < tolerance
         torch.testing.assert_close(mass.sum(-1), torch.full_like(mass[..., 0], float(group)), rtol=1e-3, atol=1e-3)
+
+
+def upcast(args):
+    """The same decode inputs in fp32 (the sketch copied with fp32 buckets)."""
+    query, keys, values, pos, sketch, valid = args
+    sketch32 = copy.copy(sketch)
+    sketch32.keys, sketch32.values = sketch.keys.float(), sketch.values.float()
+    return query.float(), keys.float(), values.float(), pos, sketch32, valid
 
 
 @pytest.mark.gpu
@@ -204,10 +221,13 @@ def test_kernel_on_a_real_layer_matches_revive_then_exact_attention():
     out, scores, key_valid = unfused_step(layer, query, new_k, new_v, valid, 128**-0.5)
     fused_out, mass = reviver_decode_triton(query, layer.exact_keys, layer.exact_values, layer.exact_pos,
                                             layer.sketch, key_valid, 128**-0.5)
-    print(f"real layer: output max abs err {float((fused_out - out).abs().max()):.2e}, "
+    rel = float((fused_out - out).norm() / out.norm())
+    print(f"real layer: output rel err {rel:.2e} (max abs {float((fused_out - out).abs().max()):.2e}), "
           f"scores max abs err {float((mass - scores).abs().max()):.2e}")
-    torch.testing.assert_close(fused_out, out, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(mass, scores, rtol=1e-4, atol=1e-5)
+    # fp32 on both sides; the "sum" buckets hold ~300 keys each, so logits reach tens and single elements of the
+    # output cancel down from values of ~17: compare the whole output's relative error, and the masses directly.
+    assert rel < 1e-4
+    torch.testing.assert_close(mass, scores, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

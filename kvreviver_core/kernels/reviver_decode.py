@@ -5,10 +5,14 @@ One decode step (one query per sequence) reads only the compressed store:
 * the exact slots (Recent + Candidate) ``(B, Hkv, E, D)`` and their positions;
 * the Vague tokens, rebuilt on the fly inside the kernel from the sketch's ``r x b`` bucket rows: the position is
   hashed exactly as :meth:`kvreviver_core.sketch.VagueSketch.slots` does, the key is the median of the r bucket
-  keys and the value the median of the signed bucket values (divided by the bucket counts for ``"mean"``).
+  keys (signed too with ``signed_keys``) and the value the median of the signed bucket values (divided by the
+  bucket counts for ``"mean"``).
 
-Memory traffic is the exact store, the sketch, a byte per position for the exact-position map and the fp32 logits
-of the query heads, so it follows the budget, not the context. The full K/V are never materialised.
+HBM traffic is the exact store, the sketch, a byte per position for the exact-position map and the fp32 logits of
+the query heads, so it follows the budget, not the context. The full K/V are never materialised. But every Vague
+token gathers 2r bucket vectors (3 keys, 3 values), which the L2 cache serves: at the paper's split (90% of the
+tokens Vague at a 10% budget) that is about 2.8x the full cache's K/V bytes through L2, and on an H200 the kernel is
+slower than SDPA over the full cache; with only exact tokens it is faster (see BENCHMARKS.md, issue 7).
 
 Launches (one layer, one step):
 
@@ -47,6 +51,7 @@ BLOCK_MASS = 1024  # positions per program in the combine kernel
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 4  # split-K target: programs of the main kernel per multiprocessor
 NUM_WARPS = 4
+SKIP_EMPTY = True  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 
 
 @triton.jit
@@ -67,25 +72,39 @@ def _mark_exact(EPOS, HELD, E, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sketch_row(SK, SV, SCNT, sbase, logical, nb, width, ROW_TERMS, vague, di, dmask,
-                ROW: tl.constexpr, D: tl.constexpr, MEAN: tl.constexpr):
-    """One row's bucket key and signed bucket value for each position, fp32 ``(BLOCK, DP)``."""
+def _bucket(logical, nb, width, ROW_TERMS, ROW: tl.constexpr):
+    """Flat slot ``ROW * width + h_ROW(pos)`` and sign ``g_ROW(pos)`` of each position, as VagueSketch.slots."""
     mixed = _mix(logical * _POS_MUL + tl.load(ROW_TERMS + ROW))
     bucket = mixed % nb
     bucket = tl.where(bucket < 0, bucket + nb, bucket)  # Python's (torch.remainder's) sign convention
-    sign = 1 - 2 * ((mixed >> 40) & 1)
-    slot = sbase + ROW * width + bucket
-    offs = slot[:, None] * D + di[None, :]
-    lmask = vague[:, None] & dmask[None, :]
-    key = tl.load(SK + offs, mask=lmask, other=0.0, eviction_policy="evict_last")
-    value = tl.load(SV + offs, mask=lmask, other=0.0, eviction_policy="evict_last")
-    value = value * sign.to(value.dtype)[:, None]
+    return ROW * width + bucket, 1 - 2 * ((mixed >> 40) & 1)
+
+
+@triton.jit
+def _bucket_rows(S, SCNT, sbase, slot, sign, vague, di, dmask, D: tl.constexpr, MEAN: tl.constexpr,
+                 SIGNED: tl.constexpr):
+    """One row's bucket vectors for each position, fp32 ``(BLOCK, DP)`` (times the sign for values)."""
+    x = tl.load(S + (sbase + slot)[:, None] * D + di[None, :], mask=vague[:, None] & dmask[None, :], other=0.0,
+                eviction_policy="evict_last")
+    if SIGNED:
+        x = x * sign.to(x.dtype)[:, None]
     if MEAN:
         # torch divides in the storage dtype: the count is rounded to it first, and so is the quotient.
-        count = tl.maximum(tl.load(SCNT + slot, mask=vague, other=1), 1).to(key.dtype).to(tl.float32)
-        key = (key.to(tl.float32) / count[:, None]).to(key.dtype)
-        value = (value.to(tl.float32) / count[:, None]).to(value.dtype)
-    return key.to(tl.float32), value.to(tl.float32)
+        count = tl.maximum(tl.load(SCNT + sbase + slot, mask=vague, other=1), 1).to(x.dtype).to(tl.float32)
+        x = (x.to(tl.float32) / count[:, None]).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _median_rows(S, SCNT, sbase, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
+                 D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED: tl.constexpr):
+    """Median over the sketch rows (1 or 3) of the bucket vectors: the reconstructed keys or values."""
+    x = _bucket_rows(S, SCNT, sbase, slot0, sign0, vague, di, dmask, D, MEAN, SIGNED)
+    if ROWS == 3:
+        y = _bucket_rows(S, SCNT, sbase, slot1, sign1, vague, di, dmask, D, MEAN, SIGNED)
+        z = _bucket_rows(S, SCNT, sbase, slot2, sign2, vague, di, dmask, D, MEAN, SIGNED)
+        x = _median3(x, y, z)
+    return x
 
 
 @triton.jit
@@ -106,6 +125,30 @@ def _online_softmax(m, l, acc, s, v):
 
 
 @triton.jit
+def _vague_block(q, m, l, acc, p, vague, offset, nb, width, ROW_TERMS, SK, SV, SCNT, sbase, di, dmask, scaling,
+                 D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr):
+    """Rebuild one block of Vague positions from the sketch and fold it into the online softmax.
+
+    Keys first, values after, so only one row triple of ``(BLOCK_V, DP)`` tiles is live at a time.
+    """
+    logical = p.to(tl.int64) - offset
+    slot0, sign0 = _bucket(logical, nb, width, ROW_TERMS, 0)
+    slot1, sign1 = slot0, sign0
+    slot2, sign2 = slot0, sign0
+    if ROWS == 3:
+        slot1, sign1 = _bucket(logical, nb, width, ROW_TERMS, 1)
+        slot2, sign2 = _bucket(logical, nb, width, ROW_TERMS, 2)
+    k = _median_rows(SK, SCNT, sbase, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
+                     D, ROWS, MEAN, SIGNED_KEYS).to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+    s = tl.where(vague[None, :], s, float("-inf"))
+    v = _median_rows(SV, SCNT, sbase, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
+                     D, ROWS, MEAN, True).to(q.dtype)
+    m, l, acc = _online_softmax(m, l, acc, s, v)
+    return s, m, l, acc
+
+
+@triton.jit
 def _decode_split(
     Q, stride_qb, stride_qh,
     EK, EV, EPOS, HELD, VALID,
@@ -113,7 +156,7 @@ def _decode_split(
     LOGITS, PART_ACC, PART_M, PART_L,
     scaling, Hkv, E, L, width, slots_per_split, pos_per_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
-    HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr,
+    HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, SKIP_EMPTY: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -161,19 +204,13 @@ def _decode_split(
         vague = free & (tl.load(valid_row + p, mask=inside, other=0) != 0) & (nb > 0)
         s = tl.full((GP, BLOCK_V), float("-inf"), tl.float32)
         if HAS_SKETCH:
-            if tl.max(vague.to(tl.int32), 0) > 0:
-                logical = p.to(tl.int64) - offset
-                k0, v0 = _sketch_row(SK, SV, SCNT, sbase, logical, nb, width, ROW_TERMS, vague, di, dmask, 0, D, MEAN)
-                if ROWS == 3:
-                    k1, v1 = _sketch_row(SK, SV, SCNT, sbase, logical, nb, width, ROW_TERMS, vague, di, dmask, 1, D, MEAN)
-                    k2, v2 = _sketch_row(SK, SV, SCNT, sbase, logical, nb, width, ROW_TERMS, vague, di, dmask, 2, D, MEAN)
-                    k0 = _median3(k0, k1, k2)
-                    v0 = _median3(v0, v1, v2)
-                k = k0.to(q.dtype)
-                v = v0.to(q.dtype)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
-                s = tl.where(vague[None, :], s, float("-inf"))
-                m, l, acc = _online_softmax(m, l, acc, s, v)
+            if SKIP_EMPTY:
+                if tl.max(vague.to(tl.int32), 0) > 0:
+                    s, m, l, acc = _vague_block(q, m, l, acc, p, vague, offset, nb, width, ROW_TERMS, SK, SV, SCNT,
+                                                sbase, di, dmask, scaling, D, ROWS, MEAN, SIGNED_KEYS)
+            else:
+                s, m, l, acc = _vague_block(q, m, l, acc, p, vague, offset, nb, width, ROW_TERMS, SK, SV, SCNT,
+                                            sbase, di, dmask, scaling, D, ROWS, MEAN, SIGNED_KEYS)
         tl.store(logit_rows + p[None, :], s, mask=gmask[:, None] & free[None, :])
 
     part = (bh64 * G + gi) * splits + split  # (GP,) rows of PART_M / PART_L
@@ -232,6 +269,13 @@ def kernel_unsupported(query: torch.Tensor, sketch: VagueSketch | None) -> str |
 
 
 @functools.lru_cache(maxsize=None)
+def _row_terms(seed: int, rows: int, device: torch.device) -> torch.Tensor:
+    """``row * ROW_MUL + seed * SEED_MUL + 1`` per row, int64 on the device (built once: no copy per step)."""
+    return torch.tensor([_wrap64(r * _ROW_MUL + seed * _SEED_MUL + 1) for r in range(rows)], dtype=torch.int64,
+                        device=device)
+
+
+@functools.lru_cache(maxsize=None)
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -275,21 +319,20 @@ def reviver_decode_triton(
     exact_keys = exact_keys.to(query.dtype).contiguous()
     exact_values = exact_values.to(query.dtype).contiguous()
     exact_pos = exact_pos.to(torch.int32).contiguous()
-    valid = key_valid.to(torch.int8).contiguous()
+    valid = key_valid.contiguous().view(torch.int8) if key_valid.dtype == torch.bool else key_valid.to(torch.int8).contiguous()
 
     has_sketch = sketch is not None
     if has_sketch:
         sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
         counts = sketch.counts.contiguous() if sketch.counts is not None else exact_pos
         buckets, offsets, width, rows = sketch.buckets.contiguous(), sketch.offsets.contiguous(), sketch.width, sketch.rows
-        seed_term = sketch.seed * _SEED_MUL + 1
-        row_terms = torch.tensor([_wrap64(r * _ROW_MUL + seed_term) for r in range(rows)], dtype=torch.int64, device=device)
-        mean = sketch.counts is not None
+        row_terms = _row_terms(sketch.seed, rows, device)
+        mean, signed_keys = sketch.counts is not None, sketch.signed_keys
     else:
         sk, sv, counts = exact_keys, exact_values, exact_pos
         buckets = torch.zeros(b, dtype=torch.long, device=device)
-        offsets, width, rows, mean = buckets, 1, 1, False
-        row_terms = torch.zeros(1, dtype=torch.int64, device=device)
+        offsets, width, rows, mean, signed_keys = buckets, 1, 1, False, False
+        row_terms = _row_terms(0, 1, device)
 
     held = torch.zeros(b, hkv, length, dtype=torch.int8, device=device)
     if e:
@@ -311,7 +354,8 @@ def reviver_decode_triton(
         sk, sv, counts, buckets, offsets, row_terms,
         logits, part_acc, part_m, part_l,
         float(scaling), hkv, e, length, width, slots_per_split, pos_per_split,
-        G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=mean,
+        G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=mean, SIGNED_KEYS=signed_keys,
+        SKIP_EMPTY=SKIP_EMPTY,
         BLOCK_E=BLOCK_EXACT, BLOCK_V=BLOCK_VAGUE, num_warps=NUM_WARPS,
     )
 
