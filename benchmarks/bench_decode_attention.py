@@ -1,0 +1,285 @@
+"""Benchmark 1 of issue 7: one decode step of attention over a KVReviver layer, against SDPA over the full cache.
+
+Llama-2-7B shapes by default (32 heads, head_dim 128, bf16), budget 10%, contexts 8k/32k/128k. One real
+``ReviverLayer`` per context: a prefill of random keys and values with random cumulative scores goes through its
+compress step (Algorithm 3), then one decode token is appended. Then, on the same GPU and in the same run:
+
+* ``kernel``: the fused Triton decode attention over the compressed store (exact slots + sketch), every launch of
+  it included (exact-position map, split-K kernel, combine); a few block/warp configurations are swept;
+* ``exact only``: the same kernel without the sketch, i.e. what the Vague reconstruction costs on top;
+* ``sdpa full``: ``F.scaled_dot_product_attention`` over the full cache (what the full cache pays per layer);
+* ``revive+sdpa``: the unfused path's attention, ``revive()`` (Algorithm 4) then SDPA over the revived K/V;
+* ``step fused / unfused / full``: one whole layer decode step through the real attention function (``update``,
+  attention, and for KVReviver the cumulative scores and compression in ``observe``), timed with CUDA events.
+
+Kernel and SDPA times come from CUDA-graph replays (so Python launch overhead is excluded), each call preceded
+by an L2 flush whose own time is measured alone and subtracted; ``revive+sdpa`` uses ``triton.testing.do_bench``
+(milliseconds, so launch overhead does not matter). ``--sdpa-backends`` picks the SDPA backends of the full-cache
+baseline (on torch 2.11 / H200 the default may pick cuDNN, which builds a plan for every new key length). Bytes are the
+fewest each must move (see :func:`kernel_bytes`); bandwidth is bytes / time, as a share of the datasheet HBM
+bandwidth of the device and of a measured device-to-device copy. Each context also checks the kernel against the
+pure-torch reference. Rows go to ``--out`` (JSONL; a rerun skips finished contexts).
+
+Usage: python benchmarks/bench_decode_attention.py [--contexts 8192,32768,131072] [--batch 1] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kvreviver_core import attention
+from kvreviver_core.budget import Budget
+from kvreviver_core.kernels import reviver_decode, reviver_decode_reference
+from kvreviver_core.methods.full import FullLayer
+from kvreviver_core.methods.reviver import ReviverLayer
+from kvreviver_core.results import ResultStore
+
+# Datasheet HBM bandwidth (bytes/s) by device-name substring, most specific first.
+HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
+# (BLOCK_VAGUE, num_warps, SKIP_EMPTY, PROGRAMS_PER_SM) swept per context
+CONFIGS = [(32, 4, True, 4), (32, 4, False, 4), (64, 8, False, 4), (16, 4, True, 8), (32, 2, True, 8)]
+FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of an H100 (50 MB) or H200 (60 MB)
+
+
+def hbm_peak(name: str) -> float | None:
+    return next((peak for key, peak in HBM_PEAK if key in name), None)
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy, bytes read + written per second."""
+    from triton.testing import do_bench
+
+    src = torch.randn(256 * 1024 * 1024, device="cuda", dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def kernel_bytes(layer: ReviverLayer, query_heads: int) -> dict[str, int]:
+    """The fewest bytes one fused decode step moves: each input read once, each output written once."""
+    b, h, e = layer.exact_pos.shape
+    length, elt = layer.logical_len, layer.exact_keys.element_size()
+    filled = int((layer.exact_pos >= 0).sum())
+    return {
+        "exact_kv": filled * 2 * layer.head_dim * elt,
+        "exact_pos": b * h * e * 4,
+        "sketch": layer.sketch.nbytes(),
+        "maps": b * h * length * 2 + b * length + filled,  # exact-position map: memset + read; validity; marks
+        "logits": b * query_heads * length * 4 * 2,  # written by the split kernel, read by the combine
+        "mass": b * h * length * 4,
+    }
+
+
+def graph_us(fn, flush, replays: int = 10, repeats: int = 7) -> float:
+    """Median microseconds of ``fn`` from CUDA-graph replays of (flush, fn) x replays, minus the flushes alone."""
+
+    def capture(body):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(replays):
+                body()
+        return graph
+
+    def replay_ms(graph) -> float:
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    with_fn = capture(lambda: (flush(), fn()))
+    alone = capture(flush)
+    return (replay_ms(with_fn) - replay_ms(alone)) / replays * 1e3
+
+
+def compiled_resources() -> list[dict]:
+    """Registers and spills of every compiled variant of the split kernel (Triton's cache, best effort)."""
+    found = []
+    for caches in getattr(reviver_decode._decode_split, "device_caches", {}).values():
+        for kernel in caches[0].values():
+            constants = getattr(kernel, "constants", {}) or {}
+            found.append({"n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None),
+                          "constants": {str(k): v for k, v in constants.items() if isinstance(v, (int, bool))}})
+    return found
+
+
+def timed_steps(step, repeats: int = 10, warmup: int = 3) -> float:
+    """Median microseconds of ``step()`` with CUDA events (each call mutates the layer, so no do_bench)."""
+    times = []
+    for index in range(warmup + repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        if index >= warmup:
+            times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def layer_step(layer, heads: int, head_dim: int, batch: int, scaling: float):
+    """One decode step of ``layer`` through the registered attention function (update, attention, observe)."""
+    module = types.SimpleNamespace(layer_idx=0)
+    inputs = [torch.randn(3, batch, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    state = {"i": 0}
+
+    def step():
+        q, k, v = inputs[state["i"] % len(inputs)]
+        state["i"] += 1
+        keys, values = layer.update(k, v)
+        attention.announce_layer(0, layer)
+        attention.kvreviver_attention(module, q, keys, values, None, scaling)
+
+    return step
+
+
+def run_context(context: int, args, do_bench, backends) -> dict:
+    b, h, d = args.batch, args.heads, args.head_dim
+    scaling = d**-0.5
+    gen = torch.Generator(device="cuda").manual_seed(context)
+    rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    keys, values = rand(b, h, context, d), rand(b, h, context, d)
+    layer = ReviverLayer(0, Budget(args.budget), fused=True)
+    layer.update(keys, values)
+    scores = torch.rand(b, h, context, device="cuda", generator=gen)
+    layer.observe(scores, torch.ones(b, context, dtype=torch.bool, device="cuda"))
+    new_k, new_v, query = rand(b, h, 1, d), rand(b, h, 1, d), rand(b, h, 1, d)
+    layer.update(new_k, new_v)
+    layer._decode = None  # the kernel is called directly below
+    full_k, full_v = torch.cat([keys, new_k], dim=2), torch.cat([values, new_v], dim=2)
+    del keys, values
+    key_valid = torch.ones(b, layer.logical_len, dtype=torch.bool, device="cuda")
+    store = (layer.exact_keys, layer.exact_values, layer.exact_pos)
+
+    ref_out, ref_mass = reviver_decode_reference(query, *store, layer.sketch, key_valid, scaling)
+    out, mass = reviver_decode.reviver_decode_triton(query, *store, layer.sketch, key_valid, scaling)
+    check = {"out_rel_err": float((out.float() - ref_out.float()).norm() / ref_out.float().norm()),
+             "mass_max_abs_err": float((mass - ref_mass).abs().max())}
+    del ref_out, ref_mass
+
+    flush_buffer = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    flush = flush_buffer.zero_
+    knobs = ("BLOCK_VAGUE", "NUM_WARPS", "SKIP_EMPTY", "PROGRAMS_PER_SM")
+    defaults = tuple(getattr(reviver_decode, k) for k in knobs)
+    sweep = {}
+    for config in CONFIGS:
+        for knob, value in zip(knobs, config):
+            setattr(reviver_decode, knob, value)
+        run = lambda: reviver_decode.reviver_decode_triton(query, *store, layer.sketch, key_valid, scaling)  # noqa: E731
+        sweep["/".join(map(str, config))] = graph_us(run, flush)
+    best = min(sweep, key=sweep.get)
+    for knob, value in zip(knobs, CONFIGS[list(sweep).index(best)]):
+        setattr(reviver_decode, knob, value)
+    exact_only = graph_us(lambda: reviver_decode.reviver_decode_triton(query, *store, None, key_valid, scaling), flush)
+    for knob, value in zip(knobs, defaults):
+        setattr(reviver_decode, knob, value)
+    with sdpa_kernel(backends):
+        sdpa = graph_us(lambda: F.scaled_dot_product_attention(query, full_k, full_v, scale=scaling), flush)
+    del flush_buffer
+
+    def revive_sdpa():
+        k, v = layer.revive()
+        return F.scaled_dot_product_attention(query, k, v, scale=scaling)
+
+    revive = do_bench(revive_sdpa, return_mode="median") * 1e3
+    moved = kernel_bytes(layer, h)
+    exact_tokens = int((layer.exact_pos >= 0)[:, 0].sum(-1).float().mean())
+    step_fused = timed_steps(layer_step(layer, h, d, b, scaling))
+    layer.fused = False
+    step_unfused = timed_steps(layer_step(layer, h, d, b, scaling))
+    del layer
+    full = FullLayer(0, Budget(1.0))
+    full.update(full_k, full_v)
+    full.observe(None, key_valid)
+    del full_k, full_v
+    step_full_default = timed_steps(layer_step(full, h, d, b, scaling))
+    with sdpa_kernel(backends):
+        step_full = timed_steps(layer_step(full, h, d, b, scaling))
+    del full
+    torch.cuda.empty_cache()
+
+    total = sum(moved.values())
+    full_bytes = 2 * b * h * (context + 1) * d * 2
+    kernel_us = sweep[best]
+    return {
+        "context": context, "batch": b, "heads": h, "head_dim": d, "budget": args.budget,
+        "exact_tokens_per_head": exact_tokens, "kernel_us": kernel_us, "kernel_config": best, "sweep_us": sweep,
+        "exact_only_us": exact_only, "sdpa_full_us": sdpa, "revive_sdpa_us": revive,
+        "step_fused_us": step_fused, "step_unfused_us": step_unfused, "step_full_us": step_full,
+        "step_full_default_sdpa_us": step_full_default, "compiled": compiled_resources(),
+        "kernel_bytes": total, "kernel_bytes_parts": moved, "sdpa_bytes": full_bytes,
+        "kernel_GBps": total / kernel_us / 1e3, "sdpa_GBps": full_bytes / sdpa / 1e3,
+        "speedup_vs_sdpa": sdpa / kernel_us, **check,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", default="8192,32768,131072")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--sdpa-backends", default="flash,efficient,math",
+                        help="SDPA backends of the full-cache baseline (flash, efficient, math, cudnn)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_decode_attention.jsonl"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (and Triton)")
+    from triton.testing import do_bench
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    backends = [names[name] for name in args.sdpa_backends.split(",")]
+    device = torch.cuda.get_device_name()
+    peak = hbm_peak(device)
+    copy = copy_bandwidth()
+    print(f"device: {device}; datasheet HBM {peak / 1e12 if peak else float('nan'):.2f} TB/s; "
+          f"measured copy {copy / 1e12:.2f} TB/s (read + write)", flush=True)
+    store = ResultStore(args.out, ("device", "context", "batch", "heads", "head_dim", "budget"))
+    rows = []
+    for context in (int(c) for c in args.contexts.split(",")):
+        key = {"device": device, "context": context, "batch": args.batch, "heads": args.heads,
+               "head_dim": args.head_dim, "budget": args.budget}
+        done = [r for r in store.rows if all(r.get(k) == v for k, v in key.items())]
+        row = done[0] if done else {**key, "copy_TBps": copy / 1e12, "sdpa_backends": args.sdpa_backends,
+                                    **run_context(context, args, do_bench, backends)}
+        if not done:
+            store.append(row)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    print(f"\n{device}, batch {args.batch}, {args.heads} heads x {args.head_dim}, bf16, budget {args.budget:g}")
+    print("| context | kernel µs | exact-only µs | SDPA full µs | speed-up | revive+SDPA µs | kernel MB | GB/s | "
+          "% HBM peak | % copy | step fused / unfused / full (default SDPA) µs |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        share = f"{100 * r['kernel_GBps'] * 1e9 / peak:.0f}%" if peak else "n/a"
+        print(f"| {r['context']} | {r['kernel_us']:.1f} ({r['kernel_config']}) | {r['exact_only_us']:.1f} | "
+              f"{r['sdpa_full_us']:.1f} | {r['speedup_vs_sdpa']:.2f}x | {r['revive_sdpa_us']:.0f} | "
+              f"{r['kernel_bytes'] / 1e6:.1f} | {r['kernel_GBps']:.0f} | {share} | "
+              f"{100 * r['kernel_GBps'] / (r['copy_TBps'] * 1e3):.0f}% | "
+              f"{r['step_fused_us']:.0f} / {r['step_unfused_us']:.0f} / {r['step_full_us']:.0f} "
+              f"({r['step_full_default_sdpa_us']:.0f}) |")
+
+
+if __name__ == "__main__":
+    main()
