@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvreviver_cli.common import UsageError, clean_errors, console, err_console
-from kvreviver_core.calibration import CALIBRATION_TOKENS, calibrate, settings_path
+from kvreviver_core.calibration import CALIBRATION_CHUNK, CALIBRATION_TOKENS, calibrate, settings_path
 from kvreviver_core.models import load_model
 
 ECHOKV_ONLY = ("--keep", "--group-size", "--local-size")
@@ -41,6 +41,16 @@ def calibrate_command(
     given = {name: value for name, value in echokv_options.items() if value is not None}
     if method != "echokv" and given:
         raise UsageError(f"{', '.join(ECHOKV_ONLY)} are echokv options; vector takes none of them")
+    if steps is not None and method == "vector":
+        raise UsageError("vector is fitted in closed form and takes no --steps")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be a positive integer, got {steps}")
+    if keep is not None and not 0 < keep < 1:
+        raise UsageError(f"--keep must be a fraction in (0, 1), got {keep:g}")
+    if any(size is not None and size < 1 for size in (group_size, local_size)):
+        raise UsageError("--group-size and --local-size must be positive integers")
+    if tokens < 2 * CALIBRATION_CHUNK:
+        raise UsageError(f"--tokens must cover at least 2 chunks of {CALIBRATION_CHUNK} tokens, got {tokens}")
     if text is not None and not text.is_file():
         raise UsageError(f"--text {text} is not a file")
     if out is not None and out.suffix != ".safetensors":
