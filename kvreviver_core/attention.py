@@ -55,7 +55,11 @@ def _boolean_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 def combined_mask(
     attention_mask: torch.Tensor | None, slot_mask: torch.Tensor | None, q_len: int, kv_len: int, device
 ) -> torch.Tensor | None:
-    """(B, 1, q_len, kv_len) bool: HF's causal/padding mask AND the layer's slot mask. None if all-true causal."""
+    """HF's causal/padding mask AND the layer's slot mask, bool. None if plain causal.
+
+    ``slot_mask`` is ``(B, N)`` or, when KV heads hold different tokens, ``(B, Hkv, N)``; the result is
+    ``(B, 1, q_len, kv_len)`` or ``(B, Hkv, q_len, kv_len)`` accordingly.
+    """
     mask = _boolean_mask(attention_mask)
     if mask is not None:
         mask = mask[..., -kv_len:]
@@ -65,9 +69,10 @@ def combined_mask(
         # HF skipped the mask (plain causal). Rebuild the causal part for the new tokens at the end.
         q_pos = torch.arange(kv_len - q_len, kv_len, device=device).view(-1, 1)
         mask = (torch.arange(kv_len, device=device).view(1, -1) <= q_pos).view(1, 1, q_len, kv_len)
-    slot = torch.ones(slot_mask.shape[0], kv_len, dtype=torch.bool, device=device)
-    slot[:, : slot_mask.shape[1]] = slot_mask
-    return mask & slot.view(slot.shape[0], 1, 1, kv_len)
+    per_head = slot_mask.view(slot_mask.shape[0], -1, slot_mask.shape[-1])  # (B, 1 or Hkv, N)
+    slot = torch.ones(*per_head.shape[:2], kv_len, dtype=torch.bool, device=device)
+    slot[..., : per_head.shape[-1]] = per_head
+    return mask & slot.unsqueeze(2)
 
 
 def scored_attention(
@@ -105,7 +110,7 @@ def scored_attention(
     for start in range(first_scored, t, chunk):
         stop = min(t, start + chunk)
         logits = torch.matmul(q[:, :, :, start:stop], k_t).float() * scaling  # (B, Hkv, G, c, N)
-        allowed = _rows(mask, start, stop, t, n, query.device).unsqueeze(1)  # (B or 1, 1, 1, c, N)
+        allowed = _rows(mask, start, stop, t, n, query.device).unsqueeze(2)  # (B or 1, 1 or Hkv, 1, c, N)
         logits = logits.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (padding queries) give 0
         out[:, :, :, start:stop] = torch.matmul(probs.to(value.dtype), v)
@@ -126,6 +131,8 @@ def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
     if group > 1:
         key = key.repeat_interleave(group, dim=1)
         value = value.repeat_interleave(group, dim=1)
+        if mask is not None and mask.shape[1] > 1:
+            mask = mask.repeat_interleave(group, dim=1)
     t, n = query.shape[2], key.shape[2]
     causal = mask is None and t > 1
     if causal and n != t:
@@ -173,7 +180,7 @@ def _key_validity(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
     """(B, N) bool: the columns the last query may attend (padding and dropped slots are False)."""
     if mask is None:
         return torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
-    return mask[:, 0, -1, :].expand(key.shape[0], -1)
+    return mask[:, :, -1, :].any(dim=1).expand(key.shape[0], -1)
 
 
 _registered = False

@@ -209,3 +209,33 @@ def test_make_cache_rejects_unknown_methods_and_options(tiny_model):
         make_cache("kvreviver", 0.1, model=tiny_model, estimator="avg")
     with pytest.raises(ValueError, match="sum to 1"):
         make_cache("kvreviver", 0.1, model=tiny_model, split=(0.5, 0.5, 0.5))
+
+
+def test_without_a_sketch_each_head_masks_exactly_the_tokens_it_dropped():
+    """Vague share 0: KV heads keep different tokens, and each must attend only its own (a per-head mask)."""
+    from types import SimpleNamespace
+
+    from kvreviver_core.attention import announce_layer, kvreviver_attention
+
+    torch.manual_seed(12)
+    h, n, d = 2, 40, 8
+    keys, values = torch.randn(1, h, n, d, dtype=torch.float64), torch.randn(1, h, n, d, dtype=torch.float64)
+    scores = torch.zeros(1, h, n)
+    scores[0, 0, 0::2] = 1.0  # head 0 values even positions, head 1 odd ones
+    scores[0, 1, 1::2] = 1.0
+    layer = ReviverLayer(0, Budget(tokens=24, split=(0.0, 0.5, 0.5), recent_slack=0), fused=False)
+    feed_prefill(layer, keys, values, scores)
+    held = layer.exact_map()[0]
+    assert not torch.equal(held[0], held[1])
+    new_k, new_v = torch.randn(1, h, 1, d, dtype=torch.float64), torch.randn(1, h, 1, d, dtype=torch.float64)
+    k_all, v_all = layer.update(new_k, new_v)
+    announce_layer(0, layer)
+    query = torch.randn(1, 2 * h, 1, d, dtype=torch.float64)
+    out, _ = kvreviver_attention(SimpleNamespace(layer_idx=0), query, k_all, v_all, None, scaling=d**-0.5)
+    full_k, full_v = torch.cat([keys, new_k], 2), torch.cat([values, new_v], 2)
+    for head in range(2 * h):
+        kv = head // 2
+        allowed = torch.cat([held[kv], torch.tensor([True])])
+        logits = (query[0, head, 0] @ full_k[0, kv].T) * d**-0.5
+        want = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1) @ full_v[0, kv]
+        torch.testing.assert_close(out[0, 0, head], want)

@@ -133,9 +133,10 @@ class ReviverLayer(CompressedLayer):
     def slot_mask(self) -> torch.Tensor | None:
         if self.sketch is None or bool(self.sketch.enabled.all()):
             return None
-        # Rows without a sketch (Vague share 0): tokens outside the exact store are gone, so mask them.
-        no_sketch = (~self.sketch.enabled).view(-1, 1)
-        return (self.exact_map().any(dim=1) | ~no_sketch)
+        # Rows without a sketch (Vague share 0, or too small a budget for one bucket per row) have dropped the
+        # tokens outside their exact store, and each KV head holds its own set: mask per head.
+        no_sketch = (~self.sketch.enabled).view(-1, 1, 1)
+        return self.exact_map() | ~no_sketch
 
     def observe(self, scores: torch.Tensor | None, key_valid: torch.Tensor) -> None:
         first = self.offsets is None
