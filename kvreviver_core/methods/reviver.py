@@ -56,6 +56,7 @@ class ReviverLayer(CompressedLayer):
         self.seed = seed * 1_000_003 + layer_idx
         self.sketch: VagueSketch | None = None
         self.compressing: torch.Tensor | None = None
+        self._all_compressing = False
 
     # -- storage ---------------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -174,26 +175,30 @@ class ReviverLayer(CompressedLayer):
         )
 
     def _compress(self) -> None:
-        held = (self.exact_pos >= 0)[:, 0].sum(dim=-1)  # counts are equal across heads
-        self.compressing |= (self.capacity >= 0) & (held > self.capacity)
-        if not bool(self.compressing.any()):
-            return
+        # Decode runs this for every layer and token: each host sync below guards work that is rare (a fold every
+        # slack + 1 steps, a swap only when a Vague score overtakes a Candidate), so the common step costs a few
+        # small kernels and two syncs.
+        if not self._all_compressing:
+            held = (self.exact_pos >= 0)[:, 0].sum(dim=-1)  # counts are equal across heads
+            self.compressing |= (self.capacity >= 0) & (held > self.capacity)
+            if not bool(self.compressing.any()):
+                return
+            self._all_compressing = bool(self.compressing.all())
         on = self.compressing
         overflow = on & (self.recent_count > self.recent_size)
         self.recent_count = torch.where(overflow, self.recent_base, self.recent_count)
-
-        pos = self.exact_pos.long()
         recent_start = (self.logical_len - self.recent_count).view(-1, 1, 1)
-        is_candidate = (pos >= 0) & (pos < recent_start)
-        slot_scores = self.scores.gather(2, pos.clamp(min=0))
-        candidates = is_candidate.sum(dim=-1)[:, 0]
-        excess = torch.where(on, (candidates - self.candidate_size).clamp(min=0), 0)
-        if int(excess.max()) > 0:
-            self._fold_lowest(torch.where(is_candidate, slot_scores, float("inf")), excess)
+        # Candidate only outgrows its share when Recent hands tokens over (a swap is one for one).
+        if bool(overflow.any()):
             pos = self.exact_pos.long()
             is_candidate = (pos >= 0) & (pos < recent_start)
+            excess = torch.where(on, (is_candidate.sum(dim=-1)[:, 0] - self.candidate_size).clamp(min=0), 0)
+            if int(excess.max()) > 0:
+                self._fold_lowest(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")), excess)
+                self._compact()
+        pos = self.exact_pos.long()
+        is_candidate = (pos >= 0) & (pos < recent_start)
         self._swap_back(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")))
-        self._compact()
 
     def _fold_lowest(self, candidate_scores: torch.Tensor, excess: torch.Tensor) -> None:
         """Move each sequence's ``excess`` lowest-scored Candidates into the sketch."""
@@ -209,20 +214,17 @@ class ReviverLayer(CompressedLayer):
 
     def _swap_back(self, candidate_scores: torch.Tensor) -> None:
         """Swap Vague tokens whose score beats the lowest Candidates x ReplaceRate back into the exact store."""
-        rows = self.compressing & self.sketch.enabled
-        if not bool(rows.any()):
-            return
+        rows = (self.compressing & self.sketch.enabled).view(-1, 1)
         vague = ~self.exact_map() & self.valid_positions()
         vague_scores = torch.where(vague, self.scores, float("-inf"))
-        k = min(int(torch.isfinite(candidate_scores).sum(-1).max()), int(vague.sum(-1).max()))
-        if k == 0:
+        lowest = candidate_scores.min(dim=-1).values
+        if not bool((rows & (lowest * self.budget.replace_rate < vague_scores.max(dim=-1).values)).any()):
             return
+        k = min(candidate_scores.shape[-1], vague_scores.shape[-1])
         top_vague, vague_pos = torch.topk(vague_scores, k, dim=-1)
         low_cand, cand_slots = torch.topk(candidate_scores, k, dim=-1, largest=False)
         swap = (low_cand * self.budget.replace_rate < top_vague) & torch.isfinite(low_cand) & torch.isfinite(top_vague)
-        swap &= rows.view(-1, 1, 1)
-        if not bool(swap.any()):
-            return
+        swap &= rows.unsqueeze(-1)
         weight = swap.float()
         revived_k, revived_v = self.sketch.query(vague_pos)
         self.sketch.delete(vague_pos, revived_k, revived_v, weight)
