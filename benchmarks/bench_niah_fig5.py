@@ -2,8 +2,8 @@
 both modes (question after the compressed context, and question inside the prompt).
 
 It runs the same grid as ``kvreviver niah`` (kvreviver_core.niah.run_niah), in phases ordered so that the most
-telling numbers come first: the full cache at 1k-4k (the sanity bar, mean >= 0.9), then every method at 1k-4k in
-each mode, then 8k. Rows go to ``--out/results.jsonl``; a rerun resumes where a kill left it. At the end it prints
+telling numbers come first: the full cache at 1k-4k (the sanity bar, mean >= 0.9), then every method in both
+modes, one length at a time from the shortest. Rows go to ``--out/results.jsonl``; a rerun resumes where a kill left it. At the end it prints
 the Markdown table for BENCHMARKS.md (mean score per method and length, both modes side by side, the device) and
 writes heatmaps per mode under ``--out/<mode>/``.
 
@@ -46,12 +46,9 @@ def device_name(device: torch.device) -> str:
 
 
 def phases(methods: list[str], lengths: list[int]) -> list[tuple[str, list[str], list[int]]]:
-    """(mode, methods, lengths) in the order they run."""
-    short = [n for n in lengths if n <= 4000]
-    long = [n for n in lengths if n > 4000]
-    order = [("after-context", ["full"], short)]
-    order += [(mode, methods, short) for mode in MODES]
-    order += [(mode, methods, long) for mode in MODES]
+    """(mode, methods, lengths) in the order they run: the full cache up to 4k, then each length in both modes."""
+    order = [("after-context", ["full"], [n for n in lengths if n <= 4000])]
+    order += [(mode, methods, [n]) for n in sorted(lengths) for mode in MODES]
     return [(mode, m, n) for mode, m, n in order if m and n]
 
 
