@@ -29,6 +29,7 @@ calibration). A budget that cannot pay for the kept heads and the weights is a V
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from os import PathLike
@@ -40,7 +41,6 @@ from kvreviver_core.calibration import (
     Activations, ProgressFn, RopeFrame, calibrator, load_calibration, relative_error, sequence_positions,
 )
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
-from kvreviver_core.methods.full import FullLayer
 
 KINDS = ("k", "v")
 STAGE2_QUERIES = 128  # query positions per stage-2 step: attention output on all 512 would cost 4x for little gain
@@ -77,6 +77,10 @@ class EchoPlan:
 
     def kept(self) -> torch.Tensor:
         """``(layers, heads)`` bool."""
+        return self._kept.clone()
+
+    @functools.cached_property
+    def _kept(self) -> torch.Tensor:
         s = self.group_size
         half_up = lambda x: math.floor(x + 0.5)  # noqa: E731  (round half up, never banker's rounding)
         kept = torch.zeros(self.layers, self.heads, dtype=torch.bool)
@@ -89,13 +93,11 @@ class EchoPlan:
 
     def inputs(self, layer: int, group: int) -> list[tuple[int, int]]:
         """(layer, head) pairs kept in the window, in the order their features are concatenated."""
-        kept = self.kept()
         heads = range(group * self.group_size, (group + 1) * self.group_size)
-        return [(j, h) for j in range(max(0, layer - self.local_size + 1), layer + 1) for h in heads if kept[j, h]]
+        return [(j, h) for j in range(max(0, layer - self.local_size + 1), layer + 1) for h in heads if self._kept[j, h]]
 
     def outputs(self, layer: int, group: int) -> list[int]:
-        kept = self.kept()
-        return [h for h in range(group * self.group_size, (group + 1) * self.group_size) if not kept[layer, h]]
+        return [h for h in range(group * self.group_size, (group + 1) * self.group_size) if not self._kept[layer, h]]
 
     def settings(self) -> dict:
         return {"keep": self.keep, "group_size": self.group_size, "local_size": self.local_size}
@@ -257,7 +259,8 @@ class EchoKVLayer(CompressedLayer):
         super().__init__(layer_idx, budget)
         self.method = method
         self.exact_heads: dict[str, list[int]] = {}
-        self.networks: dict[str, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}  # kind -> (heads, W, b)
+        # kind -> per group: (heads rebuilt, (layer, head) inputs, weight, bias)
+        self.networks: dict[str, list[tuple[list[int], list[tuple[int, int]], torch.Tensor, torch.Tensor]]] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -285,10 +288,10 @@ class EchoKVLayer(CompressedLayer):
         out[:, self.exact_heads[kind]] = self.store[kind][:, :, :length]
         if self.networks[kind]:
             cos, sin = self.method.rotation(self.offsets, length, self.dtype)  # (B, length, D)
-        for group, (heads, weight, bias) in enumerate(self.networks[kind]):
+        for heads, sources, weight, bias in self.networks[kind]:
             if not heads:
                 continue
-            inputs = [self.method.layers[j].stored(kind, h, length) for j, h in self.method.plan.inputs(self.layer_idx, group)]
+            inputs = [self.method.layers[j].stored(kind, h, length) for j, h in sources]
             if kind == "k":
                 inputs = [RopeFrame.unrotate(x, cos, sin) for x in inputs]
             y = (torch.cat(inputs, dim=-1) @ weight + bias).unflatten(-1, (len(heads), self.head_dim)).transpose(1, 2)
@@ -309,10 +312,11 @@ class EchoKVLayer(CompressedLayer):
             self.networks[kind] = []
             for group in range(self.method.plan.groups):
                 rebuilt = [h for h in self.method.plan.outputs(self.layer_idx, group) if h not in exact]
-                self.networks[kind].append((rebuilt, *self.method.network(kind, self.layer_idx, group, rebuilt, self.dtype, self.device)))
+                weight, bias = self.method.network(kind, self.layer_idx, group, rebuilt, self.dtype, self.device)
+                self.networks[kind].append((rebuilt, self.method.plan.inputs(self.layer_idx, group), weight, bias))
 
     def network_bytes(self) -> int:
-        return tensor_bytes(*(t for nets in self.networks.values() for heads, w, b in nets if heads for t in (w, b)))
+        return tensor_bytes(*(t for nets in self.networks.values() for heads, _, w, b in nets if heads for t in (w, b)))
 
     def memory_bytes(self) -> int:
         if not self.is_initialized:

@@ -289,7 +289,15 @@ def _top(priority: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return chosen.scatter(2, top, within.expand_as(top))
 
 
-SCORERS = {"h2o": lambda m: H2OScorer(float(m.recent_share)), "snapkv": lambda m: SnapKVScorer(m.window, m.kernel)}
+class RetainedH2OScorer(H2OScorer):
+    """H2O whose recent window is a share of the *retained* slots: the base decides what is kept exactly, as in H2O,
+    and VECTOR only adds approximated tokens around it (a share of every held slot would retain recent tokens only)."""
+
+    def recent_counts(self, layer: EvictionLayer) -> torch.Tensor:
+        return torch.round(layer.retained_capacity().clamp(min=0).double() * self.recent_share).long()
+
+
+SCORERS = {"h2o": lambda m: RetainedH2OScorer(float(m.recent_share)), "snapkv": lambda m: SnapKVScorer(m.window, m.kernel)}
 
 
 @register("vector")
