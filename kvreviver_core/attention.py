@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if TYPE_CHECKING:
     from kvreviver_core.methods.base import CompressedLayer
@@ -29,6 +30,7 @@ ATTENTION_NAME = "kvreviver"
 CHUNK_ELEMENTS = 64 * 1024 * 1024
 
 _announced = threading.local()
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def announce_layer(layer_idx: int, layer: "CompressedLayer") -> None:
@@ -142,7 +144,13 @@ def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
     if mask is not None:
         # Rows with nothing to attend (padding queries) would give NaN, which then leaks through 0 * NaN.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling)
+    if query.is_cuda:
+        # cuDNN attention builds a new plan for every key length, i.e. at every decode step (~40 ms, see
+        # BENCHMARKS.md); the other backends need no planning.
+        with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling)
     return out.transpose(1, 2)
 
 
