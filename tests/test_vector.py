@@ -130,6 +130,16 @@ def test_approximated_tokens_are_attended_with_their_rebuilt_values(tmp_path, sc
     assert error(out) < 0.8 * min(error(retained_only), error(evicted)), (error(out), error(retained_only), error(evicted))
 
 
+@pytest.mark.parametrize("scorer", ["h2o", "snapkv"])
+@torch.no_grad()
+def test_ratio_zero_is_exactly_the_base_scorer_and_needs_no_weights(scorer):
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, seed=7)
+    _, ids, mask = left_padded((70, 52), seed=4)
+    _, base = greedy(model, ids, make_cache(scorer, 0.3, model=model), mask)
+    _, routed = greedy(model, ids, make_cache("vector", 0.3, model=model, scorer=scorer, approx_ratio=0.0), mask)
+    assert torch.equal(routed, base)
+
+
 @torch.no_grad()
 def test_memory_stays_within_the_budget_weights_and_metadata_included(calibrated):
     model, path = calibrated

@@ -15,10 +15,13 @@ measured on the token's true value when it enters the cache. Evicting a token mo
 approximation saves. A retained token later demoted keeps its ``r``; an approximated token never becomes exact again.
 
 The approximation ratio ``approx_ratio`` is the share of the budget's bytes spent on approximated tokens (each
-costs its key and its metadata, about half a retained token). Its default comes from the calibration: for each of a
-few budgets, the calibration replays the routing on held-out text and records the ratio (of 0 to 3/4) with
-the smallest error of the attention output of the future queries; the run uses the ratio of the nearest calibrated
-budget. Where approximating never helped in the replay the ratio is 0, and the method is exactly its base scorer.
+costs its key and its metadata, about half a retained token). Its default comes from the calibration: for budgets
+0.1, 0.25 and 0.5, the calibration replays the routing on held-out chunks (H2O's cumulative score from the chunk's
+earlier queries, its last 64 queries as the future) and records the ratio among 0, 1/8, 1/4, 1/2 and 3/4 with the
+smallest error of those queries' attention output; the run uses the ratio of the nearest calibrated budget. The
+grid stops at 3/4 so that a quarter of the bytes at least stays with retained tokens (sinks, the recent window,
+heavy hitters), which the replay does not model. Where approximating never helped, the ratio is 0 and the method
+is exactly its base scorer.
 
 Budget: retained slots, approximated slots (key, position, score, reconstructability, a retained flag) and the
 regression weights (H x (D + 1) x D per layer) all count, so ``memory_bytes() <= budget x full``. The cache holds
