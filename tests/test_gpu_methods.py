@@ -43,4 +43,5 @@ def test_every_method_generates_on_cuda_and_matches_full_at_an_unlimited_budget(
         cache = make_cache(name, 0.25, model=model)
         out = model.generate(ids, **common, **cache_kwargs(model, cache))
         assert torch.isfinite(torch.stack(out.logits).float()).all(), name
-        assert cache.memory_bytes() <= 0.27 * cache.full_bytes(), name
+        if name != "full":
+            assert cache.memory_bytes() <= 0.27 * cache.full_bytes(), name
