@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -25,6 +25,11 @@ from kvreviver_cli.common import UsageError, clean_errors, console, parse_floats
 from kvreviver_cli.config import apply_config
 from kvreviver_core.budget import DEFAULT_SPLIT, Budget
 from kvreviver_core.results import ResultStore
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from kvreviver_core.data import Prompt, SummarizationSet
 
 FULL = "full"
 ROW_KEY = ("settings", "prompt_id", "method", "budget", "split")
@@ -106,11 +111,17 @@ def runs_for(methods: list[str], budgets: list[float], split: tuple[float, float
 
 @dataclass
 class EvalTask:
+    """The loaded model and the formatted prompts of one dataset."""
+
     settings: EvalSettings
-    model: object
-    tokenizer: object
-    dataset: object  # kvreviver_core.data.SummarizationSet
-    prompts: list  # kvreviver_core.data.Prompt
+    model: "PreTrainedModel"
+    tokenizer: "PreTrainedTokenizerBase"
+    dataset: "SummarizationSet"
+    prompts: list["Prompt"]
+
+    def fingerprint(self) -> dict:
+        """The settings that change an output, with ``--dtype auto`` resolved (bf16 on a GPU, fp32 on a CPU)."""
+        return {**self.settings.fingerprint(), "dtype": str(self.model.dtype).removeprefix("torch.")}
 
 
 def load_task(settings: EvalSettings) -> EvalTask:
@@ -146,7 +157,7 @@ def usable_methods(task: EvalTask, requested: list[str] | None, budgets: list[fl
             reason = _first_line(exc)
             if requested is not None:
                 raise UsageError(f"method {name!r} cannot run: {reason}") from None
-            console.print(f"[yellow]skipping {name}[/]: {reason}", highlight=False)
+            console.print(f"[yellow]skipping {name}[/]: {reason}", highlight=False, soft_wrap=True)
             continue
         usable.append(name)
     return usable
@@ -172,7 +183,7 @@ def run_task(task: EvalTask, runs: list[RunSpec], store: ResultStore, optional: 
     from kvreviver_core import metrics
     from kvreviver_core.generation import generate_batch
 
-    fingerprint = task.settings.fingerprint()
+    fingerprint = task.fingerprint()
     done = store.done_keys()
     pending = lambda run, prompt: store.key({"settings": fingerprint, "prompt_id": prompt.id, **run.key()}) not in done  # noqa: E731
     total = len(runs) * len(task.prompts)
@@ -196,7 +207,8 @@ def run_task(task: EvalTask, runs: list[RunSpec], store: ResultStore, optional: 
                 except (ValueError, RuntimeError) as exc:
                     if run.method not in optional:
                         raise UsageError(f"{run.label()} failed: {_first_line(exc)}") from None
-                    progress.console.print(f"[yellow]dropping {run.label()}[/]: {_first_line(exc)}", highlight=False)
+                    progress.console.print(f"[yellow]dropping {run.label()}[/]: {_first_line(exc)}",
+                                           highlight=False, soft_wrap=True)
                     failed.append(run)
                     progress.advance(bar, sum(pending(run, p) for p in task.prompts[start:]))
                     continue
@@ -225,7 +237,7 @@ def summarize(task: EvalTask, runs: list[RunSpec], store: ResultStore) -> list[d
     """One entry per run: mean scores over this task's prompts (scores as fractions), memory share, tokens/s."""
     from kvreviver_core.metrics import ROUGE_TYPES
 
-    fingerprint = task.settings.fingerprint()
+    fingerprint = task.fingerprint()
     ids = {p.id for p in task.prompts}
     summary = []
     for run in runs:
@@ -375,6 +387,6 @@ def settings_from(values: dict) -> EvalSettings:
 
 
 def write_summary(path: Path, task: EvalTask, summary: list[dict]) -> None:
-    document = {"settings": task.settings.fingerprint(), "prompts": [p.id for p in task.prompts],
+    document = {"settings": task.fingerprint(), "prompts": [p.id for p in task.prompts],
                 "has_references": task.dataset.has_references, "note": FIDELITY_NOTE, "runs": summary}
     path.write_text(json.dumps(document, indent=2) + "\n")
