@@ -82,7 +82,8 @@ class VagueSketch:
             raise ValueError(f"unknown sketch estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
         self.rows = rows
         self.buckets = buckets.to(device=device, dtype=torch.long)
-        self.width = max(1, int(self.buckets.max().item())) if self.buckets.numel() else 1
+        # Zero when no sequence of the batch has a bucket (a Vague share too small for r slots): nothing is held.
+        self.width = int(self.buckets.max().item()) if self.buckets.numel() else 0
         self.offsets = offsets.to(device=device, dtype=torch.long)
         self.seed = seed
         self.estimator = estimator
@@ -119,6 +120,8 @@ class VagueSketch:
         return rows * self.width + bucket, sign
 
     def _scatter(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
+        if self.width == 0:
+            return
         slot, sign = self.slots(positions)
         b, h, r, m = slot.shape
         d = keys.shape[-1]
@@ -150,6 +153,9 @@ class VagueSketch:
 
     def query(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Algorithm 2, batched: the median over rows. ``positions`` ``(B, H, M)`` -> keys, values ``(B, H, M, D)``."""
+        if self.width == 0:
+            empty = positions.new_zeros(*positions.shape, self.keys.shape[-1], dtype=self.keys.dtype)
+            return empty, empty.clone()
         slot, sign = self.slots(positions)
         b, h, r, m = slot.shape
         d = self.keys.shape[-1]

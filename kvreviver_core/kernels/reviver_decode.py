@@ -263,6 +263,8 @@ def kernel_unsupported(query: torch.Tensor, sketch: VagueSketch | None) -> str |
         return "the Triton kernel runs on CUDA only"
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype} is not supported by the kernel"
+    if sketch is not None and sketch.width == 0:
+        return "no sequence of the batch has sketch buckets (the kernel is written for a non-empty sketch)"
     if sketch is not None and sketch.rows not in SUPPORTED_ROWS:
         return f"the kernel takes the median of {' or '.join(map(str, SUPPORTED_ROWS))} sketch rows, not {sketch.rows}"
     return None
