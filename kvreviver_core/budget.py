@@ -4,8 +4,8 @@ What the budget fraction means (so that a user can predict the memory):
 
 * ``Budget(0.1)`` allows each layer, for each sequence, 10% of the bytes that the full cache holds for that
   sequence's **prompt** (its non-padding tokens at prefill). The capacity is fixed at prefill and does not grow
-  while decoding, so the held memory is constant during generation, and its share of the full cache's memory
-  only shrinks as the full cache grows.
+  while decoding: exact parts and sketch stay constant. Per-token metadata (KVReviver's fp32 score, 4 bytes per KV
+  head) grows with each generated token, far slower than the full cache, so the share of its memory only shrinks.
 * ``Budget(tokens=512)`` allows the memory of 512 exact tokens per layer and sequence, whatever the prompt length.
 * Every byte a method keeps counts against the budget: exact keys and values, the sketch, and per-token metadata
   such as cumulative attention scores and stored positions (see :func:`token_capacity`).
