@@ -179,7 +179,7 @@ def test_snapkv_compresses_the_context_before_seeing_the_question(tiny_lm, tiny_
 @pytest.mark.parametrize("method", ["kvreviver", "h2o"])
 def test_each_question_starts_from_the_cache_as_it_was_after_the_context(tiny_lm, tiny_tokenizer, tiny_haystack,
                                                                          method):
-    doc, needles = _doc(tiny_haystack, length=300, count=3)
+    doc, needles = _doc(tiny_haystack, length=240, count=2)
     prompts = split_prompts(tiny_tokenizer, doc.text, [n.question for n in needles])
     together = generate_after_context(tiny_lm, tiny_tokenizer, prompts, method, 0.25, 10)
     alone = [generate_after_context(tiny_lm, tiny_tokenizer, [p], method, 0.25, 10)[0] for p in prompts]
@@ -198,16 +198,16 @@ def test_split_prompt_errors(tiny_tokenizer):
 
 # -- the grid, resuming, heatmaps, the command ----------------------------------------------------------------------
 def test_grid_runs_every_point_and_resumes_after_a_kill(tiny_lm, tiny_tokenizer, haystack_text, tmp_path):
-    grid = niah.NiahGrid(methods=["full", "streaming"], budget=0.25, lengths=[150, 250], depths=[0.0, 1.0],
+    grid = niah.NiahGrid(methods=["full", "streaming"], budget=0.25, lengths=[150], depths=[0.0, 1.0],
                          questions_per_context=2, max_new_tokens=4)
     path = tmp_path / "results.jsonl"
     steps = []
     record = lambda *args: steps.append(args)  # noqa: E731
     rows = niah.run_niah(tiny_lm, tiny_tokenizer, grid, haystack_text, ResultStore(path, niah.KEY_FIELDS),
                          "tiny", "pydoc", record)
-    assert len(rows) == 2 * 2 * 2 * 2 and not any(skipped for *_, skipped in steps)
+    assert len(rows) == 2 * 2 * 2 and not any(skipped for *_, skipped in steps)
     assert all(0.0 <= r["score"] <= 1.0 and r["mode"] == "after-context" for r in rows)
-    assert {r["context_tokens"] for r in rows} == {150, 250}
+    assert {r["context_tokens"] for r in rows} == {150}
     assert all(r["memory_ratio"] < 0.5 for r in rows if r["method"] == "streaming")
     # A kill mid-write leaves half a line: that point (both of its questions) is recomputed, nothing else.
     lines = path.read_text().splitlines(keepends=True)
@@ -215,7 +215,7 @@ def test_grid_runs_every_point_and_resumes_after_a_kill(tiny_lm, tiny_tokenizer,
     steps.clear()
     again = niah.run_niah(tiny_lm, tiny_tokenizer, grid, haystack_text, ResultStore(path, niah.KEY_FIELDS),
                           "tiny", "pydoc", record)
-    assert [s for *_, s in steps].count(False) == 1 and len(steps) == 8
+    assert [s for *_, s in steps].count(False) == 1 and len(steps) == 4
     key = lambda r: (r["method"], r["length"], r["depth"], r["question_index"])  # noqa: E731
     assert sorted(map(key, again)) == sorted(map(key, rows))
     assert {key(r): r["output"] for r in again} == {key(r): r["output"] for r in rows}
@@ -270,12 +270,12 @@ def test_command_writes_table_jsonl_and_heatmaps(tiny_model_dir, haystack_text, 
     out, haystack = tmp_path / "out", tmp_path / "haystack.txt"
     haystack.write_text(haystack_text[:20000])
     args = ["--model", tiny_model_dir, "--device", "cpu", "--methods", "full,kvreviver:estimator=mean",
-            "--lengths", "120,160", "--depths", "0,0.5,1", "--max-new-tokens", 24, "--haystack", haystack,
+            "--lengths", "120", "--depths", "0,1", "--max-new-tokens", 24, "--haystack", haystack,
             "--out", out]
     result = _cli(*args)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 2 * 3 and {r["method"] for r in rows} == {"full", "kvreviver:estimator=mean"}
+    assert len(rows) == 2 * 2 and {r["method"] for r in rows} == {"full", "kvreviver:estimator=mean"}
     assert "kvreviver:estimator=mean" in result.output and "mean" in result.output
     for name in ("heatmap_full.png", "heatmap_kvreviver_estimator=mean.png", "heatmaps.png"):
         assert (out / name).stat().st_size > 1000
@@ -302,21 +302,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, message):
 # -- the embedded SmolLM2 (slow) -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_full_cache_finds_the_needle_and_both_modes_agree(smollm2, haystack_text):
-    """A 3-point grid in CI; the 1000-4000 x 5-depth figure (>= 0.9) is in BENCHMARKS.md (bench_niah_fig5.py)."""
+    """Two 1000-token points in CI; the 1000-4000 x 5-depth figure (>= 0.9) is in BENCHMARKS.md (bench_niah_fig5.py)."""
     model, tokenizer = smollm2
-    grid = niah.NiahGrid(methods=["full"], budget=0.25, lengths=[1000], depths=[0.0, 0.5, 1.0])
-    rows = niah.run_niah(model, tokenizer, grid, haystack_text, ResultStore(None, niah.KEY_FIELDS), "smollm2", "pydoc")
-    assert sum(r["score"] for r in rows) / len(rows) >= 0.9, [r["output"] for r in rows]
-    # The split is exact on the chat template: same output tokens with the question in the prompt.
-    needle = grid.needles(1000, 0.5)[0]
-    doc = niah.build_document(niah.Haystack(haystack_text, tokenizer), 1000, 0.5, [needle])
-    split = split_prompts(tokenizer, doc.text, [needle.question])
-    after = generate_after_context(model, tokenizer, split, "full", 1.0, 32)[0]
+    haystack = niah.Haystack(haystack_text, tokenizer)
+    grid = niah.NiahGrid(methods=["full"], budget=0.25, lengths=[1000], depths=[0.25, 0.75])
+    answers = []
+    for length, depth in grid.points():
+        needle = grid.needles(length, depth)[0]
+        doc = niah.build_document(haystack, length, depth, [needle])
+        split = split_prompts(tokenizer, doc.text, [needle.question])
+        answers.append(generate_after_context(model, tokenizer, split, "full", 0.25, 32)[0])
+        assert tokenizer.decode(split[0].question_ids).startswith("\n\n" + needle.question)
+        assert niah.needle_score(needle.answer, answers[-1].text) == 1.0, answers[-1].text
+    # The split is exact on the chat template: the question inside the prompt gives the same output tokens.
     in_prompt = generate_batch(model, tokenizer, [format_prompt(tokenizer, doc.text + "\n\n" + needle.question)],
-                               "full", 1.0, 32)[0]
-    assert after.token_ids == in_prompt.token_ids and needle.answer in after.text
-    assert tokenizer.decode(split[0].question_ids).startswith("\n\n" + needle.question)
-    assert after.text == next(r["output"] for r in rows if r["depth"] == 0.5)
+                               "full", 0.25, 32)[0]
+    assert in_prompt.token_ids == answers[-1].token_ids
 
 
 def test_sample_config_runs_the_figure5_methods(tiny_model_dir, tmp_path):
