@@ -21,7 +21,6 @@ from kvreviver_core.calibration import (
     RopeFrame, calibrate_on, load_calibration, model_fingerprint, save_calibration, settings_path,
 )
 from kvreviver_core.generation import cache_kwargs
-from kvreviver_core.methods.vector import VectorMethod
 from tests.conftest import tiny_llama
 
 
@@ -104,10 +103,8 @@ def test_approximated_tokens_are_attended_with_their_rebuilt_values(tmp_path, sc
     gen = torch.Generator().manual_seed(21)
     maps = torch.randn(heads, dim, dim, generator=gen) / dim**0.5
     weight = torch.cat([maps, torch.zeros(heads, 1, dim)], dim=1).unsqueeze(0)  # v = [k, 1] @ W
-    path = save_calibration(tmp_path / "exact.safetensors", {
-        "weight": weight, "value_mean": torch.zeros(1, heads, dim),
-        "ratio_budgets": torch.tensor([0.25]), "ratios": torch.tensor([0.5])},
-        {"method": "vector", "fingerprint": model_fingerprint(model), "model": "made-up"})
+    path = save_calibration(tmp_path / "exact.safetensors", {"weight": weight, "value_mean": torch.zeros(1, heads, dim)},
+                            {"method": "vector", "fingerprint": model_fingerprint(model), "model": "made-up"})
     raw_keys = torch.randn(1, heads, n, dim, generator=gen) * 2
     cos, sin = RopeFrame.of(model).cos_sin(torch.arange(n).view(1, 1, n), torch.float32)
     keys, values = RopeFrame.rotate(raw_keys, cos, sin), torch.einsum("bhnd,hde->bhne", raw_keys, maps)
@@ -145,9 +142,9 @@ def test_memory_stays_within_the_budget_weights_and_metadata_included(calibrated
     model, path = calibrated
     # Equal lengths: in a ragged batch every eviction cache pads the shorter rows to the longest, and charges that.
     _, ids, mask = left_padded((300, 300), seed=3)
-    for ratio in (None, 0.25, 0.5):
+    for ratio in (0.25, 0.5):  # the default, and more keys than values
         cache = make_cache("vector", 0.25, model=model, weights=str(path), approx_ratio=ratio)
-        greedy(model, ids, cache, mask, new_tokens=10)
+        greedy(model, ids, cache, mask, new_tokens=6)
         prompt_full = 2 * (300 + 300) * cache.layers[0].token_bytes()  # the budget is a share of the prompt's cache
         assert cache.memory_bytes() <= 0.25 * prompt_full, f"ratio {ratio}"
         assert cache.memory_bytes() >= 0.2 * prompt_full, f"ratio {ratio} starves its budget"
@@ -163,16 +160,6 @@ def test_batch_rows_equal_running_each_prompt_alone_with_gqa(calibrated, scorer)
     for i, p in enumerate(prompts):
         solo, _ = greedy(model, p.view(1, -1), make_cache("vector", 0.4, model=model, **options))
         assert torch.equal(batched[i, ids.shape[1]:], solo[0, len(p):]), f"prompt {i}"
-
-
-def test_the_calibrated_ratio_is_used_when_none_is_given(calibrated):
-    model, path = calibrated
-    _, settings = load_calibration(path, "vector", model)
-    method = VectorMethod(weights=str(path))
-    method.prepare(model)
-    assert method.ratio_for(Budget(0.25)) == settings["approx_ratio_by_budget"]["0.25"]
-    assert method.ratio_for(Budget(0.12)) == settings["approx_ratio_by_budget"]["0.1"]
-    assert VectorMethod(approx_ratio=0.3).ratio_for(Budget(0.25)) == 0.3
 
 
 def test_bad_options_and_missing_weights_are_clear_value_errors(tiny_model, tmp_path):

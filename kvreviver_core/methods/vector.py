@@ -15,13 +15,13 @@ measured on the token's true value when it enters the cache. Evicting a token mo
 approximation saves. A retained token later demoted keeps its ``r``; an approximated token never becomes exact again.
 
 The approximation ratio ``approx_ratio`` is the share of the budget's bytes spent on approximated tokens (each
-costs its key and its metadata, about half a retained token). Its default comes from the calibration: for budgets
-0.1, 0.25 and 0.5, the calibration replays the routing on held-out chunks (H2O's cumulative score from the chunk's
-earlier queries, its last 64 queries as the future) and records the ratio among 0, 1/8, 1/4, 1/2 and 3/4 with the
-smallest error of those queries' attention output; the run uses the ratio of the nearest calibrated budget. The
-grid stops at 3/4 so that a quarter of the bytes at least stays with retained tokens (sinks, the recent window,
-heavy hitters), which the replay does not model. Where approximating never helped, the ratio is 0 and the method
-is exactly its base scorer.
+costs its key and its metadata, about half a retained token); the rest goes to retained tokens, chosen as the base
+scorer chooses (H2O's recent window is a share of the retained slots). 0 is exactly the base scorer. The default,
+1/4, is measured (BENCHMARKS.md, "EchoKV fidelity (issue 8)", SmolLM2 at budget 0.5 on unseen prose, ROUGE-L of the
+output against the full cache's): 1/8 and 1/4 both beat H2O alone (53.3 and 52.0 against 47.5), while 3/4 fell to
+37.9, below H2O: trading a retained token for two approximated ones pays only at the margin. An earlier default
+replayed the routing on calibration chunks to pick the ratio by attention-output error; it picked 3/4, which lost
+in generation, so it was dropped.
 
 Budget: retained slots, approximated slots (key, position, score, reconstructability, a retained flag) and the
 regression weights (H x (D + 1) x D per layer) all count, so ``memory_bytes() <= budget x full``. The cache holds
@@ -43,10 +43,7 @@ from kvreviver_core.methods.eviction import EvictionLayer, Scorer
 from kvreviver_core.methods.h2o import H2OMethod, H2OScorer
 from kvreviver_core.methods.snapkv import SnapKVMethod, SnapKVScorer
 
-RATIO_GRID = (0.0, 0.125, 0.25, 0.5, 0.75)
-CALIBRATED_BUDGETS = (0.1, 0.25, 0.5)
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # lambda relative to the mean eigenvalue of X^T X, picked on held-out
-FUTURE_QUERIES = 64  # ratio replay: the last queries of a chunk play the future, the others score the tokens
 
 
 # -- calibration ----------------------------------------------------------------------------------------------------
@@ -63,29 +60,9 @@ def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.linalg.solve(gram + torch.diag(ridge), x1.T @ y)
 
 
-def _attention_error(q, k, v, v_hat, score, exact_n: int, approx_n: int, recon, scaling: float) -> float:
-    """Relative error of the future queries' output when the scored tokens are routed (one layer, one chunk)."""
-    b, h, n, _ = k.shape
-    order = torch.argsort(score, dim=-1, descending=True)
-    exact = torch.zeros(b, h, n, dtype=torch.bool).scatter(2, order[..., :exact_n], True)
-    approx_priority = torch.where(exact, -1.0, score * recon)
-    approx = torch.zeros_like(exact).scatter(2, torch.argsort(approx_priority, dim=-1, descending=True)[..., :approx_n], True)
-    approx &= ~exact
-    values = torch.where(exact.unsqueeze(-1), v, v_hat)
-    share = q.shape[1] // h
-
-    def attend(keep: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        logits = q @ k.repeat_interleave(share, 1).transpose(-1, -2) * scaling
-        logits = logits.masked_fill(~keep.repeat_interleave(share, 1).unsqueeze(2), float("-inf"))
-        return torch.softmax(logits, dim=-1) @ vals.repeat_interleave(share, 1)
-
-    target = attend(torch.ones_like(exact), v)
-    return float((attend(exact | approx, values) - target).pow(2).sum() / target.var(dim=2, keepdim=True).sum().clamp_min(1e-12))
-
-
-@calibrator("vector", with_queries=True, default_steps=None)
+@calibrator("vector", with_queries=False, default_steps=None)
 def fit_vector(model, acts: Activations, steps: None, progress: ProgressFn | None):
-    """Ridge regressions value ~ unrotated key per (layer, KV head), then the approximation ratio per budget."""
+    """Ridge regressions value ~ unrotated key per (layer, KV head), lambda picked on held-out chunks."""
     layers, heads, length, dim = acts.shape
     train, held = acts.split(max(1, acts.keys[0].shape[0] // 8))
     cos, sin = RopeFrame.of(model).cos_sin(torch.arange(length).view(1, -1), torch.float32)
@@ -107,37 +84,8 @@ def fit_vector(model, acts: Activations, steps: None, progress: ProgressFn | Non
             errors.append(err[best])
         if progress:
             progress("ridge value ~ key", layer + 1, layers, None)
-    ratio = _choose_ratios(model, held, weights, value_mean, unrot, progress)
-    tensors = {"weight": weights, "value_mean": value_mean,
-               "ratio_budgets": torch.tensor(CALIBRATED_BUDGETS), "ratios": torch.tensor([ratio[b] for b in CALIBRATED_BUDGETS])}
-    summary = {"heldout_relative_error": round(sum(errors) / len(errors), 4), "ridge_lambdas": sorted(set(lambdas)),
-               "approx_ratio_by_budget": {str(b): ratio[b] for b in CALIBRATED_BUDGETS}}
-    return tensors, summary
-
-
-def _choose_ratios(model, held: Activations, weights, value_mean, unrot, progress) -> dict[float, float]:
-    """Per calibrated budget, the ratio whose routing gives the smallest attention error on held-out chunks."""
-    layers, heads, length, dim = held.shape
-    scored = length - FUTURE_QUERIES
-    total = {(b, r): 0.0 for b in CALIBRATED_BUDGETS for r in RATIO_GRID}
-    for layer in range(layers):
-        k, v, q = held.keys[layer][:, :, :scored], held.values[layer][:, :, :scored], held.queries[layer]
-        scaling = float(model.model.layers[layer].self_attn.scaling)
-        v_hat = torch.einsum("bhnd,hde->bhne", _with_bias(unrot(held.keys[layer])[:, :, :scored]), weights[layer])
-        recon = (1 - (v_hat - v).norm(dim=-1) / (v - value_mean[layer].unsqueeze(1)).norm(dim=-1).clamp_min(1e-12)).clamp(0, 1)
-        probs = torch.softmax((q[:, :, :scored] @ k.repeat_interleave(q.shape[1] // heads, 1).transpose(-1, -2) * scaling)
-                              .masked_fill(torch.ones(scored, scored, dtype=torch.bool).triu(1), float("-inf")), dim=-1)
-        score = probs.unflatten(1, (heads, -1)).sum(dim=(2, 3))  # H2O's cumulative score over the scored queries
-        future = q[:, :, scored:]
-        for budget in CALIBRATED_BUDGETS:
-            slots = budget * scored
-            for ratio in RATIO_GRID:
-                exact_n = int((1 - ratio) * slots)
-                approx_n = int(2 * (slots - exact_n))
-                total[budget, ratio] += _attention_error(future, k, v, v_hat, score, exact_n, approx_n, recon, scaling)
-        if progress:
-            progress("approximation ratio replay", layer + 1, layers, None)
-    return {b: min(RATIO_GRID, key=lambda r: (total[b, r], r)) for b in CALIBRATED_BUDGETS}
+    summary = {"heldout_relative_error": round(sum(errors) / len(errors), 4), "ridge_lambdas": sorted(set(lambdas))}
+    return {"weight": weights, "value_mean": value_mean}, summary
 
 
 # -- the cache ------------------------------------------------------------------------------------------------------
@@ -212,7 +160,7 @@ class VectorLayer(EvictionLayer):
             return -1, 0
         token, meta = self.token_bytes(), self.slot_meta_bytes()
         allowed = self.budget.fraction * prompt_tokens * token if self.budget.fraction is not None else self.budget.tokens * token
-        ratio = self.method.ratio_for(self.budget)
+        ratio = float(self.method.approx_ratio)
         if ratio == 0.0:
             return max(0, int(allowed // (token + meta))), 0
         allowed -= self.method.regression_bytes(self.heads, self.head_dim, self.dtype)
@@ -310,8 +258,8 @@ class VectorMethod(Method):
 
     Args:
         scorer: the base importance scorer, ``"h2o"`` or ``"snapkv"``.
-        approx_ratio: share of the budget's bytes spent on approximated tokens, in [0, 1); None takes the
-            calibrated ratio of the nearest calibrated budget (see the module docstring). 0 is the base scorer.
+        approx_ratio: share of the budget's bytes spent on approximated tokens, in [0, 1); 0 is the base scorer
+            (see the module docstring for the measured default).
         weights: the calibration's safetensors file; None looks for ``kvreviver calibrate --method vector``'s
             default file for this model.
         recent_share: H2O's recent window share (scorer ``"h2o"``).
@@ -319,7 +267,7 @@ class VectorMethod(Method):
     """
 
     scorer: str = "h2o"
-    approx_ratio: float | None = None
+    approx_ratio: float = 0.25
     weights: str | None = None
     recent_share: float = 0.5
     window: int = 32
@@ -328,9 +276,9 @@ class VectorMethod(Method):
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
             raise ValueError(f"vector scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
-        if self.approx_ratio is not None and (isinstance(self.approx_ratio, bool) or not isinstance(self.approx_ratio, (int, float))
-                                              or not 0.0 <= self.approx_ratio < 1.0):
-            raise ValueError(f"approx_ratio must be a number in [0, 1) or None, got {self.approx_ratio!r}")
+        if isinstance(self.approx_ratio, bool) or not isinstance(self.approx_ratio, (int, float)) \
+                or not 0.0 <= self.approx_ratio < 1.0:
+            raise ValueError(f"approx_ratio must be a number in [0, 1), got {self.approx_ratio!r}")
         H2OMethod(self.recent_share) if self.scorer == "h2o" else SnapKVMethod(self.window, self.kernel)  # validates
         self._model = None
         self._tensors: dict[str, torch.Tensor] | None = None
@@ -344,21 +292,13 @@ class VectorMethod(Method):
             self._load()
 
     def make_layer(self, layer_idx: int, budget: Budget) -> CompressedLayer:
-        approximates = not budget.is_unlimited and self.ratio_for(budget) > 0
+        approximates = not budget.is_unlimited and self.approx_ratio > 0
         return VectorLayer(layer_idx, budget, VectorScorer(SCORERS[self.scorer](self), approximates), self)
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
             self._tensors, _ = load_calibration(self.weights, "vector", self._model)
         return self._tensors
-
-    def ratio_for(self, budget: Budget) -> float:
-        if self.approx_ratio is not None:
-            return float(self.approx_ratio)
-        tensors = self._load()
-        if budget.fraction is None:  # a token budget: the middle calibrated budget
-            return float(tensors["ratios"][len(tensors["ratios"]) // 2])
-        return float(tensors["ratios"][torch.argmin((tensors["ratio_budgets"] - budget.fraction).abs())])
 
     def regression(self, layer: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s weights ``(H, D + 1, D)`` and value means ``(H, D)`` in the cache's dtype."""
