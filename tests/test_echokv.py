@@ -120,12 +120,9 @@ def test_memory_at_half_budget_stays_within_it_while_decoding(calibrated):
     model, path = calibrated
     ids, mask = left_padded((300, 260), seed=6)
     cache = make_cache("echokv", 0.5, model=model, weights=str(path))
-    model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+    greedy(model, ids, mask, cache, new_tokens=6)
     assert cache.memory_bytes() <= 0.5 * cache.full_bytes()
     assert cache.memory_bytes() >= 0.4 * cache.full_bytes(), "the budget left over should keep extra heads exactly"
-    cache = make_cache("echokv", 0.5, model=model, weights=str(path))
-    greedy(model, ids, mask, cache, new_tokens=10)
-    assert cache.memory_bytes() <= 0.5 * cache.full_bytes()
 
 
 def test_missing_weights_file_is_one_line_naming_the_calibrate_command(tiny_model, tmp_path):
