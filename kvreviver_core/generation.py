@@ -70,7 +70,7 @@ def split_prompts(tokenizer, context: str, questions: Sequence[str], separator: 
         formatted = format_prompt(tokenizer, user_text)
         start = formatted.find(user_text)
         if start < 0:
-            raise ValueError("the chat template rewrites the user text, so the prompt cannot be split after the context")
+            raise ValueError("the chat template rewrites the user text; the prompt cannot be split after the context")
         prefix = formatted[: start + len(context)]
         if boundary_text is not None and prefix != boundary_text:
             raise ValueError("the chat template formats the context differently for different questions")
@@ -127,7 +127,8 @@ def generate_batch(
     if any(isinstance(p, SplitPrompt) for p in prompts):
         raise ValueError("prompts must be all formatted strings or all SplitPrompt, not a mix")
     device = next(model.parameters()).device
-    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=not is_chat_model(tokenizer))
+    add_special = not is_chat_model(tokenizer)
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special)
     encoded = {k: v.to(device) for k, v in encoded.items()}
     cache = make_cache(method, budget, model=model, **options)
     start = time.perf_counter()
