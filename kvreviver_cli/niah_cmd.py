@@ -106,15 +106,29 @@ def niah_command(
         needle=_needle(o["needle"], o["question"], o["answer"]), questions_per_context=o["questions_per_context"],
         question_after_context=o["question_after_context"], max_new_tokens=o["max_new_tokens"],
     )
-    haystack_text = niah.load_haystack(o["haystack"])
-    net, tokenizer = load_model(o["model"], o["dtype"], o["device"])
+    rows, store, model_name = run_grid(grid, o["model"], o["dtype"], o["device"], o["haystack"], o["out"])
+    title = (f"NIAH, {model_name}, budget {grid.budget:g}, question {grid.mode.replace('-', ' ')}, "
+             f"{grid.questions_per_context} question(s) per context, seed {grid.seed}")
+    console.print(score_table(rows, grid.methods, grid.lengths, title))
+    saved = save_heatmaps(rows, grid.methods, grid.depths, grid.lengths, o["out"], title)
+    console.print(f"results: {store.path}; heatmaps: {', '.join(str(h.path) for h in saved)}", highlight=False)
+
+
+def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, haystack: Path | None,
+             out: Path) -> tuple[list[dict], ResultStore, str]:
+    """Load the model and haystack, run ``grid`` with a progress bar into ``out/results.jsonl`` (resumes).
+
+    Returns the grid's rows, the store and the model's label.
+    """
+    haystack_text = niah.load_haystack(haystack)
+    net, tokenizer = load_model(model, dtype, device)
     limit = getattr(net.config, "max_position_embeddings", None)
     if limit is not None and max(grid.lengths) + 128 + grid.max_new_tokens > limit:
         raise UsageError(f"--lengths up to {max(grid.lengths)} plus the question and {grid.max_new_tokens} new tokens "
                          f"exceed the model's {limit} positions")
-    model_name = o["model"] or "embedded SmolLM2-135M-Instruct"
-    haystack_name = str(o["haystack"]) if o["haystack"] else niah.PYDOC_HAYSTACK
-    store = ResultStore(o["out"] / "results.jsonl", niah.KEY_FIELDS)
+    model_name = model or "embedded SmolLM2-135M-Instruct"
+    haystack_name = str(haystack) if haystack else niah.PYDOC_HAYSTACK
+    store = ResultStore(out / "results.jsonl", niah.KEY_FIELDS)
 
     total = len(grid.methods) * len(grid.lengths) * len(grid.depths)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -126,9 +140,4 @@ def niah_command(
                                                          + (" (stored)" if skipped else ""))
 
         rows = niah.run_niah(net, tokenizer, grid, haystack_text, store, model_name, haystack_name, step)
-
-    title = (f"NIAH, {model_name}, budget {grid.budget:g}, question {grid.mode.replace('-', ' ')}, "
-             f"{grid.questions_per_context} question(s) per context, seed {grid.seed}")
-    console.print(score_table(rows, grid.methods, grid.lengths, title))
-    saved = save_heatmaps(rows, grid.methods, grid.depths, grid.lengths, o["out"], title)
-    console.print(f"results: {store.path}; heatmaps: {', '.join(str(h.path) for h in saved)}", highlight=False)
+    return rows, store, model_name

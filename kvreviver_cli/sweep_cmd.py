@@ -5,7 +5,8 @@ Each split runs the task with kvreviver at one budget; the full cache runs once 
 each split, so a killed sweep resumes where it stopped and recomputes nothing.
 
 The score is the paper's ROUGE-1 against the references where the dataset has them, else ROUGE-L against the full
-cache's output (fidelity), and the table's header says which.
+cache's output (fidelity), and the table's header says which. With ``--task niah`` the score is the mean needle score
+over the grid; each split is the method spec ``kvreviver:split=V/C/R`` of one `niah` grid (rows resume per grid point).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kvreviver_cli import eval_cmd
-from kvreviver_cli.common import UsageError, clean_errors, console, parse_floats
+from kvreviver_cli import eval_cmd, niah_cmd
+from kvreviver_cli.common import UsageError, clean_errors, console, parse_floats, parse_ints
 from kvreviver_cli.config import apply_config
+from kvreviver_core import niah
 from kvreviver_core.budget import Budget
 
 Split = tuple[float, float, float]
@@ -120,6 +122,32 @@ def sweep_eval(values: dict, splits: list[Split], paper: list[Optional[float]], 
     return rows
 
 
+def sweep_niah(values: dict, splits: list[Split], budget: float) -> list[dict]:
+    """Run `niah`'s grid with kvreviver at each split (and the full cache once, for reference); one row per split.
+
+    Each split is a method spec (``kvreviver:split=V/C/R``), so its grid points are keyed apart in results.jsonl.
+    """
+    specs = [niah.split_spec("kvreviver", split) for split in splits]
+    grid = niah.NiahGrid(methods=["full", *specs], budget=budget, lengths=parse_ints(values["lengths"], "--lengths"),
+                         depths=parse_floats(values["depths"], "--depths"), seed=values["seed"],
+                         question_after_context=values["question_after_context"],
+                         max_new_tokens=values["max_new_tokens"])
+    found, _, _ = niah_cmd.run_grid(grid, values["model"], values["dtype"], values["device"], values["haystack"],
+                                    values["out"])
+    full = [r["score"] for r in found if r["method"] == "full"]
+    console.print(f"full cache: mean needle score {sum(full) / len(full):.2f} over {len(full)} points",
+                  highlight=False)
+    rows = []
+    for split, spec in zip(splits, specs):
+        mine = [r for r in found if r["method"] == spec]
+        rows.append({"vague": split[0], "candidate": split[1], "recent": split[2], "budget": budget,
+                     "score_name": "needle score", "score": sum(r["score"] for r in mine) / len(mine),
+                     "paper_rouge1": None, "rougeL_vs_full": None, "first_token_match": None,
+                     "kv_memory_fraction": sum(r["memory_ratio"] for r in mine) / len(mine), "prompts": len(mine)})
+    write_csv(values["out"] / "sweep.csv", rows)
+    return rows
+
+
 @clean_errors
 def sweep_command(
     ctx: typer.Context,
@@ -138,6 +166,11 @@ def sweep_command(
     max_new_tokens: int = eval_cmd.MAX_NEW_TOKENS,
     max_context: int = eval_cmd.MAX_CONTEXT,
     seed: int = eval_cmd.SEED,
+    lengths: str = typer.Option("1000,2000", help="niah: context lengths in tokens."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="niah: needle depths, fractions in [0, 1]."),
+    haystack: Optional[Path] = typer.Option(None, help="niah: a .txt file or folder (default: pydoc_data.topics)."),
+    question_after_context: bool = typer.Option(True, "--question-after-context/--question-in-prompt",
+                                                help="niah: compress the document alone, then ask (default)."),
     out: Path = typer.Option(Path("sweep-results"), help="Folder for results.jsonl (resumable) and sweep.csv."),
     config: Optional[Path] = eval_cmd.CONFIG,
 ) -> None:
@@ -147,11 +180,15 @@ def sweep_command(
     Budget(values["budget"])  # its ValueError says what is wrong
     if values["task"] not in TASKS:
         raise UsageError(f"unknown --task {values['task']!r}; choose from {', '.join(TASKS)}")
-    if values["task"] == "niah":
-        raise UsageError("sweep-ratios --task niah is not available yet: the niah runner takes no "
-                         "Vague/Candidate/Recent split; use --task eval")
-    rows = sweep_eval(values, chosen, paper, values["budget"])
     source = f"the paper's Table {values['table']}" if values["table"] is not None else "splits given"
-    eval_cmd.print_table(sweep_table(rows, f"KVReviver split sweep ({source}), budget {values['budget']:g}, "
-                                    f"{values['dataset']}, {rows[0]['prompts']} prompts"))
+    if values["task"] == "niah":
+        if values["max_new_tokens"] < niah_cmd.MIN_NEW_TOKENS:
+            raise UsageError(f"--max-new-tokens must be >= {niah_cmd.MIN_NEW_TOKENS} for niah, "
+                             f"got {values['max_new_tokens']}")
+        rows = sweep_niah(values, chosen, values["budget"])
+        task = f"NIAH, {rows[0]['prompts']} points per split"
+    else:
+        rows = sweep_eval(values, chosen, paper, values["budget"])
+        task = f"{values['dataset']}, {rows[0]['prompts']} prompts"
+    eval_cmd.print_table(sweep_table(rows, f"KVReviver split sweep ({source}), budget {values['budget']:g}, {task}"))
     console.print(f"results: {values['out'] / 'results.jsonl'}, table: {values['out'] / 'sweep.csv'}", highlight=False)

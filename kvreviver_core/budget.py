@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field
 
 DEFAULT_SPLIT: tuple[float, float, float] = (0.1, 0.45, 0.45)
+# The Budget fields a method spec may set beside the method's own options (make_cache, niah's name:key=value).
+TUNABLE_FIELDS: tuple[str, ...] = ("split", "sketch_rows", "replace_rate", "recent_slack")
 
 
 @dataclass(frozen=True)

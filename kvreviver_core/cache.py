@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvreviver_core import attention
-from kvreviver_core.budget import Budget
+from kvreviver_core.budget import TUNABLE_FIELDS, Budget
 from kvreviver_core.methods import METHODS, CompressedLayer, list_methods
 
 
@@ -53,8 +53,7 @@ def make_cache(method: str, budget: Budget | float | int = 1.0, model: torch.nn.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(list_methods())}")
-    budget_fields = {"split", "sketch_rows", "replace_rate", "recent_slack"}
-    budget = Budget.coerce(budget, **{k: options.pop(k) for k in list(options) if k in budget_fields})
+    budget = Budget.coerce(budget, **{k: options.pop(k) for k in list(options) if k in TUNABLE_FIELDS})
     spec_cls = METHODS[method]
     unknown = set(options) - set(spec_cls.option_names())
     if unknown:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kvreviver_core.budget import Budget
+from kvreviver_core.budget import TUNABLE_FIELDS, Budget
 from kvreviver_core.generation import Generation, format_prompt, generate_after_context, generate_batch, split_prompts
 from kvreviver_core.metrics import rouge1_recall
 from kvreviver_core.results import ResultStore
@@ -206,8 +206,9 @@ class NiahGrid:
         questions_per_context: K needles and K questions per document (one compressed context reused K times in
             question-after-context mode).
         question_after_context: compress the document alone, then ask (default); else the question is in the prompt.
-    Methods are specs ``name`` or ``name:key=value:key=value`` (e.g. ``kvreviver:estimator=mean``): the method's
-    options for ``make_cache``; the whole spec labels the method's rows, table line and heatmap.
+    Methods are specs ``name`` or ``name:key=value:key=value`` (e.g. ``kvreviver:estimator=mean``,
+    ``kvreviver:split=0.2/0.4/0.4``): the method's options or Budget fields for ``make_cache``; the whole spec labels
+    the method's rows, table line and heatmap.
     """
 
     methods: list[str]
@@ -312,7 +313,8 @@ def answer_questions(model, tokenizer, grid: NiahGrid, method: str, document: Do
 
 
 def method_spec(spec: str) -> tuple[str, dict]:
-    """``"kvreviver:estimator=mean:seed=1"`` -> ``("kvreviver", {"estimator": "mean", "seed": 1})``, checked."""
+    """``"kvreviver:estimator=mean:split=0.2/0.4/0.4"`` -> ``("kvreviver", {"estimator": "mean", "split": (0.2,
+    0.4, 0.4)})``, checked: the method's own options and the Budget fields of ``TUNABLE_FIELDS``."""
     from kvreviver_core.methods import METHODS, list_methods
 
     name, *pairs = spec.split(":")
@@ -324,15 +326,28 @@ def method_spec(spec: str) -> tuple[str, dict]:
         if not eq or not key:
             raise ValueError(f"method option {pair!r} in {spec!r} is not key=value")
         options[key] = _option_value(value)
-    unknown = set(options) - set(METHODS[name].option_names())
+    allowed = [*METHODS[name].option_names(), *TUNABLE_FIELDS]
+    unknown = set(options) - set(allowed)
     if unknown:
         raise ValueError(f"method {name!r} has no option {', '.join(sorted(unknown))}; its options: "
-                         f"{', '.join(METHODS[name].option_names()) or 'none'}")
-    METHODS[name](**options)  # its __post_init__ rejects bad values now, not after an hour of grid
+                         f"{', '.join(allowed)}")
+    # Bad values fail now, not after an hour of grid.
+    Budget.coerce(1.0, **{k: v for k, v in options.items() if k in TUNABLE_FIELDS})
+    METHODS[name](**{k: v for k, v in options.items() if k not in TUNABLE_FIELDS})
     return name, options
 
 
+def split_spec(method: str, split: tuple[float, float, float]) -> str:
+    """The spec of ``method`` at a Vague/Candidate/Recent split, as :func:`method_spec` reads it back."""
+    return f"{method}:split={'/'.join(f'{s:g}' for s in split)}"
+
+
 def _option_value(text: str):
+    if "/" in text:  # a tuple such as a split, V/C/R (commas and colons already separate methods and options)
+        try:
+            return tuple(float(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"option value {text!r} is not numbers separated by /") from None
     for cast in (int, float):
         try:
             return cast(text)

@@ -331,3 +331,46 @@ def test_sample_config_runs_the_figure5_methods(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["method"] for r in rows] == ["full", "kvreviver", "h2o", "streaming", "snapkv", "cam"]
     assert {r["budget"] for r in rows} == {0.25} and {r["mode"] for r in rows} == {"after-context"}
+
+
+def test_sweep_ratios_runs_niah_once_per_split_and_resumes(tiny_model_dir, tiny_lm, tiny_tokenizer, haystack_text,
+                                                            tmp_path):
+    """`sweep-ratios --task niah`: one niah grid per split, each split reaching KVReviver's Budget."""
+    import csv
+
+    from kvreviver_core.budget import Budget
+
+    out, haystack = tmp_path / "out", tmp_path / "haystack.txt"
+    haystack.write_text(haystack_text[:20000])
+    splits = [(0.1, 0.45, 0.45), (0.4, 0.3, 0.3)]
+    args = ["sweep-ratios", "--task", "niah", "--splits", ";".join(",".join(map(str, s)) for s in splits),
+            "--budget", "0.3", "--model", tiny_model_dir, "--device", "cpu", "--lengths", "150", "--depths", "0,1",
+            "--max-new-tokens", "24", "--haystack", haystack, "--out", out]
+    from typer.testing import CliRunner
+
+    from kvreviver_cli.app import app
+
+    result = CliRunner().invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    specs = ["kvreviver:split=0.1/0.45/0.45", "kvreviver:split=0.4/0.3/0.3"]
+    assert sorted({r["method"] for r in rows}) == sorted(["full", *specs]) and len(rows) == 3 * 2
+    with (out / "sweep.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(float(t["vague"]), float(t["candidate"]), float(t["recent"])) for t in table] == splits
+    for split, spec, line in zip(splits, specs, table):
+        mine = [r for r in rows if r["method"] == spec]
+        assert float(line["score"]) == pytest.approx(sum(r["score"] for r in mine) / len(mine))
+        # The same point answered directly with a Budget built from the split gives the row's output.
+        row = mine[0]
+        needle = niah.Needle(row["needle"], row["question"], row["answer"])
+        stack = niah.Haystack(haystack.read_text(), tiny_tokenizer).repeated_to(150 + 64)
+        document = niah.build_document(stack, row["length"], row["depth"], [needle])
+        prompt = split_prompts(tiny_tokenizer, document.text, [needle.question], niah.SEPARATOR)
+        direct = generate_after_context(tiny_lm, tiny_tokenizer, prompt, "kvreviver", Budget(0.3, split=split), 24)
+        assert direct[0].text == row["output"]
+    assert "Vague Ratio" in result.output and "needle score" in result.output
+
+    again = CliRunner().invoke(app, list(map(str, args)))
+    assert again.exit_code == 0, again.output
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)  # nothing recomputed

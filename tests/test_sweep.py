@@ -68,7 +68,7 @@ def test_table_2_sweep_prints_five_rows_and_resumes_without_recomputing(tiny, tm
     ([], "give either --table"),
     (["--table", "2", "--budget", "1.5"], "budget fraction must be in (0, 1]"),
     (["--table", "2", "--task", "qa"], "unknown --task 'qa'"),
-    (["--table", "2", "--task", "niah"], "--task niah is not available yet"),
+    (["--table", "2", "--task", "niah", "--max-new-tokens", "8"], "--max-new-tokens must be >= 24"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, flags, message):
     result = run_cli("sweep-ratios", *flags, "--out", tmp_path / "out")
