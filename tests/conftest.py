@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def pytest_configure(config) -> None:
+    """Give the tests a cache folder of their own, so that calibrations a user made (``kvreviver calibrate``) never
+    change what the tests see, and the tests never write into the user's cache. The user's converted models are
+    linked in, not converted again."""
+    from kvreviver_core.models import cache_dir
+
+    user_cache = cache_dir()
+    test_cache = Path(tempfile.mkdtemp(prefix="kvreviver-test-cache-"))
+    if user_cache.is_dir():
+        for converted in user_cache.glob("*-bf16"):
+            (test_cache / converted.name).symlink_to(converted.resolve(), target_is_directory=True)
+    os.environ["KVREVIVER_CACHE"] = str(test_cache)
+    config.kvreviver_test_cache = test_cache
+
+
+def pytest_unconfigure(config) -> None:
+    test_cache = getattr(config, "kvreviver_test_cache", None)
+    if test_cache is not None:
+        shutil.rmtree(test_cache, ignore_errors=True)  # unlinks the linked models, never their targets
 
 
 def tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, vocab: int = 128, seed: int = 0):
