@@ -3,6 +3,8 @@
 Every prompt is decoded greedily by the real ``model.generate`` with each method's cache, in batches. The full
 cache always runs: each method's output is compared with it (fidelity). Rows go to ``--out DIR/results.jsonl`` as
 they finish, keyed by the settings that change an output, so a rerun with the same ``--out`` skips them.
+``torchrun --nproc-per-node N -m kvreviver_cli eval --out DIR ...`` shares the prompt batches out over N processes
+(one GPU each) and gives the same rows and table (see :mod:`kvreviver_core.distributed`).
 
 The defaults are sized so that the command with no flags runs offline on 2 CPU cores in a few minutes: four
 passages of ~1k tokens of builtin prose, 32 new tokens, budget 0.25, every method that can run.
@@ -14,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Collection, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +25,7 @@ from rich.table import Table
 
 from kvreviver_cli.common import UsageError, clean_errors, console, parse_floats, parse_names
 from kvreviver_cli.config import apply_config
+from kvreviver_core import distributed
 from kvreviver_core.budget import DEFAULT_SPLIT, Budget
 from kvreviver_core.results import ResultStore
 
@@ -125,8 +128,15 @@ class EvalTask:
 
 
 def load_task(settings: EvalSettings) -> EvalTask:
-    """Read the dataset (files and the hub first, so their errors come before the model load), then the model."""
+    """Read the dataset (files and the hub first, so their errors come before the model load), then the model.
+
+    Under torchrun the model goes to this rank's GPU, and ranks other than 0 print nothing from here on.
+    """
     from kvreviver_core import data, models
+
+    rank = distributed.RankInfo.from_env()
+    if not rank.main:
+        console.quiet = True
 
     def load(tokenizer):
         return data.load_examples(settings.dataset, tokenizer, settings.max_context, settings.limit, settings.seed,
@@ -137,7 +147,8 @@ def load_task(settings: EvalSettings) -> EvalTask:
 
     hf_logging.disable_progress_bar()  # our own progress display only
     with console.status("loading the model", spinner="dots"):
-        model, tokenizer = models.load_model(settings.model, dtype=settings.dtype, device=settings.device)
+        model, tokenizer = models.load_model(settings.model, dtype=settings.dtype,
+                                             device=distributed.rank_device(settings.device, rank))
     dataset = dataset or load(tokenizer)
     return EvalTask(settings, model, tokenizer, dataset, data.build_prompts(dataset, tokenizer, settings.max_context))
 
@@ -174,11 +185,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def run_task(task: EvalTask, runs: list[RunSpec], store: ResultStore, optional: set[str] = frozenset()) -> list[RunSpec]:
+def run_task(task: EvalTask, runs: list[RunSpec], store: ResultStore, optional: set[str] = frozenset(),
+             only_batches: Collection[int] | None = None) -> list[RunSpec]:
     """Generate every missing (prompt, run) row, batch by batch, the full cache first in each batch.
 
     A run of a method in ``optional`` that fails while generating (e.g. a budget too small for it) is dropped with
     a note; any other failure is a UsageError. Rows already written stay. Returns the runs that completed.
+    ``only_batches``: the numbers of the prompt batches to run (one rank's share, see :func:`run_sharded`); all if
+    None.
     """
     from kvreviver_core import metrics
     from kvreviver_core.generation import generate_batch
@@ -186,16 +200,18 @@ def run_task(task: EvalTask, runs: list[RunSpec], store: ResultStore, optional: 
     fingerprint = task.fingerprint()
     done = store.done_keys()
     pending = lambda run, prompt: store.key({"settings": fingerprint, "prompt_id": prompt.id, **run.key()}) not in done  # noqa: E731
-    total = len(runs) * len(task.prompts)
+    batches = prompt_batches(task)
+    if only_batches is not None:
+        batches = [batch for number, batch in enumerate(batches) if number in only_batches]
+    prompts = [prompt for batch in batches for prompt in batch]
+    total = len(runs) * len(prompts)
     full_rows = {row["prompt_id"]: row for row in store.rows if row["settings"] == fingerprint and row["method"] == FULL}
     failed: list[RunSpec] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("generating", total=total)
-        progress.advance(bar, sum(not pending(run, p) for run in runs for p in task.prompts))
-        size = task.settings.batch_size
-        for start in range(0, len(task.prompts), size):
-            batch = task.prompts[start:start + size]
+        progress.advance(bar, sum(not pending(run, p) for run in runs for p in prompts))
+        for number, batch in enumerate(batches):
             for run in runs:
                 todo = [p for p in batch if pending(run, p)] if run not in failed else []
                 if not todo:
@@ -210,7 +226,7 @@ def run_task(task: EvalTask, runs: list[RunSpec], store: ResultStore, optional: 
                     progress.console.print(f"[yellow]dropping {run.label()}[/]: {_first_line(exc)}",
                                            highlight=False, soft_wrap=True)
                     failed.append(run)
-                    progress.advance(bar, sum(pending(run, p) for p in task.prompts[start:]))
+                    progress.advance(bar, sum(pending(run, p) for later in batches[number:] for p in later))
                     continue
                 for prompt, out in zip(todo, outputs):
                     row = _row(fingerprint, prompt, run, out, len(todo), full_rows.get(prompt.id), metrics)
@@ -219,6 +235,31 @@ def run_task(task: EvalTask, runs: list[RunSpec], store: ResultStore, optional: 
                         full_rows[prompt.id] = row
                     progress.advance(bar)
     return [run for run in runs if run not in failed]
+
+
+def prompt_batches(task: EvalTask) -> list[list["Prompt"]]:
+    """The prompts in the batches they are decoded in (a batch's padding changes its outputs, so it is one unit)."""
+    size = task.settings.batch_size
+    return [task.prompts[start:start + size] for start in range(0, len(task.prompts), size)]
+
+
+def run_sharded(task: EvalTask, runs: list[RunSpec], out: Path, optional: set[str] = frozenset()) -> None:
+    """Under torchrun (WORLD_SIZE > 1): run this rank's share of the prompt batches, every run of a batch (the full
+    cache first) on the same rank, into its rank file; rank 0 folds the rank files into ``out/results.jsonl`` and
+    returns, the other ranks exit. A single process returns at once. Either way :func:`run_task` then finds the
+    rows stored.
+    """
+    rank = distributed.RankInfo.from_env()
+    if not rank.distributed:
+        return
+    batches = prompt_batches(task)
+    # A batch's cost: its padded prompt and the new tokens, for each of its prompts.
+    costs = [len(batch) * (max(p.prompt_tokens for p in batch) + task.settings.max_new_tokens) for batch in batches]
+    mine = set(distributed.my_items(costs, rank))
+    with distributed.RankSession(out / "results.jsonl", ROW_KEY, rank) as store:
+        run_task(task, runs, store, optional, only_batches=mine)
+    if not rank.main:
+        raise typer.Exit()
 
 
 def _row(fingerprint: dict, prompt, run: RunSpec, out, batch: int, full_row: dict | None, metrics) -> dict:
@@ -238,12 +279,13 @@ def summarize(task: EvalTask, runs: list[RunSpec], store: ResultStore) -> list[d
     from kvreviver_core.metrics import ROUGE_TYPES
 
     fingerprint = task.fingerprint()
-    ids = {p.id for p in task.prompts}
+    order = {p.id: i for i, p in enumerate(task.prompts)}
     summary = []
     for run in runs:
         key = run.key()
-        rows = [r for r in store.rows if r["settings"] == fingerprint and r["prompt_id"] in ids
-                and all(r.get(k) == v for k, v in key.items())]
+        # In prompt order, so that the sums do not depend on the order the rows were written in (ranks, resumes).
+        rows = sorted((r for r in store.rows if r["settings"] == fingerprint and r["prompt_id"] in order
+                       and all(r.get(k) == v for k, v in key.items())), key=lambda r: order[r["prompt_id"]])
         if not rows:
             continue
         mean = lambda values: sum(values) / len(values)  # noqa: E731
@@ -294,10 +336,21 @@ def print_table(table: Table) -> None:
         Console(file=console.file, width=max(console.width, 140)).print(table)
 
 
-def open_store(out: Path | None) -> ResultStore:
+def check_out(out: Path | None) -> None:
+    """``--out`` is usable: a folder or nothing yet, and given under torchrun (the ranks share rows through it)."""
     if out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    return ResultStore(out / "results.jsonl" if out is not None else None, ROW_KEY)
+    if out is None and distributed.RankInfo.from_env().distributed:
+        raise UsageError("under torchrun, --out is needed: the ranks share their rows through its files")
+
+
+def open_store(out: Path | None) -> ResultStore:
+    """The results of ``--out`` (kept in memory only without it). Under torchrun, open it after
+    :func:`run_sharded`: rank 0 then finds every rank's rows."""
+    if out is None:
+        return ResultStore(None, ROW_KEY)
+    distributed.fold_rank_files(out / "results.jsonl", ROW_KEY)  # a killed torchrun run's rows count as done
+    return ResultStore(out / "results.jsonl", ROW_KEY)
 
 
 def parse_budgets(text: str, split) -> list[float]:
@@ -365,11 +418,14 @@ def eval_command(
             raise UsageError("--methods is empty; name at least one method")
         check_method_names(requested)
     settings = settings_from(values)
-    store = open_store(values["out"])
+    check_out(values["out"])
     task = load_task(settings)
     usable = usable_methods(task, requested, budgets, split_parts)
-    runs = run_task(task, runs_for(usable, budgets, split_parts), store,
-                    optional=set() if requested is not None else set(usable) - {FULL})
+    runs = runs_for(usable, budgets, split_parts)
+    optional = set() if requested is not None else set(usable) - {FULL}
+    run_sharded(task, runs, values["out"], optional)
+    store = open_store(values["out"])
+    runs = run_task(task, runs, store, optional)
     summary = summarize(task, runs, store)
     print_table(results_table(task, summary))
     if values["out"] is not None:

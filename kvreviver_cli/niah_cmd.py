@@ -2,6 +2,8 @@
 
 Rows go to ``--out/results.jsonl`` as each grid point finishes; a rerun with the same setup skips them (resume
 after a kill). Heatmaps: ``--out/heatmap_<method>.png`` per method and ``--out/heatmaps.png`` side by side.
+``torchrun --nproc-per-node N -m kvreviver_cli niah ...`` shares the grid points out over N processes (one GPU each)
+and gives the same rows and output (see :mod:`kvreviver_core.distributed`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from rich.table import Table
 
 from kvreviver_cli.common import UsageError, clean_errors, console, err_console, parse_floats, parse_ints, parse_names
 from kvreviver_cli.config import apply_config
-from kvreviver_core import niah, plots
+from kvreviver_core import distributed, niah, plots
 from kvreviver_core.models import load_model
 from kvreviver_core.results import ResultStore
 
@@ -118,26 +120,41 @@ def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, ha
              out: Path) -> tuple[list[dict], ResultStore, str]:
     """Load the model and haystack, run ``grid`` with a progress bar into ``out/results.jsonl`` (resumes).
 
-    Returns the grid's rows, the store and the model's label.
+    Returns the grid's rows, the store and the model's label. Under torchrun (WORLD_SIZE > 1) each rank first runs
+    its share of the grid points (all methods of a point together) into its own rank file; rank 0 folds those into
+    ``out/results.jsonl`` and goes on as a single process would, finding every row stored; the other ranks exit.
     """
     haystack_text = niah.load_haystack(haystack)
-    net, tokenizer = load_model(model, dtype, device)
+    rank = distributed.RankInfo.from_env()
+    net, tokenizer = load_model(model, dtype, distributed.rank_device(device, rank))
     limit = getattr(net.config, "max_position_embeddings", None)
     if limit is not None and max(grid.lengths) + 128 + grid.max_new_tokens > limit:
         raise UsageError(f"--lengths up to {max(grid.lengths)} plus the question and {grid.max_new_tokens} new tokens "
                          f"exceed the model's {limit} positions")
     model_name = model or "embedded SmolLM2-135M-Instruct"
     haystack_name = str(haystack) if haystack else niah.PYDOC_HAYSTACK
-    store = ResultStore(out / "results.jsonl", niah.KEY_FIELDS)
+    results = out / "results.jsonl"
 
-    total = len(grid.methods) * len(grid.lengths) * len(grid.depths)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
-        task = progress.add_task("niah", total=total)
+    def run(store: ResultStore, points: list[tuple[int, float]] | None, show: bool) -> list[dict]:
+        total = len(grid.methods) * (len(grid.lengths) * len(grid.depths) if points is None else len(points))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err_console, transient=True, disable=not show) as progress:
+            task = progress.add_task("niah", total=total)
 
-        def step(method: str, length: int, depth: float, skipped: bool) -> None:
-            progress.update(task, advance=1, description=f"{method} {length} tokens, depth {depth:g}"
-                                                         + (" (stored)" if skipped else ""))
+            def step(method: str, length: int, depth: float, skipped: bool) -> None:
+                progress.update(task, advance=1, description=f"{method} {length} tokens, depth {depth:g}"
+                                                             + (" (stored)" if skipped else ""))
 
-        rows = niah.run_niah(net, tokenizer, grid, haystack_text, store, model_name, haystack_name, step)
-    return rows, store, model_name
+            return niah.run_niah(net, tokenizer, grid, haystack_text, store, model_name, haystack_name, step, points)
+
+    if rank.distributed:
+        points = list(grid.points())
+        # A point's cost grows with its tokens (prefill, attention); its methods all run on the same rank.
+        mine = distributed.my_items([length + grid.max_new_tokens for length, _ in points], rank)
+        with distributed.RankSession(results, niah.KEY_FIELDS, rank) as rank_store:
+            run(rank_store, [points[i] for i in mine], show=rank.main)
+        if not rank.main:
+            raise typer.Exit()
+    distributed.fold_rank_files(results, niah.KEY_FIELDS)  # a killed torchrun run's rows count as done
+    store = ResultStore(results, niah.KEY_FIELDS)
+    return run(store, None, show=True), store, model_name

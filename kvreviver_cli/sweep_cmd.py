@@ -7,6 +7,7 @@ each split, so a killed sweep resumes where it stopped and recomputes nothing.
 The score is the paper's ROUGE-1 against the references where the dataset has them, else ROUGE-L against the full
 cache's output (fidelity), and the table's header says which. With ``--task niah`` the score is the mean needle score
 over the grid; each split is the method spec ``kvreviver:split=V/C/R`` of one `niah` grid (rows resume per grid point).
+Under torchrun the ranks share out the prompt batches (eval) or grid points (niah) of every split at once.
 """
 
 from __future__ import annotations
@@ -101,13 +102,16 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def sweep_eval(values: dict, splits: list[Split], paper: list[Optional[float]], budget: float) -> list[dict]:
     """Run `eval`'s task with kvreviver at each split; return one CSV row per split finished."""
     settings = eval_cmd.settings_from(values)
-    store = eval_cmd.open_store(values["out"])
+    eval_cmd.check_out(values["out"])
     task = eval_cmd.load_task(settings)
     with_reference = task.dataset.has_references
     score_name = "ROUGE-1" if with_reference else "ROUGE-L vs full"
+    split_runs = [eval_cmd.runs_for(["kvreviver"], [budget], split) for split in splits]
+    # Under torchrun, every split's rows first, sharded by prompt batch; the loop below then finds them stored.
+    eval_cmd.run_sharded(task, list(dict.fromkeys(run for runs in split_runs for run in runs)), values["out"])
+    store = eval_cmd.open_store(values["out"])
     rows = []
-    for split, paper_rouge1 in zip(splits, paper):
-        runs = eval_cmd.runs_for(["kvreviver"], [budget], split)
+    for split, runs, paper_rouge1 in zip(splits, split_runs, paper):
         console.print(f"split V/C/R {'/'.join(f'{s:g}' for s in split)}", highlight=False)
         eval_cmd.run_task(task, runs, store)
         entry = eval_cmd.summarize(task, runs[1:], store)[0]

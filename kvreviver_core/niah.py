@@ -262,17 +262,18 @@ def run_niah(
     model_name: str,
     haystack_name: str,
     on_step: Callable[[str, int, float, bool], None] | None = None,
+    points: list[tuple[int, float]] | None = None,
 ) -> list[dict]:
     """Run every (length, depth, method) of ``grid`` not already in ``store``; return this grid's rows.
 
     ``on_step(method, length, depth, skipped)`` is called after each point (for a progress bar). A point's rows
     (one per question) are appended together once all its questions are answered, so a kill loses at most the
-    point in progress.
+    point in progress. ``points``: only these (length, depth) points of the grid (one rank's share); all if None.
     """
-    haystack = Haystack(haystack_text, tokenizer).repeated_to(max(grid.lengths) + 64)
+    haystack: Haystack | None = None  # tokenized when first needed: a grid found stored needs none
     done = store.done_keys()
     rows: list[dict] = []
-    for length, depth in grid.points():
+    for length, depth in grid.points() if points is None else points:
         needles = grid.needles(length, depth)
         document: Document | None = None
         for method in grid.methods:
@@ -284,6 +285,8 @@ def run_niah(
                     on_step(method, length, depth, True)
                 continue
             if document is None:
+                if haystack is None:
+                    haystack = Haystack(haystack_text, tokenizer).repeated_to(max(grid.lengths) + 64)
                 document = build_document(haystack, length, depth, needles)
             outputs = answer_questions(model, tokenizer, grid, method, document, needles)
             for key, needle, output in zip(keys, needles, outputs):
