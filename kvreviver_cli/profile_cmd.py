@@ -4,6 +4,10 @@ Each (method, batch) row is one manual prefill + fixed-length greedy decode loop
 and the method's cache (:func:`kvreviver_core.profiling.measure_run`), on synthetic token ids. Out of memory is a
 row of its own ("OOM", the paper's "-"). Rows go to ``--out/profile.jsonl`` as they finish, and a rerun with the
 same setup skips them; ``--out/profile.json`` holds the whole result.
+
+``--device-map auto`` spreads the model's layers over every visible GPU (accelerate); every cache keeps each
+layer's storage on that layer's GPU, and memory is read through NVML on each GPU: the table shows the sum, with
+each GPU's own peak beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from kvreviver_core import list_methods
 from kvreviver_core.models import load_model
 from kvreviver_core.profiling import find_max_batch as search_max_batch
 from kvreviver_core.profiling import (
-    NvmlUnavailable, ProfileRow, RunSpec, guarded, measure_run, nvml_reader, release_memory,
+    NvmlUnavailable, ProfileRow, RunSpec, guarded, input_device, measure_run, model_devices, nvml_reader,
+    release_memory,
 )
 from kvreviver_core.results import ResultStore
 
@@ -50,16 +55,38 @@ def _validate(methods: list[str], batches: list[int], budget: float, context: in
         raise UsageError(f"--sample-interval-ms must be > 0, got {sample_interval_ms:g}")
 
 
-def _check_device(device: str) -> None:
+DEVICE_MAPS = ("auto",)
+
+
+def _check_device(device: str, device_map: str | None) -> None:
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise UsageError(f"--device-map takes {' or '.join(DEVICE_MAPS)}, got {device_map!r}")
+        if not device.startswith("cuda"):
+            raise UsageError(f"--device-map spreads the model over GPUs; it cannot go with --device {device}")
+        if not torch.cuda.is_available():
+            raise UsageError("--device-map auto spreads the model over GPUs, but no NVIDIA GPU was found")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("no NVIDIA GPU found (profile reads GPU memory through NVML); "
                          "pass --device cpu to time on the CPU without GPU memory figures")
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+def _device_name(devices: list[torch.device]) -> str:
+    if devices[0].type != "cuda":
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    names = [torch.cuda.get_device_name(d) for d in devices]
+    if len(names) == 1:
+        return names[0]
+    return f"{len(names)} x {names[0]}" if len(set(names)) == 1 else " + ".join(names)
+
+
+def _layers_per_device(model: torch.nn.Module) -> dict[str, int]:
+    """How many decoder layers each device holds (a device-mapped model's split)."""
+    counts: dict[str, int] = {}
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        where = str(next(layer.parameters()).device)
+        counts[where] = counts.get(where, 0) + 1
+    return counts
 
 
 def _gib(value: int | None) -> str:
@@ -69,7 +96,11 @@ def _gib(value: int | None) -> str:
 def _peaks(row: ProfileRow) -> str:
     if row.nvml_peak_bytes is None and row.torch_max_allocated_bytes is None:
         return "n/a"
-    return f"{_gib(row.nvml_peak_bytes)}/{_gib(row.torch_max_allocated_bytes)}"
+    text = f"{_gib(row.nvml_peak_bytes)}/{_gib(row.torch_max_allocated_bytes)}"
+    per_gpu = row.nvml_peak_per_device_bytes or row.torch_max_allocated_per_device_bytes or []
+    if len(per_gpu) > 1:  # the sum over the GPUs, then each GPU's own peak
+        text += " (" + "+".join(f"{value / GIB:.2f}" for value in per_gpu) + ")"
+    return text
 
 
 def render_table(rows: list[ProfileRow], methods: list[str], batches: list[int], title: str) -> Table:
@@ -129,6 +160,8 @@ def profile_command(
     find_max_batch: bool = typer.Option(False, "--find-max-batch", help="Also find each method's largest batch that fits."),
     max_batch_limit: int = typer.Option(1024, "--max-batch-limit", help="Upper end of the --find-max-batch search."),
     device: str = typer.Option("cuda", "--device", help="cuda (NVML memory) or cpu (timing only)."),
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="auto: spread the model's layers over every visible GPU (accelerate)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     sample_interval_ms: float = typer.Option(10.0, "--sample-interval-ms", help="NVML sampling interval."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic token ids."),
@@ -140,24 +173,27 @@ def profile_command(
     method_names, batches = parse_names(o["methods"]), parse_ints(o["batch"], "--batch")
     _validate(method_names, batches, o["budget"], o["context"], o["new_tokens"], o["max_batch_limit"],
               o["sample_interval_ms"])
-    _check_device(o["device"])
-    net, _ = load_model(o["model"], o["dtype"], o["device"], arch=o["arch"], random_weights=o["random_weights"])
-    target = next(net.parameters()).device
-    release_memory(target)  # random init leaves reserved blocks behind, which NVML would count
+    _check_device(o["device"], o["device_map"])
+    net, _ = load_model(o["model"], o["dtype"], o["device"], arch=o["arch"], random_weights=o["random_weights"],
+                        device_map=o["device_map"])
+    devices, target = model_devices(net), input_device(net)
+    release_memory(devices)  # random init leaves reserved blocks behind, which NVML would count
     limit = getattr(net.config, "max_position_embeddings", None)
     if limit is not None and o["context"] + o["new_tokens"] > limit:
         raise UsageError(f"--context + --new-tokens = {o['context'] + o['new_tokens']} exceeds the model's {limit} positions")
     memory = None
     if target.type == "cuda":
         try:
-            memory = nvml_reader(target)
+            memory = nvml_reader(devices)
         except NvmlUnavailable as exc:
             err_console.print(f"warning: {exc}; peak GPU memory comes from torch alone", highlight=False)
 
     setup = {"model": o["model"] or (f"{o['arch']} (random weights)" if o["arch"] else "embedded SmolLM2-135M"),
-             "dtype": str(next(net.parameters()).dtype).removeprefix("torch."), "device": _device_name(target),
+             "dtype": str(next(net.parameters()).dtype).removeprefix("torch."), "device": _device_name(devices),
              "context": o["context"], "new_tokens": o["new_tokens"], "decode_warmup": o["decode_warmup"],
              "budget": o["budget"], "seed": o["seed"]}
+    if o["device_map"] is not None:  # absent otherwise, so that earlier single-device results still resume
+        setup["device_map"] = {"mode": o["device_map"], "layers_per_device": _layers_per_device(net)}
     store = ResultStore(o["out"] / "profile.jsonl" if o["out"] else None, ("setup", "method", "batch"))
     spec_of = {m: RunSpec(m, o["budget"], o["context"], o["new_tokens"], o["decode_warmup"], o["seed"],
                           o["sample_interval_ms"] / 1000) for m in method_names}
@@ -169,9 +205,9 @@ def profile_command(
                 return ProfileRow(**{k: v for k, v in stored.items() if k != "setup"})
         if method not in warmed:  # kernels, cuBLAS handles and allocator pools, kept out of the first timed row
             short = RunSpec(method, o["budget"], o["context"], 2, 1, o["seed"])
-            guarded(lambda b: measure_run(net, short, b), method, size, target)
+            guarded(lambda b: measure_run(net, short, b), method, size, devices)
             warmed.add(method)
-        row = guarded(lambda b: measure_run(net, spec_of[method], b, memory), method, size, target)
+        row = guarded(lambda b: measure_run(net, spec_of[method], b, memory), method, size, devices)
         store.append({"setup": setup, **row.to_dict()})
         return row
 
@@ -198,6 +234,10 @@ def profile_command(
     console.print(render_table(grid, method_names, batches, title))
     if memory is None:
         console.print(f"NVML memory is unavailable on {target.type}: the NVML peak was not measured.")
+    if len(devices) > 1:
+        split = ", ".join(f"{where} {count}" for where, count in _layers_per_device(net).items())
+        console.print(f"model spread over {len(devices)} GPUs (decoder layers: {split}); peak memory is the sum "
+                      "of each GPU's own peak, which is in brackets, GPU by GPU", highlight=False)
     for line in memory_savings(grid, method_names):
         console.print(line, highlight=False)
     probes = {(r["method"], r["batch"]): r for r in store.rows if r["setup"] == setup}
@@ -208,7 +248,7 @@ def profile_command(
     if o["out"]:
         o["out"].mkdir(parents=True, exist_ok=True)
         report = {"setup": setup, "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-                  "methods": method_names, "rows": [r.to_dict() for r in grid], "max_batch": max_batch,
+                  "devices": [str(d) for d in devices], "methods": method_names, "rows": [r.to_dict() for r in grid], "max_batch": max_batch,
                   "probes": [{k: v for k, v in r.items() if k != "setup"} for r in store.rows if r["setup"] == setup]}
         (o["out"] / "profile.json").write_text(json.dumps(report, indent=2))
         console.print(f"wrote {o['out'] / 'profile.json'}")

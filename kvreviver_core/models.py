@@ -8,6 +8,7 @@ runs load the conversion in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -142,17 +143,119 @@ class _null:
         return False
 
 
-def random_model(arch: str, dtype: torch.dtype, device: torch.device):
-    """A LlamaForCausalLM of a preset architecture with random weights, and no tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_model(arch: str, dtype: torch.dtype, device: torch.device, device_map: str | dict | None = None):
+    """A LlamaForCausalLM of a preset architecture with random weights (seed 0), and no tokenizer.
+
+    Args:
+        device_map: None builds the model on ``device``. ``"auto"`` spreads its layers over every visible GPU
+            (:func:`balanced_device_map`; a single GPU simply holds it all). A dict (module name -> device, as
+            accelerate writes it) places the modules as given. Each module's weights are created on its own
+            device: no device ever holds a full copy first.
+    """
+    from transformers import LlamaForCausalLM
+
+    config = arch_config(arch)
+    if device_map == "auto" and gpu_count() == 1:
+        device_map, device = None, torch.device("cuda")
+    torch.manual_seed(0)
+    if device_map is None:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(dtype)
+        return model.eval()
+    model = empty_model(arch, dtype)
+    placement = balanced_device_map(model, dtype) if device_map == "auto" else dict(device_map)
+    return dispatch_random(model, placement).eval()
+
+
+def arch_config(arch: str):
+    from transformers import LlamaConfig
 
     if arch not in ARCH_PRESETS:
         raise ModelUnavailable(f"unknown --arch {arch!r}; presets: {', '.join(ARCH_PRESETS)}")
-    config = LlamaConfig(**ARCH_PRESETS[arch], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    return model.eval()
+    return LlamaConfig(**ARCH_PRESETS[arch], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def empty_model(arch: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The preset's model with its parameters on the meta device (no memory), tied where the config ties them;
+    buffers (RoPE's inverse frequencies) are real, in fp32, as from_pretrained has them."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    with init_empty_weights(include_buffers=False), _default_dtype(dtype):
+        model = LlamaForCausalLM(arch_config(arch))
+    model.tie_weights()  # so that the placement keeps a tied output layer with the embedding
+    return model
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Floating tensors created inside are of ``dtype`` (what from_pretrained does while it builds a model)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def balanced_device_map(model: torch.nn.Module, dtype: torch.dtype, max_memory: dict | None = None) -> dict[str, int | str]:
+    """Module name -> GPU index, the layers spread evenly over the GPUs (accelerate's balanced placement).
+
+    A decoder layer (the model's ``_no_split_modules``) is never cut between two GPUs. The model may sit on the
+    meta device. ``max_memory`` (GPU index -> bytes) caps what each GPU may take; by default every visible GPU
+    and what it has free. A model that does not fit the GPUs is a :class:`ModelUnavailable`, never a silent
+    CPU offload.
+    """
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if max_memory is None and gpu_count() < 1:
+        raise ModelUnavailable("--device-map auto spreads the model over GPUs, but no CUDA GPU is available")
+    whole = list(getattr(model, "_no_split_modules", None) or [])
+    memory = get_balanced_memory(model, max_memory=max_memory, dtype=dtype, no_split_module_classes=whole)
+    placement = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=whole, dtype=dtype)
+    offloaded = sorted(name for name, where in placement.items() if where in ("cpu", "disk"))
+    if offloaded:
+        raise ModelUnavailable(
+            f"the model does not fit on the GPU(s) ({len(offloaded)} module(s) would be "
+            "offloaded to the CPU); use more GPUs or a smaller --dtype"
+        )
+    return placement
+
+
+def module_device(placement: dict[str, int | str], name: str) -> torch.device:
+    """The device of tensor or module ``name`` under ``placement``: that of its longest listed prefix."""
+    parts = name.split(".")
+    for cut in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in placement:
+            where = placement[prefix]
+            return torch.device("cuda", where) if isinstance(where, int) else torch.device(where)
+    raise ValueError(f"device map places no prefix of {name!r}")
+
+
+@torch.no_grad()
+def dispatch_random(model: torch.nn.Module, placement: dict[str, int | str], seed: int = 0) -> torch.nn.Module:
+    """Give every meta parameter of ``model`` storage on its device under ``placement``, random weights (the
+    model's own initialisation, seed ``seed``), then attach accelerate's hooks that move activations between
+    devices. Buffers already real are moved by the hooks' dispatch."""
+    from accelerate import dispatch_model
+
+    for name, param in list(model.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        fresh = torch.empty_like(param, device=module_device(placement, name))
+        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(fresh, param.requires_grad))
+    model.tie_weights()  # a tied output layer still points at the meta embedding
+    torch.manual_seed(seed)
+    for module in model.modules():
+        model._init_weights(module)
+    model = dispatch_model(model, device_map=placement, skip_keys=getattr(model, "_skip_keys_device_placement", None))
+    model.hf_device_map = placement
+    return model
 
 
 def load_model(
@@ -168,8 +271,11 @@ def load_model(
     Args:
         name_or_path: HF hub id or local folder; None means the embedded SmolLM2 (or ``arch`` with random weights).
         arch, random_weights: build ``ARCH_PRESETS[arch]`` with random weights instead of loading.
-        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to spread layers over GPUs).
+        device_map: ``"auto"`` spreads the layers over every visible GPU (random weights: see
+            :func:`random_model`; a checkpoint: ``from_pretrained(device_map=...)``). It needs a CUDA GPU.
     """
+    if device_map is not None and gpu_count() < 1:
+        raise ModelUnavailable("--device-map auto spreads the model over GPUs, but no CUDA GPU is available")
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     if random_weights or arch is not None:
@@ -177,7 +283,7 @@ def load_model(
             raise ModelUnavailable("--arch and --random-weights go together: --arch NAME --random-weights")
         if name_or_path:
             raise ModelUnavailable("give either --model or --arch with --random-weights, not both")
-        return random_model(arch, torch_dtype, target), None
+        return random_model(arch, torch_dtype, target, device_map), None
     source = str(embedded_model_dir()) if name_or_path is None else name_or_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

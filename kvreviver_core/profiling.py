@@ -5,6 +5,9 @@ used" of the device, by default every 10 ms). It sees what the process really ho
 weights, the caching allocator's reserved blocks), which ``torch.cuda.max_memory_allocated`` does not; both are
 reported side by side. The reader is a plain callable, so tests can drive the sampler with a fake source.
 
+A model spread over several GPUs (``device_map``) is read on every GPU that holds part of it: the sampler keeps
+each GPU's own peak, and the reported peak is their sum (what the run needs provisioned, GPU by GPU).
+
 One measured run (:func:`measure_run`) is a manual prefill + decode loop through the real model forward and a
 method's cache: one prefill of ``batch x context`` synthetic token ids, then a fixed number of greedy decode steps.
 The first decode steps are a warm-up and are not timed. Running out of device memory is a result:
@@ -18,54 +21,78 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import torch
 
 from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs
 
-MemoryReader = Callable[[], int]
-"""Returns the device memory in use now, in bytes."""
+MemoryReader = Callable[[], Union[int, Sequence[int]]]
+"""Returns the device memory in use now, in bytes: one number, or one per device (a model on several GPUs)."""
+Devices = Union[torch.device, Sequence[torch.device]]
 
 
 class NvmlUnavailable(RuntimeError):
     """NVML cannot be read here (no NVIDIA driver, no nvidia-ml-py, or a CPU device)."""
 
 
-def nvml_reader(device: torch.device) -> MemoryReader:
-    """NVML's "memory used" of the card behind ``device`` (CUDA_VISIBLE_DEVICES taken into account)."""
-    if device.type != "cuda":
-        raise NvmlUnavailable(f"NVML reads NVIDIA GPUs only, not {device.type}")
+def as_devices(devices: Devices) -> list[torch.device]:
+    return [devices] if isinstance(devices, torch.device) else list(devices)
+
+
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The devices holding ``model``'s weights, in the order of its parameters (several with a device map)."""
+    found: dict[torch.device, None] = {}
+    for param in model.parameters():
+        found.setdefault(param.device)
+    return list(found)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids go: the input embedding's device (the first layer's GPU under a device map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def nvml_reader(devices: Devices) -> MemoryReader:
+    """NVML's "memory used" of the card behind each of ``devices``, one handle per card, read as a list in the
+    order given (CUDA_VISIBLE_DEVICES taken into account)."""
+    devices = as_devices(devices)
+    not_gpu = sorted({d.type for d in devices if d.type != "cuda"})
+    if not devices or not_gpu:
+        raise NvmlUnavailable(f"NVML reads NVIDIA GPUs only, not {', '.join(not_gpu) or 'no device'}")
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception as exc:  # ImportError, or NVMLError when there is no driver
         raise NvmlUnavailable(f"NVML is unavailable: {exc}") from None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        # torch's own mapping from its device index to NVML's (it honours CUDA_VISIBLE_DEVICES).
-        index = torch.cuda._get_nvml_device_index(index)
-    except (AttributeError, RuntimeError):
-        pass
-    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    handles = []
+    for device in devices:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        try:
+            # torch's own mapping from its device index to NVML's (it honours CUDA_VISIBLE_DEVICES).
+            index = torch.cuda._get_nvml_device_index(index)
+        except (AttributeError, RuntimeError):
+            pass
+        handles.append(pynvml.nvmlDeviceGetHandleByIndex(index))
+    return lambda: [int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) for handle in handles]
 
 
 @dataclass
 class PeakSampler:
-    """Reads ``read()`` on a background thread every ``interval_s`` and keeps the peak.
+    """Reads ``read()`` on a background thread every ``interval_s`` and keeps the peak of each device.
 
-    ``start()`` takes one reading at once (``baseline_bytes``); ``stop()`` takes a last one, joins the thread and
-    returns the peak, so even a region shorter than the interval is covered at both ends. An exception raised by
-    the reader stops the sampling and is raised again by ``stop()``.
+    ``start()`` takes one reading at once (the baseline); ``stop()`` takes a last one, joins the thread and returns
+    the peak, so even a region shorter than the interval is covered at both ends. An exception raised by the reader
+    stops the sampling and is raised again by ``stop()``. With several devices, ``peak_bytes`` and
+    ``baseline_bytes`` are the sums over the devices of each one's own peak and baseline.
     """
 
     read: MemoryReader
     interval_s: float = 0.01
-    baseline_bytes: int = field(default=0, init=False)
-    peak_bytes: int = field(default=0, init=False)
+    baseline_per_device: tuple[int, ...] = field(default=(), init=False)
+    peak_per_device: tuple[int, ...] = field(default=(), init=False)
     samples: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -75,10 +102,24 @@ class PeakSampler:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
+    @property
+    def baseline_bytes(self) -> int:
+        return sum(self.baseline_per_device)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.peak_per_device)
+
+    def _reading(self) -> tuple[int, ...]:
+        value = self.read()
+        return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
     def _take(self) -> None:
-        value = int(self.read())
+        reading = self._reading()
+        if len(reading) != len(self.peak_per_device):
+            raise ValueError(f"the memory reader gave {len(reading)} devices, {len(self.peak_per_device)} before")
         self.samples += 1
-        self.peak_bytes = max(self.peak_bytes, value)
+        self.peak_per_device = tuple(map(max, self.peak_per_device, reading))
 
     def _loop(self) -> None:
         try:
@@ -90,8 +131,8 @@ class PeakSampler:
     def start(self) -> "PeakSampler":
         if self._thread is not None:
             raise RuntimeError("PeakSampler.start() called twice")
-        self.baseline_bytes = int(self.read())
-        self.peak_bytes, self.samples = self.baseline_bytes, 1
+        self.baseline_per_device = self.peak_per_device = self._reading()
+        self.samples = 1
         self._thread = threading.Thread(target=self._loop, name="kvreviver-memory-sampler", daemon=True)
         self._thread.start()
         return self
@@ -118,15 +159,16 @@ class PeakSampler:
             self.stop()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def synchronize(devices: Devices) -> None:
+    for device in as_devices(devices):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 class Timer:
-    """Wall-clock seconds of a block, with the device synchronized on entry and exit (GPU work is asynchronous)."""
+    """Wall-clock seconds of a block, with the devices synchronized on entry and exit (GPU work is asynchronous)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: Devices) -> None:
         self.device = device
         self.seconds = 0.0
 
@@ -140,11 +182,13 @@ class Timer:
         self.seconds = time.perf_counter() - self._start
 
 
-def release_memory(device: torch.device) -> None:
+def release_memory(devices: Devices) -> None:
     """Give freed blocks back to the driver so that NVML's reading reflects what the next run holds."""
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    gpus = [d for d in as_devices(devices) if d.type == "cuda"]
+    if gpus:
+        torch.cuda.empty_cache()  # every device's cached blocks
+    for device in gpus:
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -177,7 +221,11 @@ class RunSpec:
 
 @dataclass
 class ProfileRow:
-    """One method at one batch size. Byte counts are None where they cannot be measured (e.g. NVML on a CPU)."""
+    """One method at one batch size. Byte counts are None where they cannot be measured (e.g. NVML on a CPU).
+
+    Memory figures are sums over the GPUs that hold the model; the ``*_per_device_bytes`` lists give each GPU's
+    own figure, in the order of :func:`model_devices`.
+    """
 
     method: str
     batch: int
@@ -191,6 +239,9 @@ class ProfileRow:
     nvml_baseline_bytes: int | None = None
     nvml_peak_bytes: int | None = None
     torch_max_allocated_bytes: int | None = None
+    nvml_baseline_per_device_bytes: list[int] | None = None
+    nvml_peak_per_device_bytes: list[int] | None = None
+    torch_max_allocated_per_device_bytes: list[int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -215,20 +266,20 @@ def measure_run(model: torch.nn.Module, spec: RunSpec, batch: int, memory: Memor
     tokens/s counts every sequence: ``batch x timed steps / decode seconds``. KV bytes are read from the cache at
     the end (``cache.memory_bytes()``). With a ``memory`` reader, a :class:`PeakSampler` runs over the whole run.
     """
-    device = next(model.parameters()).device
-    release_memory(device)
+    devices, device = model_devices(model), input_device(model)
+    release_memory(devices)
     ids = synthetic_ids(model.config.vocab_size, batch, spec.context, spec.seed, device)
     sampler = PeakSampler(memory, spec.sample_interval_s) if memory is not None else None
     with sampler if sampler is not None else nullcontext():
         cache = make_cache(spec.method, spec.budget, model=model)
         forward = cache_kwargs(model, cache)
-        with Timer(device) as prefill:
+        with Timer(devices) as prefill:
             logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward).logits
         token = logits[:, -1].argmax(dim=-1, keepdim=True)
         warmup = spec.new_tokens - spec.timed_steps
         for _ in range(warmup):
             token = model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(dim=-1, keepdim=True)
-        with Timer(device) as decode:
+        with Timer(devices) as decode:
             for _ in range(spec.timed_steps):
                 token = model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(dim=-1, keepdim=True)
         kv_bytes, kv_full = cache.memory_bytes(), cache.full_bytes()
@@ -239,8 +290,12 @@ def measure_run(model: torch.nn.Module, spec: RunSpec, batch: int, memory: Memor
     )
     if sampler is not None:
         row.nvml_baseline_bytes, row.nvml_peak_bytes = sampler.baseline_bytes, sampler.peak_bytes
-    if device.type == "cuda":
-        row.torch_max_allocated_bytes = torch.cuda.max_memory_allocated(device)
+        row.nvml_baseline_per_device_bytes = list(sampler.baseline_per_device)
+        row.nvml_peak_per_device_bytes = list(sampler.peak_per_device)
+    gpus = [d for d in devices if d.type == "cuda"]
+    if gpus:
+        row.torch_max_allocated_per_device_bytes = [torch.cuda.max_memory_allocated(d) for d in gpus]
+        row.torch_max_allocated_bytes = sum(row.torch_max_allocated_per_device_bytes)
     return row
 
 
@@ -252,7 +307,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
 
 
-def guarded(step: Callable[[int], ProfileRow], method: str, batch: int, device: torch.device) -> ProfileRow:
+def guarded(step: Callable[[int], ProfileRow], method: str, batch: int, device: Devices) -> ProfileRow:
     """Run ``step(batch)``; out of memory gives an ``oom`` row, after the failed run's memory is released."""
     try:
         return step(batch)

@@ -310,6 +310,12 @@ def reviver_decode_triton(
     reason = kernel_unsupported(query, sketch)
     if reason is not None:
         raise ValueError(reason)
+    # Triton launches on the current CUDA device: under a device map that is not always this layer's GPU.
+    with torch.cuda.device(query.device):
+        return _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scaling)
+
+
+def _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scaling):
     b, hq, _, d = query.shape
     hkv, e = exact_keys.shape[1], exact_keys.shape[2]
     length = key_valid.shape[1]

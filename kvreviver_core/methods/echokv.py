@@ -291,7 +291,8 @@ class EchoKVLayer(CompressedLayer):
         for heads, sources, weight, bias in self.networks[kind]:
             if not heads:
                 continue
-            inputs = [self.method.layers[j].stored(kind, h, length) for j, h in sources]
+            # An input layer may sit on another GPU under a device map; the rebuilt heads stay on this layer's.
+            inputs = [self.method.layers[j].stored(kind, h, length).to(self.device) for j, h in sources]
             if kind == "k":
                 inputs = [RopeFrame.unrotate(x, cos, sin) for x in inputs]
             y = (torch.cat(inputs, dim=-1) @ weight + bias).unflatten(-1, (len(heads), self.head_dim)).transpose(1, 2)
@@ -341,7 +342,7 @@ class EchoKVMethod(Method):
             raise ValueError(f"weights must be a path, got {self.weights!r}")
         self._model = None
         self._tensors: dict[str, torch.Tensor] | None = None
-        self._rotation: tuple = ()
+        self._rotation: dict[torch.device, tuple] = {}  # per device: the layers of a device map share it
         self._plans: dict[tuple, HeadPlan] = {}
         self.layers: list[EchoKVLayer] = []
 
@@ -380,12 +381,15 @@ class EchoKVMethod(Method):
                 self._tensors[name + ".bias"][cols].to(device, dtype))
 
     def rotation(self, offsets: torch.Tensor, length: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``(B, length, D)`` of every slot; one computation per decode step shared by all layers."""
+        """cos, sin ``(B, length, D)`` of every slot on ``offsets``' device; one computation per decode step and
+        device, shared by the layers there."""
         key = (length, dtype, tuple(offsets.tolist()))
-        if not self._rotation or self._rotation[0] != key:
+        held = self._rotation.get(offsets.device)
+        if held is None or held[0] != key:
             rope = RopeFrame.of(self._model)
-            self._rotation = (key, rope.cos_sin(sequence_positions(offsets, length), dtype))
-        return self._rotation[1]
+            cos, sin = rope.cos_sin(sequence_positions(offsets, length), dtype)
+            held = self._rotation[offsets.device] = (key, (cos.to(offsets.device), sin.to(offsets.device)))
+        return held[1]
 
     def head_plan(self, layer: EchoKVLayer) -> HeadPlan:
         """The exact units of every layer for this cache: the calibrated kept heads, then the dropped heads with
