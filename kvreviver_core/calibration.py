@@ -181,7 +181,9 @@ class RopeFrame:
         cos, sin = self.rotary(probe, flat)
         norm = torch.sqrt(cos.float() ** 2 + sin.float() ** 2)  # rope scaling multiplies both; a rotation has norm 1
         shape = (*positions.shape, cos.shape[-1])
-        return (cos.float() / norm).reshape(shape).to(dtype), (sin.float() / norm).reshape(shape).to(dtype)
+        # On the positions' device: under a device map the rotary module sits on another layer's GPU.
+        place = {"dtype": dtype, "device": positions.device}
+        return (cos.float() / norm).reshape(shape).to(**place), (sin.float() / norm).reshape(shape).to(**place)
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -96,22 +96,21 @@ def rank_device(device: str, info: RankInfo) -> str:
 
 # -- who runs what -----------------------------------------------------------------------------------------------------
 def assign(costs: Sequence[float], world_size: int) -> list[int]:
-    """The rank of each work item: greedy longest-first (LPT) on the estimated ``costs``.
+    """The rank of each work item: items in decreasing estimated cost (ties: lower index first), dealt out in
+    snake order (ranks 0..W-1, then W-1..0, and so on).
 
-    Items go in decreasing cost (ties: lower index first) to the rank with the least work so far (ties: lower
-    rank). Deterministic, so every rank computes the same assignment; the busiest rank gets at most 4/3 of the
-    optimum (Graham's bound), and equal costs split as evenly as their count allows.
+    Deterministic, so every rank computes the same assignment. Every rank gets the same number of items (within one)
+    and a share of every cost class, and the loads differ by at most the largest cost. Counts matter as much as the
+    token costs: on a GPU a small model's answer time is mostly its decode steps, which every item has.
     """
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     if any(cost < 0 for cost in costs):
         raise ValueError("work item costs must be >= 0")
-    loads = [0.0] * world_size
     owner = [0] * len(costs)
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        owner[index] = rank
-        loads[rank] += costs[index]
+    for turn, index in enumerate(sorted(range(len(costs)), key=lambda i: (-costs[i], i))):
+        lap, seat = divmod(turn, world_size)
+        owner[index] = seat if lap % 2 == 0 else world_size - 1 - seat
     return owner
 
 

@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch
 
+from kvreviver_core.ops import add_at
+
 Estimator = Literal["sum", "mean"]
 ESTIMATORS: tuple[str, ...] = ("sum", "mean")
 
@@ -130,12 +132,12 @@ class VagueSketch:
         key_w = signed_w if self.signed_keys else w
         key_src = (keys.unsqueeze(2) * key_w).expand(b, h, r, m, d).reshape(b, h, r * m, d)
         value_src = (values.unsqueeze(2) * signed_w).reshape(b, h, r * m, d)
-        index = slot.reshape(b, h, r * m, 1).expand(b, h, r * m, d)
-        self.keys.scatter_add_(2, index, key_src)
-        self.values.scatter_add_(2, index, value_src)
+        index = slot.reshape(b, h, r * m)
+        add_at(self.keys, index, key_src)
+        add_at(self.values, index, value_src)
         if self.counts is not None:
             ones = weight.to(torch.int32).unsqueeze(2).expand(b, h, r, m).reshape(b, h, r * m)
-            self.counts.scatter_add_(2, slot.reshape(b, h, r * m), ones)
+            add_at(self.counts, index, ones)
 
     def insert(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
         """Algorithm 1, batched. ``weight`` ``(B, H, M)`` is 1 for tokens to insert and 0 for ignored entries.

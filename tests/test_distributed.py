@@ -44,27 +44,33 @@ def _loads(costs, owner, world_size):
     return loads
 
 
-def test_assignment_is_complete_deterministic_and_near_the_optimum():
+def test_assignment_is_complete_deterministic_and_balanced():
     rng = random.Random(0)
     for trial in range(40):
-        costs = [rng.choice([100, 1000, 2000, 4000]) + rng.random() for _ in range(rng.randint(1, 9))]
-        owner = assign(costs, 2)
-        assert owner == assign(list(costs), 2)  # every rank computes the same
-        assert len(owner) == len(costs) and set(owner) <= {0, 1}
-        shards = [distributed.my_items(costs, RankInfo(rank, 2, rank)) for rank in (0, 1)]
-        assert sorted(shards[0] + shards[1]) == list(range(len(costs)))  # disjoint and complete
-        # Against the brute-force best split: LPT on 2 ranks is within 7/6 of it (Graham).
-        best = min(max(_loads(costs, split, 2)) for split in itertools.product((0, 1), repeat=len(costs)))
-        assert max(_loads(costs, owner, 2)) <= 7 / 6 * best + 1e-9
-    assert assign([5.0] * 7, 3).count(0) == 3 and sorted(assign([5.0] * 7, 3)) == [0, 0, 0, 1, 1, 2, 2]
+        world = rng.choice([2, 3])
+        costs = [rng.choice([100, 1000, 2000, 4000]) + rng.random() for _ in range(rng.randint(1, 12))]
+        owner = assign(costs, world)
+        assert owner == assign(list(costs), world)  # every rank computes the same
+        assert len(owner) == len(costs) and set(owner) <= set(range(world))
+        shards = [distributed.my_items(costs, RankInfo(rank, world, rank)) for rank in range(world)]
+        assert sorted(sum(shards, [])) == list(range(len(costs)))  # disjoint and complete
+        counts = [owner.count(rank) for rank in range(world)]
+        assert max(counts) - min(counts) <= 1
+        loads = _loads(costs, owner, world)
+        assert max(loads) - min(loads) <= max(costs) + 1e-9
+    assert sorted(assign([5.0] * 7, 3)) == [0, 0, 0, 1, 1, 2, 2]
 
 
-def test_the_benchmark_grid_splits_evenly_over_two_ranks():
-    """benchmarks/bench_niah_multigpu.sh: 4 lengths x 5 depths; each rank gets 10 points and half the tokens."""
-    points = [(n, d) for n in (1000, 2000, 3000, 4000) for d in range(5)]
+def test_the_figure5_grid_splits_evenly_over_two_ranks():
+    """4 lengths x 5 depths: each rank gets 10 points and every length on both ranks (answer time on a GPU is
+    mostly decode steps, the same for every point)."""
+    points = [(n, d) for n in (1000, 2000, 4000, 8000) for d in range(5)]
     owner = assign([n + 32 for n, _ in points], 2)
     assert owner.count(0) == owner.count(1) == 10
-    assert _loads([n for n, _ in points], owner, 2) == [25000, 25000]
+    for length in (1000, 2000, 4000, 8000):
+        assert {owner[i] for i, (n, _) in enumerate(points) if n == length} == {0, 1}
+    loads = _loads([n for n, _ in points], owner, 2)
+    assert abs(loads[0] - loads[1]) <= 8000
 
 
 def test_rank_info_from_the_environment(monkeypatch):

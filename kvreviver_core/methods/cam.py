@@ -31,6 +31,7 @@ from kvreviver_core.budget import Budget
 from kvreviver_core.methods.base import CompressedLayer, Method, register
 from kvreviver_core.methods.eviction import EvictionLayer
 from kvreviver_core.methods.h2o import H2OScorer, check_share
+from kvreviver_core.ops import add_at
 from kvreviver_core.sketch import _mix
 
 
@@ -86,8 +87,8 @@ class CaMLayer(EvictionLayer):
         share = self.values.to(work) * weight.unsqueeze(-1)
         d = self.head_dim
         delta = torch.zeros(self.batch, self.heads, s + 1, d, dtype=work, device=self.device)
-        delta.scatter_add_(2, start.unsqueeze(-1).expand(-1, -1, -1, d), share)
-        delta.scatter_add_(2, stop.unsqueeze(-1).expand(-1, -1, -1, d), -share)
+        add_at(delta, start, share)
+        add_at(delta, stop, -share)
         added_sorted = delta.cumsum(dim=2)[:, :, :s]
         added = torch.zeros_like(added_sorted).scatter_(2, order.unsqueeze(-1).expand(-1, -1, -1, d), added_sorted)
         self.values = torch.where(keep.unsqueeze(-1), (self.values.to(work) + added).to(self.values.dtype), self.values)
