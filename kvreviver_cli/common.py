@@ -57,3 +57,27 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 def parse_names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+DEVICE_MAPS = ("auto",)
+DEVICE_MAP_HELP = "auto: spread the model's layers over every visible GPU (accelerate), for models too big for one."
+
+
+def check_device_map(device: str, device_map: str | None) -> None:
+    """``--device-map`` needs GPUs, and one process: torchrun ranks each hold a whole model on their own GPU."""
+    if device_map is None:
+        return
+    import os
+
+    import torch
+
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"--device-map takes {' or '.join(DEVICE_MAPS)}, got {device_map!r}")
+    if device == "cpu":
+        raise UsageError(f"--device-map spreads the model over GPUs; it cannot go with --device {device}")
+    if not torch.cuda.is_available():
+        raise UsageError("--device-map auto spreads the model over GPUs, but no NVIDIA GPU was found")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UsageError("--device-map spreads one model over all GPUs, while torchrun gives each rank a GPU and a "
+                         "model of its own: use one or the other")
+

@@ -23,7 +23,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvreviver_cli.common import UsageError, clean_errors, console, parse_floats, parse_names
+from kvreviver_cli.common import (
+    DEVICE_MAP_HELP, UsageError, check_device_map, clean_errors, console, parse_floats, parse_names,
+)
 from kvreviver_cli.config import apply_config
 from kvreviver_core import distributed
 from kvreviver_core.budget import DEFAULT_SPLIT, Budget
@@ -54,6 +56,7 @@ class EvalSettings:
     model: Optional[str] = None
     dtype: str = "auto"
     device: str = "auto"
+    device_map: Optional[str] = None
     dataset: str = "builtin"
     input_field: str = "document"
     reference_field: str = "summary"
@@ -148,7 +151,8 @@ def load_task(settings: EvalSettings) -> EvalTask:
     hf_logging.disable_progress_bar()  # our own progress display only
     with console.status("loading the model", spinner="dots"):
         model, tokenizer = models.load_model(settings.model, dtype=settings.dtype,
-                                             device=distributed.rank_device(settings.device, rank))
+                                             device=distributed.rank_device(settings.device, rank),
+                                             device_map=settings.device_map)
     dataset = dataset or load(tokenizer)
     return EvalTask(settings, model, tokenizer, dataset, data.build_prompts(dataset, tokenizer, settings.max_context))
 
@@ -378,6 +382,7 @@ def check_method_names(names: list[str]) -> None:
 MODEL = typer.Option(None, help="HF hub id or local folder; default: the embedded SmolLM2-135M-Instruct.")
 DTYPE = typer.Option("auto", help="auto, float32, bfloat16 or float16.")
 DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
+DEVICE_MAP = typer.Option(None, help=DEVICE_MAP_HELP)
 DATASET = typer.Option("builtin", help="builtin, xsum, cnn_dailymail or a FILE.jsonl.")
 INPUT_FIELD = typer.Option("document", help="JSONL field holding the document.")
 REFERENCE_FIELD = typer.Option("summary", help="JSONL field holding the reference summary.")
@@ -395,6 +400,7 @@ def eval_command(
     model: Optional[str] = MODEL,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    device_map: Optional[str] = DEVICE_MAP,
     methods: Optional[str] = typer.Option(None, help="Comma-separated; default: every method that can run here (full always runs)."),
     budget: str = typer.Option("0.25", help="Fractions of the full cache's memory, comma-separated: 0.1,0.25."),
     split: str = typer.Option("0.1,0.45,0.45", help="KVReviver's Vague,Candidate,Recent shares (sum 1)."),
@@ -435,7 +441,8 @@ def eval_command(
 
 def settings_from(values: dict) -> EvalSettings:
     """The task settings among a command's merged flag values (``--limit 0`` means every document)."""
-    fields = ("model", "dtype", "device", "dataset", "input_field", "reference_field", "max_context",
+    check_device_map(values["device"], values["device_map"])
+    fields = ("model", "dtype", "device", "device_map", "dataset", "input_field", "reference_field", "max_context",
               "max_new_tokens", "seed", "batch_size")
     if values["limit"] < 0:
         raise UsageError(f"--limit must be 0 (all) or a positive number, got {values['limit']}")

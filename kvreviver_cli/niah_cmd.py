@@ -17,7 +17,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvreviver_cli.common import UsageError, clean_errors, console, err_console, parse_floats, parse_ints, parse_names
+from kvreviver_cli.common import (
+    DEVICE_MAP_HELP, UsageError, check_device_map, clean_errors, console, err_console, parse_floats, parse_ints,
+    parse_names,
+)
 from kvreviver_cli.config import apply_config
 from kvreviver_core import distributed, niah, plots
 from kvreviver_core.models import load_model
@@ -93,6 +96,7 @@ def niah_command(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens",
                                        help=f"Tokens generated per answer (>= {MIN_NEW_TOKENS})."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     out: Path = typer.Option(Path("niah-results"), "--out", help="Folder for results.jsonl (resumable) and heatmaps."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options ([niah] table)."),
@@ -108,7 +112,8 @@ def niah_command(
         needle=_needle(o["needle"], o["question"], o["answer"]), questions_per_context=o["questions_per_context"],
         question_after_context=o["question_after_context"], max_new_tokens=o["max_new_tokens"],
     )
-    rows, store, model_name = run_grid(grid, o["model"], o["dtype"], o["device"], o["haystack"], o["out"])
+    rows, store, model_name = run_grid(grid, o["model"], o["dtype"], o["device"], o["haystack"], o["out"],
+                                       o["device_map"])
     title = (f"NIAH, {model_name}, budget {grid.budget:g}, question {grid.mode.replace('-', ' ')}, "
              f"{grid.questions_per_context} question(s) per context, seed {grid.seed}")
     console.print(score_table(rows, grid.methods, grid.lengths, title))
@@ -117,16 +122,17 @@ def niah_command(
 
 
 def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, haystack: Path | None,
-             out: Path) -> tuple[list[dict], ResultStore, str]:
+             out: Path, device_map: str | None = None) -> tuple[list[dict], ResultStore, str]:
     """Load the model and haystack, run ``grid`` with a progress bar into ``out/results.jsonl`` (resumes).
 
     Returns the grid's rows, the store and the model's label. Under torchrun (WORLD_SIZE > 1) each rank first runs
     its share of the grid points (all methods of a point together) into its own rank file; rank 0 folds those into
     ``out/results.jsonl`` and goes on as a single process would, finding every row stored; the other ranks exit.
     """
+    check_device_map(device, device_map)
     haystack_text = niah.load_haystack(haystack)
     rank = distributed.RankInfo.from_env()
-    net, tokenizer = load_model(model, dtype, distributed.rank_device(device, rank))
+    net, tokenizer = load_model(model, dtype, distributed.rank_device(device, rank), device_map=device_map)
     limit = getattr(net.config, "max_position_embeddings", None)
     if limit is not None and max(grid.lengths) + 128 + grid.max_new_tokens > limit:
         raise UsageError(f"--lengths up to {max(grid.lengths)} plus the question and {grid.max_new_tokens} new tokens "

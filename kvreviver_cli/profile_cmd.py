@@ -23,7 +23,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvreviver_cli.common import UsageError, clean_errors, console, err_console, parse_ints, parse_names
+from kvreviver_cli.common import (
+    UsageError, check_device_map, clean_errors, console, err_console, parse_ints, parse_names,
+)
 from kvreviver_cli.config import apply_config
 from kvreviver_core import list_methods
 from kvreviver_core.models import load_model
@@ -55,17 +57,8 @@ def _validate(methods: list[str], batches: list[int], budget: float, context: in
         raise UsageError(f"--sample-interval-ms must be > 0, got {sample_interval_ms:g}")
 
 
-DEVICE_MAPS = ("auto",)
-
-
 def _check_device(device: str, device_map: str | None) -> None:
-    if device_map is not None:
-        if device_map not in DEVICE_MAPS:
-            raise UsageError(f"--device-map takes {' or '.join(DEVICE_MAPS)}, got {device_map!r}")
-        if not device.startswith("cuda"):
-            raise UsageError(f"--device-map spreads the model over GPUs; it cannot go with --device {device}")
-        if not torch.cuda.is_available():
-            raise UsageError("--device-map auto spreads the model over GPUs, but no NVIDIA GPU was found")
+    check_device_map(device, device_map)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("no NVIDIA GPU found (profile reads GPU memory through NVML); "
                          "pass --device cpu to time on the CPU without GPU memory figures")
@@ -140,8 +133,11 @@ def memory_savings(rows: list[ProfileRow], methods: list[str]) -> list[str]:
         if method == "full" or full is None or not (row.ok and full.ok) or row.nvml_peak_bytes is None:
             continue
         mine, theirs = row.nvml_peak_bytes - row.nvml_baseline_bytes, full.nvml_peak_bytes - full.nvml_baseline_bytes
+        # A small model's run can stay inside memory NVML already counted: no growth, no ratio.
+        growth = f"{mine / theirs:.2f}x" if theirs > 0 else "full grew by nothing NVML saw"
+        kv = f"{row.kv_bytes / full.kv_bytes:.3f}x" if full.kv_bytes > 0 else "n/a"
         lines.append(f"batch {batch}: {method} NVML peak above the loaded model {mine / GIB:.2f} GiB vs full "
-                     f"{theirs / GIB:.2f} GiB ({mine / theirs:.2f}x); KV held {row.kv_bytes / full.kv_bytes:.3f}x")
+                     f"{theirs / GIB:.2f} GiB ({growth}); KV held {kv}")
     return lines
 
 

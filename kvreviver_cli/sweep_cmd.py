@@ -137,7 +137,7 @@ def sweep_niah(values: dict, splits: list[Split], budget: float) -> list[dict]:
                          question_after_context=values["question_after_context"],
                          max_new_tokens=values["max_new_tokens"])
     found, _, _ = niah_cmd.run_grid(grid, values["model"], values["dtype"], values["device"], values["haystack"],
-                                    values["out"])
+                                    values["out"], values["device_map"])
     full = [r["score"] for r in found if r["method"] == "full"]
     console.print(f"full cache: mean needle score {sum(full) / len(full):.2f} over {len(full)} points",
                   highlight=False)
@@ -162,6 +162,7 @@ def sweep_command(
     model: Optional[str] = eval_cmd.MODEL,
     dtype: str = eval_cmd.DTYPE,
     device: str = eval_cmd.DEVICE,
+    device_map: Optional[str] = eval_cmd.DEVICE_MAP,
     dataset: str = eval_cmd.DATASET,
     input_field: str = eval_cmd.INPUT_FIELD,
     reference_field: str = eval_cmd.REFERENCE_FIELD,

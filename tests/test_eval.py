@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kvreviver_core import metrics
@@ -232,3 +233,17 @@ def test_default_methods_skip_an_uncalibrated_one_but_an_explicit_one_fails(tiny
     explicit = run_cli("eval", "--model", tiny, "--dataset", articles, "--methods", method_needing_calibration)
     assert explicit.exit_code == 2
     assert "weights file not found" in explicit.output and len(explicit.output.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+@pytest.mark.parametrize("command", [["eval"], ["niah"], ["sweep-ratios", "--table", "2"]])
+@pytest.mark.parametrize("flags, message", [
+    (["--device-map", "auto"], "no NVIDIA GPU was found"),
+    (["--device-map", "balanced"], "--device-map takes auto"),
+    (["--device-map", "auto", "--device", "cpu"], "cannot go with --device cpu"),
+])
+def test_device_map_needs_gpus_one_line_exit_2(command, flags, message, tmp_path):
+    result = run_cli(*command, *flags, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out" / "results.jsonl").exists()

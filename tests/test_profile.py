@@ -271,3 +271,18 @@ def test_nvml_sampler_sees_a_real_allocation():
     grew = peak - sampler.baseline_bytes
     assert 1.95 * 1024**3 <= grew <= 2.25 * 1024**3, grew
     assert sampler.samples >= 10
+
+
+def test_memory_savings_lines_survive_a_run_nvml_saw_no_growth_in():
+    """A tiny model can decode inside memory NVML already counted: the line says so instead of dividing by 0."""
+    from kvreviver_cli.profile_cmd import memory_savings
+    from kvreviver_core.profiling import ProfileRow
+
+    def row(method, peak, kv):
+        return ProfileRow(method, 2, "ok", kv_bytes=kv, nvml_baseline_bytes=1 << 30, nvml_peak_bytes=(1 << 30) + peak)
+
+    flat = memory_savings([row("full", 0, 1000), row("kvreviver", 0, 100)], ["full", "kvreviver"])
+    assert flat == ["batch 2: kvreviver NVML peak above the loaded model 0.00 GiB vs full 0.00 GiB (full grew by "
+                    "nothing NVML saw); KV held 0.100x"]
+    grown = memory_savings([row("full", 4 << 30, 1000), row("kvreviver", 1 << 30, 100)], ["full", "kvreviver"])
+    assert "(0.25x); KV held 0.100x" in grown[0]
