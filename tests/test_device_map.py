@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
+from collections import defaultdict
 
 import pytest
 import torch
@@ -29,6 +31,9 @@ CALIBRATED = {"vector": {}, "echokv": {"steps": 10, "keep": 0.4}}
 BUDGET = 0.5
 # echokv's kept heads (keep 0.4) plus its reconstruction weights cost most of a short prompt's full cache.
 BUDGETS = {"echokv": 0.9}
+# On SmolLM2-135M (30 layers, 3 KV heads of 64) they cost 0.963 of padded_batch's full cache (echokv's own
+# ValueError says so at 0.9); at 0.98 a few dropped heads are bought back and most are still rebuilt.
+SMOLLM2_BUDGETS = {"echokv": 0.98}
 
 
 # -- what a cache layer holds ------------------------------------------------------------------------------------
@@ -65,21 +70,33 @@ def padded_batch(device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(device), mask.to(device)
 
 
-def generate(model, method: str, options: dict, device, new_tokens: int = 6):
-    cache = make_cache(method, BUDGETS.get(method, BUDGET), model=model, **options)
+def generate(model, method: str, options: dict, device, new_tokens: int = 6, budgets: dict | None = None):
+    cache = make_cache(method, (budgets or BUDGETS).get(method, BUDGET), model=model, **options)
     ids, mask = padded_batch(device)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                          **cache_kwargs(model, cache))
     return out, cache
 
 
-def calibrations(model, folder) -> dict[str, dict]:
+def calibrations(model, folder, problems: list[str] | None = None) -> dict[str, dict]:
+    """Each calibrated method's options; with ``problems``, a failed calibration is noted there and left out."""
     ids = torch.randint(3, 128, (4, 128), generator=torch.Generator().manual_seed(0))
     options = {}
     for method, settings in CALIBRATED.items():
-        options[method] = {"weights": str(calibrate_on(method, model, ids, out=folder / f"{method}.safetensors",
-                                                       **settings))}
+        try:
+            options[method] = {"weights": str(calibrate_on(method, model, ids, out=folder / f"{method}.safetensors",
+                                                           **settings))}
+        except Exception as exc:
+            if problems is None:
+                raise
+            problems.append(f"{method} calibration: {failure(exc)}")
     return options
+
+
+def failure(exc: Exception) -> str:
+    """The exception and where it was raised, on one line."""
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__}: {exc} (at {where.filename.rsplit('/', 2)[-1]}:{where.lineno} in {where.name})"
 
 
 def test_every_methods_layers_hold_their_tensors_on_the_key_device(tmp_path):
@@ -232,25 +249,50 @@ def test_device_map_without_a_gpu_is_one_line_also_from_a_config_file(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_every_cache_keeps_each_layer_on_its_gpu_and_full_matches_one_gpu(tmp_path):
+    """Every method runs even when another fails: the assertion at the end lists each method's problems at once."""
     cuda0 = torch.device("cuda", 0)
     mapped = random_model("smollm2-135m", torch.bfloat16, cuda0, device_map="auto")
     layer_devices = [next(block.parameters()).device for block in mapped.model.layers]
     assert len(set(layer_devices)) >= 2, layer_devices
     assert all(t.device.type == "cuda" for t in [*mapped.parameters(), *mapped.buffers()])
-    single = random_model("smollm2-135m", torch.bfloat16, cuda0)
+    # Built the same way on one GPU: the plain build casts RoPE's inverse frequencies to bf16 with the weights,
+    # while the layer-by-layer build keeps them in fp32 (as from_pretrained does), which changes every position.
+    single = random_model("smollm2-135m", torch.bfloat16, cuda0, device_map={"": 0})
     single.load_state_dict(mapped.state_dict())
-    options = calibrations(mapped, tmp_path)
+    assert torch.equal(single.model.rotary_emb.inv_freq.cpu(), mapped.model.rotary_emb.inv_freq.cpu())
+    problems: list[str] = []
+    options = calibrations(mapped, tmp_path, problems)
     first = mapped.get_input_embeddings().weight.device
     for method in list_methods():
-        out, cache = generate(mapped, method, options.get(method, {}), first, new_tokens=8)
-        assert len(cache.layers) == len(layer_devices), method
+        if method in CALIBRATED and method not in options:
+            continue
+        try:
+            out, cache = generate(mapped, method, options.get(method, {}), first, new_tokens=8, budgets=SMOLLM2_BUDGETS)
+        except Exception as exc:
+            problems.append(f"{method}: {failure(exc)}")
+            continue
+        if len(cache.layers) != len(layer_devices):
+            problems.append(f"{method}: {len(cache.layers)} cache layers for {len(layer_devices)} model layers")
+        wrong_at: dict[str, list[int]] = defaultdict(list)
         for layer, device in zip(cache.layers, layer_devices):
-            assert misplaced(layer, device) == [], (method, layer.layer_idx)
+            for wrong in misplaced(layer, device):
+                wrong_at[f"{wrong} (its GPU: {device})"].append(layer.layer_idx)
+        problems += [f"{method}: {what} in layers {layers}" for what, layers in wrong_at.items()]
         if method == "full":
-            reference, _ = generate(single, "full", {}, cuda0, new_tokens=8)
-            assert torch.equal(out.cpu(), reference.cpu())
+            try:
+                reference, _ = generate(single, "full", {}, cuda0, new_tokens=8)
+            except Exception as exc:
+                problems.append(f"full on one GPU: {failure(exc)}")
+                continue
+            differ = (out.cpu() != reference.cpu()).nonzero().tolist()
+            if differ:
+                row, col = differ[0]
+                problems.append(f"full: tokens differ from one GPU's at {len(differ)} places, from row {row} column "
+                                f"{col}: {out[row, col:].tolist()} vs {reference[row, col:].tolist()}")
     readings = nvml_reader(sorted(set(layer_devices), key=str))()
-    assert len(readings) == len(set(layer_devices)) and all(r > 0 for r in readings)
+    if len(readings) != len(set(layer_devices)) or not all(r > 0 for r in readings):
+        problems.append(f"NVML readings {readings} for GPUs {sorted(set(layer_devices), key=str)}")
+    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems)
 
 
 @pytest.mark.gpu

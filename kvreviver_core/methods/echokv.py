@@ -372,8 +372,8 @@ class EchoKVMethod(Method):
     def network(self, kind: str, layer: int, group: int, heads: list[int], dtype, device):
         """The weight ``(in, len(heads) * D)`` and bias rebuilding ``heads`` (a subset of the group's outputs)."""
         name = _param(kind, layer, group)
-        if not heads:
-            return torch.empty(0), torch.empty(0)
+        if not heads:  # on the layer's device too: a cache layer holds no tensor elsewhere
+            return torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device)
         outputs = self.plan.outputs(layer, group)
         dim = self._tensors[name + ".weight"].shape[1] // len(outputs)
         cols = torch.cat([torch.arange(outputs.index(h) * dim, (outputs.index(h) + 1) * dim) for h in heads])
