@@ -67,9 +67,9 @@ def check_device_map(device: str, device_map: str | None) -> None:
     """``--device-map`` needs GPUs, and one process: torchrun ranks each hold a whole model on their own GPU."""
     if device_map is None:
         return
-    import os
-
     import torch
+
+    from kvreviver_core.distributed import RankInfo
 
     if device_map not in DEVICE_MAPS:
         raise UsageError(f"--device-map takes {' or '.join(DEVICE_MAPS)}, got {device_map!r}")
@@ -77,7 +77,7 @@ def check_device_map(device: str, device_map: str | None) -> None:
         raise UsageError(f"--device-map spreads the model over GPUs; it cannot go with --device {device}")
     if not torch.cuda.is_available():
         raise UsageError("--device-map auto spreads the model over GPUs, but no NVIDIA GPU was found")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if RankInfo.from_env().distributed:
         raise UsageError("--device-map spreads one model over all GPUs, while torchrun gives each rank a GPU and a "
                          "model of its own: use one or the other")
 
