@@ -116,6 +116,49 @@ def test_a_vague_token_whose_score_rises_is_swapped_back_with_its_reconstruction
     assert not layer.exact_map()[0, 0, lowest_candidate] or lowest_candidate == target
 
 
+def test_swap_back_in_passes_ends_where_the_papers_one_at_a_time_loop_does():
+    from kvreviver_core.methods.reviver import SWAP_PASS
+
+    torch.manual_seed(6)
+    b, h, n, d = 1, 2, 200, 8
+    keys, values = torch.randn(b, h, n, d, dtype=torch.float64), torch.randn(b, h, n, d, dtype=torch.float64)
+    budget = Budget(tokens=120, split=(0.2, 0.5, 0.3), recent_slack=2)
+    layer = ReviverLayer(0, budget)
+    feed_prefill(layer, keys, values, torch.rand(b, h, n))
+    new_k, new_v = torch.randn(b, h, 1, d, dtype=torch.float64), torch.randn(b, h, 1, d, dtype=torch.float64)
+    layer.update(new_k, new_v)
+    # Raise many Vague tokens above the Candidates, more than one pass pairs, by different amounts per head.
+    step_scores = torch.zeros(b, h, n + 1)
+    vague = ~layer.exact_map() & layer.valid_positions()
+    for head, raised in enumerate((3 * SWAP_PASS + 5, SWAP_PASS - 3)):
+        chosen = vague[0, head].nonzero().flatten()[torch.randperm(int(vague[0, head].sum()))[:raised]]
+        step_scores[0, head, chosen] = 1.0 + torch.rand(raised)
+    scores = layer.scores[0] + step_scores[0]
+    recent_start = n + 1 - int(layer.recent_count[0])
+    want, swaps = [], []
+    for head in range(h):
+        pos = layer.exact_pos[0, head].long()
+        candidates = {int(p) for p in pos[(pos >= 0) & (pos < recent_start)]}
+        vague_set = {int(p) for p in vague[0, head].nonzero().flatten()}
+        swaps.append(0)
+        while True:  # the paper's Algorithm 3 swap loop, one pair at a time
+            low = min(candidates, key=lambda p: scores[head, p])
+            high = max(vague_set, key=lambda p: scores[head, p])
+            if not scores[head, low] * budget.replace_rate < scores[head, high]:
+                break
+            candidates.remove(low), vague_set.remove(high)
+            candidates.add(high), vague_set.add(low)
+            swaps[-1] += 1
+        want.append(candidates)
+
+    layer.observe(step_scores, torch.ones(b, n + 1, dtype=torch.bool))
+    for head in range(h):
+        pos = layer.exact_pos[0, head].long()
+        got = {int(p) for p in pos[(pos >= 0) & (pos < recent_start)]}
+        assert got == want[head]
+    assert swaps[0] > 3 * SWAP_PASS and 0 < swaps[1] < SWAP_PASS  # several passes on one head, one on the other
+
+
 @torch.no_grad()
 def test_no_token_is_ever_missing_from_the_revived_cache(tiny_model):
     ids = torch.randint(3, 128, (2, 70), generator=torch.Generator().manual_seed(5))

@@ -13,7 +13,9 @@ Compress (Algorithm 3, run after every attention call): when Recent exceeds its 
 Candidates in bulk; the lowest-scored Candidates beyond the Candidate share go into the sketch; then, while the
 lowest Candidate score x ReplaceRate is below the highest Vague score, the two swap. Pairing the k lowest
 Candidates with the k highest Vague tokens and swapping the prefix where the test holds gives the same result as
-the paper's one-at-a-time loop for ReplaceRate >= 1.
+the paper's one-at-a-time loop for ReplaceRate >= 1. It runs in passes of ``SWAP_PASS`` pairs, repeated while a
+pass swapped all of its pairs: a decode step rarely swaps more than a few tokens, and pairing the whole store at
+every step (top-k and sketch updates over every exact slot) cost more than the attention itself.
 
 Swap-back: a returning token is read from the sketch (its reconstruction at that moment), that estimate is
 deleted from the sketch, and the estimate is what the exact store holds from then on. The original K/V are gone
@@ -43,6 +45,7 @@ from kvreviver_core.sketch import ESTIMATORS, Estimator, VagueSketch
 
 SCORE_BYTES = 4  # fp32 cumulative score per token and KV head
 POSITION_BYTES = 4  # int32 position per exact slot and KV head
+SWAP_PASS = 16  # Candidate/Vague pairs tested per swap-back pass
 
 
 class ReviverLayer(CompressedLayer):
@@ -196,9 +199,11 @@ class ReviverLayer(CompressedLayer):
             if int(excess.max()) > 0:
                 self._fold_lowest(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")), excess)
                 self._compact()
-        pos = self.exact_pos.long()
-        is_candidate = (pos >= 0) & (pos < recent_start)
-        self._swap_back(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")))
+        # A token swapped out scores below every token swapped in (ReplaceRate >= 1), so it never returns within a
+        # step: E / SWAP_PASS passes can swap every Candidate.
+        for _ in range(-(-self.exact_pos.shape[-1] // SWAP_PASS)):
+            if not self._swap_back(recent_start):
+                break
 
     def _fold_lowest(self, candidate_scores: torch.Tensor, excess: torch.Tensor) -> None:
         """Move each sequence's ``excess`` lowest-scored Candidates into the sketch."""
@@ -212,15 +217,19 @@ class ReviverLayer(CompressedLayer):
                            self.exact_values.gather(2, gather), weight)
         self.exact_pos = self.exact_pos.scatter(2, slots, torch.where(chosen, -1, self.exact_pos.gather(2, slots)))
 
-    def _swap_back(self, candidate_scores: torch.Tensor) -> None:
-        """Swap Vague tokens whose score beats the lowest Candidates x ReplaceRate back into the exact store."""
+    def _swap_back(self, recent_start: torch.Tensor) -> bool:
+        """One pass: swap up to ``SWAP_PASS`` Vague tokens whose score beats the lowest Candidates x ReplaceRate
+        back into the exact store. True when some sequence and head swapped all its pairs (another pass may swap)."""
+        pos = self.exact_pos.long()
+        is_candidate = (pos >= 0) & (pos < recent_start)
+        candidate_scores = torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf"))
         rows = (self.compressing & self.sketch.enabled).view(-1, 1)
         vague = ~self.exact_map() & self.valid_positions()
         vague_scores = torch.where(vague, self.scores, float("-inf"))
         lowest = candidate_scores.min(dim=-1).values
         if not bool((rows & (lowest * self.budget.replace_rate < vague_scores.max(dim=-1).values)).any()):
-            return
-        k = min(candidate_scores.shape[-1], vague_scores.shape[-1])
+            return False
+        k = min(SWAP_PASS, candidate_scores.shape[-1], vague_scores.shape[-1])
         top_vague, vague_pos = torch.topk(vague_scores, k, dim=-1)
         low_cand, cand_slots = torch.topk(candidate_scores, k, dim=-1, largest=False)
         swap = (low_cand * self.budget.replace_rate < top_vague) & torch.isfinite(low_cand) & torch.isfinite(top_vague)
@@ -236,6 +245,8 @@ class ReviverLayer(CompressedLayer):
         self.exact_values = self.exact_values.scatter(2, gather, torch.where(put, revived_v, out_v))
         new_pos = torch.where(swap, vague_pos.to(torch.int32), self.exact_pos.gather(2, cand_slots))
         self.exact_pos = self.exact_pos.scatter(2, cand_slots, new_pos)
+        # The test holds on a prefix of the pairs (ascending Candidates against descending Vague scores).
+        return k == SWAP_PASS and bool(swap[..., -1].any())
 
     def _compact(self) -> None:
         """Drop empty slots so the exact store holds no more than the largest sequence needs."""
