@@ -116,7 +116,7 @@ def test_a_vague_token_whose_score_rises_is_swapped_back_with_its_reconstruction
     assert not layer.exact_map()[0, 0, lowest_candidate] or lowest_candidate == target
 
 
-def test_swap_back_in_passes_ends_where_the_papers_one_at_a_time_loop_does():
+def test_swap_back_ends_where_the_papers_one_at_a_time_loop_does():
     from kvreviver_core.methods.reviver import SWAP_PASS
 
     torch.manual_seed(6)
@@ -156,7 +156,7 @@ def test_swap_back_in_passes_ends_where_the_papers_one_at_a_time_loop_does():
         pos = layer.exact_pos[0, head].long()
         got = {int(p) for p in pos[(pos >= 0) & (pos < recent_start)]}
         assert got == want[head]
-    assert swaps[0] > 3 * SWAP_PASS and 0 < swaps[1] < SWAP_PASS  # several passes on one head, one on the other
+    assert swaps[0] > 3 * SWAP_PASS and 0 < swaps[1] < SWAP_PASS  # past the first pass on one head, not the other
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@ One decode step (a single query per sequence) attends over the compressed store 
 
 It reconstructs the Vague tokens in chunks of positions, so the full K/V of the context never exist at once. The
 result equals ``revive()`` followed by exact attention, and the returned mass is what that attention would feed
-the cumulative scores: softmax probabilities summed over the query heads of each KV group.
+the cumulative scores: softmax probabilities summed over the query heads of each KV group. Whatever the store's
+dtype, logits, softmax and the weighted sum of values are computed in fp32 from the stored (and reconstructed)
+values, as the kernel accumulates them; only the output is cast back.
 """
 
 from __future__ import annotations
@@ -84,13 +86,13 @@ def reviver_decode_reference(
     b, hq, _, d = query.shape
     hkv, length = exact_keys.shape[1], key_valid.shape[1]
     group = hq // hkv
-    q = query.reshape(b, hkv, group, d)
+    q = query.reshape(b, hkv, group, d).float()
     key_valid = key_valid.to(torch.bool)
 
     pos = exact_pos.long()
     filled = pos >= 0
     exact_ok = filled & key_valid.gather(1, pos.clamp(min=0).view(b, -1)).view(b, hkv, -1)
-    exact_logits = torch.matmul(q, exact_keys.transpose(-1, -2)).float() * scaling  # (B, Hkv, G, E)
+    exact_logits = torch.matmul(q, exact_keys.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, E)
     exact_logits = exact_logits.masked_fill(~exact_ok.unsqueeze(2), float("-inf"))
 
     vague = key_valid.unsqueeze(1) & ~exact_position_map(exact_pos, length)
@@ -102,17 +104,17 @@ def reviver_decode_reference(
             vague_logits.append(exact_logits.new_full((b, hkv, group, stop - start), float("-inf")))
             continue
         keys, _ = sketch.query(_positions(b, hkv, start, stop, query.device))
-        logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # (B, Hkv, G, c)
+        logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, c)
         vague_logits.append(logits.masked_fill(~vague[:, :, start:stop].unsqueeze(2), float("-inf")))
 
     probs = torch.softmax(torch.cat([exact_logits, *vague_logits], dim=-1), dim=-1).nan_to_num_(0.0)
     exact_probs, vague_probs = probs.split([exact_logits.shape[-1], length], dim=-1)
 
-    out = torch.matmul(exact_probs.to(exact_values.dtype), exact_values).float()  # (B, Hkv, G, D)
+    out = torch.matmul(exact_probs, exact_values.float())  # (B, Hkv, G, D)
     if sketch is not None:
         for start, stop in chunks:
             _, values = sketch.query(_positions(b, hkv, start, stop, query.device))
-            out += torch.matmul(vague_probs[..., start:stop].to(values.dtype), values).float()
+            out += torch.matmul(vague_probs[..., start:stop], values.float())
 
     mass = exact_probs.new_zeros(b, hkv, length + 1)
     mass.scatter_add_(2, torch.where(filled, pos, length), exact_probs.sum(dim=2))

@@ -13,9 +13,9 @@ Compress (Algorithm 3, run after every attention call): when Recent exceeds its 
 Candidates in bulk; the lowest-scored Candidates beyond the Candidate share go into the sketch; then, while the
 lowest Candidate score x ReplaceRate is below the highest Vague score, the two swap. Pairing the k lowest
 Candidates with the k highest Vague tokens and swapping the prefix where the test holds gives the same result as
-the paper's one-at-a-time loop for ReplaceRate >= 1. It runs in passes of ``SWAP_PASS`` pairs, repeated while a
-pass swapped all of its pairs: a decode step rarely swaps more than a few tokens, and pairing the whole store at
-every step (top-k and sketch updates over every exact slot) cost more than the attention itself.
+the paper's one-at-a-time loop for ReplaceRate >= 1. A first pass pairs only ``SWAP_PASS`` tokens, and the whole
+store is paired only when that pass swapped all of its pairs: a decode step rarely swaps more than a few tokens, and
+pairing every exact slot at every step (top-k, sketch query, delete and insert) cost more than the attention.
 
 Swap-back: a returning token is read from the sketch (its reconstruction at that moment), that estimate is
 deleted from the sketch, and the estimate is what the exact store holds from then on. The original K/V are gone
@@ -199,11 +199,8 @@ class ReviverLayer(CompressedLayer):
             if int(excess.max()) > 0:
                 self._fold_lowest(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")), excess)
                 self._compact()
-        # A token swapped out scores below every token swapped in (ReplaceRate >= 1), so it never returns within a
-        # step: E / SWAP_PASS passes can swap every Candidate.
-        for _ in range(-(-self.exact_pos.shape[-1] // SWAP_PASS)):
-            if not self._swap_back(recent_start):
-                break
+        if self._swap_back(recent_start, SWAP_PASS):
+            self._swap_back(recent_start, None)
 
     def _fold_lowest(self, candidate_scores: torch.Tensor, excess: torch.Tensor) -> None:
         """Move each sequence's ``excess`` lowest-scored Candidates into the sketch."""
@@ -217,9 +214,9 @@ class ReviverLayer(CompressedLayer):
                            self.exact_values.gather(2, gather), weight)
         self.exact_pos = self.exact_pos.scatter(2, slots, torch.where(chosen, -1, self.exact_pos.gather(2, slots)))
 
-    def _swap_back(self, recent_start: torch.Tensor) -> bool:
-        """One pass: swap up to ``SWAP_PASS`` Vague tokens whose score beats the lowest Candidates x ReplaceRate
-        back into the exact store. True when some sequence and head swapped all its pairs (another pass may swap)."""
+    def _swap_back(self, recent_start: torch.Tensor, pairs: int | None) -> bool:
+        """Swap Vague tokens whose score beats the lowest Candidates x ReplaceRate back into the exact store, testing
+        ``pairs`` pairs (None: all). True when some sequence and head swapped all of them (more may follow)."""
         pos = self.exact_pos.long()
         is_candidate = (pos >= 0) & (pos < recent_start)
         candidate_scores = torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf"))
@@ -229,7 +226,7 @@ class ReviverLayer(CompressedLayer):
         lowest = candidate_scores.min(dim=-1).values
         if not bool((rows & (lowest * self.budget.replace_rate < vague_scores.max(dim=-1).values)).any()):
             return False
-        k = min(SWAP_PASS, candidate_scores.shape[-1], vague_scores.shape[-1])
+        k = min(pairs or candidate_scores.shape[-1], candidate_scores.shape[-1], vague_scores.shape[-1])
         top_vague, vague_pos = torch.topk(vague_scores, k, dim=-1)
         low_cand, cand_slots = torch.topk(candidate_scores, k, dim=-1, largest=False)
         swap = (low_cand * self.budget.replace_rate < top_vague) & torch.isfinite(low_cand) & torch.isfinite(top_vague)
@@ -246,7 +243,7 @@ class ReviverLayer(CompressedLayer):
         new_pos = torch.where(swap, vague_pos.to(torch.int32), self.exact_pos.gather(2, cand_slots))
         self.exact_pos = self.exact_pos.scatter(2, cand_slots, new_pos)
         # The test holds on a prefix of the pairs (ascending Candidates against descending Vague scores).
-        return k == SWAP_PASS and bool(swap[..., -1].any())
+        return k == pairs and bool(swap[..., -1].any())
 
     def _compact(self) -> None:
         """Drop empty slots so the exact store holds no more than the largest sequence needs."""
