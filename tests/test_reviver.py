@@ -117,8 +117,6 @@ def test_a_vague_token_whose_score_rises_is_swapped_back_with_its_reconstruction
 
 
 def test_swap_back_ends_where_the_papers_one_at_a_time_loop_does():
-    from kvreviver_core.methods.reviver import SWAP_PASS
-
     torch.manual_seed(6)
     b, h, n, d = 1, 2, 200, 8
     keys, values = torch.randn(b, h, n, d, dtype=torch.float64), torch.randn(b, h, n, d, dtype=torch.float64)
@@ -127,10 +125,10 @@ def test_swap_back_ends_where_the_papers_one_at_a_time_loop_does():
     feed_prefill(layer, keys, values, torch.rand(b, h, n))
     new_k, new_v = torch.randn(b, h, 1, d, dtype=torch.float64), torch.randn(b, h, 1, d, dtype=torch.float64)
     layer.update(new_k, new_v)
-    # Raise many Vague tokens above the Candidates, more than one pass pairs, by different amounts per head.
+    # Raise many Vague tokens above the Candidates, a different number on each head.
     step_scores = torch.zeros(b, h, n + 1)
     vague = ~layer.exact_map() & layer.valid_positions()
-    for head, raised in enumerate((3 * SWAP_PASS + 5, SWAP_PASS - 3)):
+    for head, raised in enumerate((53, 13)):
         chosen = vague[0, head].nonzero().flatten()[torch.randperm(int(vague[0, head].sum()))[:raised]]
         step_scores[0, head, chosen] = 1.0 + torch.rand(raised)
     scores = layer.scores[0] + step_scores[0]
@@ -156,7 +154,7 @@ def test_swap_back_ends_where_the_papers_one_at_a_time_loop_does():
         pos = layer.exact_pos[0, head].long()
         got = {int(p) for p in pos[(pos >= 0) & (pos < recent_start)]}
         assert got == want[head]
-    assert swaps[0] > 3 * SWAP_PASS and 0 < swaps[1] < SWAP_PASS  # past the first pass on one head, not the other
+    assert swaps[0] > 40 and 0 < swaps[1] <= 13  # many swaps, and not the same number on each head
 
 
 @torch.no_grad()

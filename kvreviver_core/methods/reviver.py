@@ -13,9 +13,7 @@ Compress (Algorithm 3, run after every attention call): when Recent exceeds its 
 Candidates in bulk; the lowest-scored Candidates beyond the Candidate share go into the sketch; then, while the
 lowest Candidate score x ReplaceRate is below the highest Vague score, the two swap. Pairing the k lowest
 Candidates with the k highest Vague tokens and swapping the prefix where the test holds gives the same result as
-the paper's one-at-a-time loop for ReplaceRate >= 1. A first pass pairs only ``SWAP_PASS`` tokens, and the whole
-store is paired only when that pass swapped all of its pairs: a decode step rarely swaps more than a few tokens, and
-pairing every exact slot at every step (top-k, sketch query, delete and insert) cost more than the attention.
+the paper's one-at-a-time loop for ReplaceRate >= 1.
 
 Swap-back: a returning token is read from the sketch (its reconstruction at that moment), that estimate is
 deleted from the sketch, and the estimate is what the exact store holds from then on. The original K/V are gone
@@ -45,7 +43,6 @@ from kvreviver_core.sketch import ESTIMATORS, Estimator, VagueSketch
 
 SCORE_BYTES = 4  # fp32 cumulative score per token and KV head
 POSITION_BYTES = 4  # int32 position per exact slot and KV head
-SWAP_PASS = 16  # Candidate/Vague pairs tested per swap-back pass
 
 
 class ReviverLayer(CompressedLayer):
@@ -199,8 +196,9 @@ class ReviverLayer(CompressedLayer):
             if int(excess.max()) > 0:
                 self._fold_lowest(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")), excess)
                 self._compact()
-        if self._swap_back(recent_start, SWAP_PASS):
-            self._swap_back(recent_start, None)
+        pos = self.exact_pos.long()
+        is_candidate = (pos >= 0) & (pos < recent_start)
+        self._swap_back(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")))
 
     def _fold_lowest(self, candidate_scores: torch.Tensor, excess: torch.Tensor) -> None:
         """Move each sequence's ``excess`` lowest-scored Candidates into the sketch."""
@@ -214,19 +212,15 @@ class ReviverLayer(CompressedLayer):
                            self.exact_values.gather(2, gather), weight)
         self.exact_pos = self.exact_pos.scatter(2, slots, torch.where(chosen, -1, self.exact_pos.gather(2, slots)))
 
-    def _swap_back(self, recent_start: torch.Tensor, pairs: int | None) -> bool:
-        """Swap Vague tokens whose score beats the lowest Candidates x ReplaceRate back into the exact store, testing
-        ``pairs`` pairs (None: all). True when some sequence and head swapped all of them (more may follow)."""
-        pos = self.exact_pos.long()
-        is_candidate = (pos >= 0) & (pos < recent_start)
-        candidate_scores = torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf"))
+    def _swap_back(self, candidate_scores: torch.Tensor) -> None:
+        """Swap Vague tokens whose score beats the lowest Candidates x ReplaceRate back into the exact store."""
         rows = (self.compressing & self.sketch.enabled).view(-1, 1)
         vague = ~self.exact_map() & self.valid_positions()
         vague_scores = torch.where(vague, self.scores, float("-inf"))
         lowest = candidate_scores.min(dim=-1).values
         if not bool((rows & (lowest * self.budget.replace_rate < vague_scores.max(dim=-1).values)).any()):
-            return False
-        k = min(pairs or candidate_scores.shape[-1], candidate_scores.shape[-1], vague_scores.shape[-1])
+            return
+        k = min(candidate_scores.shape[-1], vague_scores.shape[-1])
         top_vague, vague_pos = torch.topk(vague_scores, k, dim=-1)
         low_cand, cand_slots = torch.topk(candidate_scores, k, dim=-1, largest=False)
         swap = (low_cand * self.budget.replace_rate < top_vague) & torch.isfinite(low_cand) & torch.isfinite(top_vague)
@@ -242,8 +236,6 @@ class ReviverLayer(CompressedLayer):
         self.exact_values = self.exact_values.scatter(2, gather, torch.where(put, revived_v, out_v))
         new_pos = torch.where(swap, vague_pos.to(torch.int32), self.exact_pos.gather(2, cand_slots))
         self.exact_pos = self.exact_pos.scatter(2, cand_slots, new_pos)
-        # The test holds on a prefix of the pairs (ascending Candidates against descending Vague scores).
-        return k == pairs and bool(swap[..., -1].any())
 
     def _compact(self) -> None:
         """Drop empty slots so the exact store holds no more than the largest sequence needs."""
