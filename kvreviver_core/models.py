@@ -159,8 +159,10 @@ def random_model(arch: str, dtype: torch.dtype, device: torch.device, device_map
         device_map, device = None, torch.device("cuda")
     torch.manual_seed(0)
     if device_map is None:
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(dtype)
+        # Built in the target dtype rather than cast after: a cast would also turn RoPE's fp32 inverse frequencies
+        # into bf16, which neither from_pretrained nor the device-mapped build does.
+        with torch.device(device), _default_dtype(dtype):
+            model = LlamaForCausalLM(config)
         return model.eval()
     model = empty_model(arch, dtype)
     placement = balanced_device_map(model, dtype) if device_map == "auto" else dict(device_map)

@@ -156,6 +156,9 @@ def test_random_weights_built_module_by_module_match_the_ordinary_build(monkeypa
     assert all(torch.equal(a, b) for a, b in zip(mapped.state_dict().values(), again.state_dict().values()))
     assert torch.equal(mapped.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
     assert mapped.model.rotary_emb.inv_freq.dtype == torch.float32
+    plain_bf16 = random_model("tiny-test", torch.bfloat16, cpu)
+    assert plain_bf16.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE stays fp32 under bf16 weights
+    assert plain_bf16.lm_head.weight.dtype == torch.bfloat16
     for (name, a), (_, b) in zip(mapped.named_parameters(), plain.named_parameters()):
         if "norm" in name:
             assert torch.equal(a, torch.ones_like(a)), name
@@ -255,8 +258,7 @@ def test_every_cache_keeps_each_layer_on_its_gpu_and_full_matches_one_gpu(tmp_pa
     layer_devices = [next(block.parameters()).device for block in mapped.model.layers]
     assert len(set(layer_devices)) >= 2, layer_devices
     assert all(t.device.type == "cuda" for t in [*mapped.parameters(), *mapped.buffers()])
-    # Built the same way on one GPU: the plain build casts RoPE's inverse frequencies to bf16 with the weights,
-    # while the layer-by-layer build keeps them in fp32 (as from_pretrained does), which changes every position.
+    # The same layer-by-layer build on one GPU, given the same weights.
     single = random_model("smollm2-135m", torch.bfloat16, cuda0, device_map={"": 0})
     single.load_state_dict(mapped.state_dict())
     assert torch.equal(single.model.rotary_emb.inv_freq.cpu(), mapped.model.rotary_emb.inv_freq.cpu())
