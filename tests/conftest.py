@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kvreviver_core.generation import cache_kwargs
+
 
 def pytest_configure(config) -> None:
     """Give the tests a cache folder of their own, so that calibrations a user made (``kvreviver calibrate``) never
@@ -58,3 +60,23 @@ def smollm2():
     except models.ModelUnavailable as exc:
         pytest.skip(str(exc))
     return model, tokenizer
+
+
+def left_padded(lengths: tuple[int, ...], seed: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Random prompts of these lengths, and their left-padded batch: (prompts, ids, attention mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 128, (n,), generator=gen) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return prompts, ids, mask
+
+
+def greedy(model, ids, cache, mask=None, new_tokens=8):
+    """Greedy ``generate`` with ``cache``: (sequences, logits ``(batch, new_tokens, vocab)``)."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(model, cache))
+    return out.sequences, torch.stack(out.logits, dim=1)

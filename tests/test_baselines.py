@@ -20,7 +20,7 @@ from kvreviver_core.methods.eviction import EvictionLayer
 from kvreviver_core.methods.h2o import H2OScorer
 from kvreviver_core.methods.snapkv import SnapKVScorer
 from kvreviver_core.generation import cache_kwargs
-from tests.conftest import tiny_llama
+from tests.conftest import greedy, left_padded, tiny_llama
 
 BASELINES = ("streaming", "h2o", "snapkv", "cam")
 
@@ -33,24 +33,6 @@ def cache_or_skip(method: str, budget, model, **options):
         except (ValueError, FileNotFoundError) as exc:
             pytest.skip(f"{method} is not calibrated for this model: {exc}")
     return make_cache(method, budget, model=model, **options)
-
-
-def left_padded(lengths: tuple[int, ...], seed: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 128, (n,), generator=gen) for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
-    return prompts, ids, mask
-
-
-def greedy(model, ids, cache, mask=None, new_tokens=8):
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(model, cache))
-    return out.sequences, torch.stack(out.logits, dim=1)
 
 
 # -- 1. a budget covering the context is the full cache ---------------------------------------------------------

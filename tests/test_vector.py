@@ -21,25 +21,7 @@ from kvreviver_core.calibration import (
     RopeFrame, calibrate_on, load_calibration, model_fingerprint, save_calibration, settings_path,
 )
 from kvreviver_core.generation import cache_kwargs
-from tests.conftest import tiny_llama
-
-
-def left_padded(lengths: tuple[int, ...], seed: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 128, (n,), generator=gen) for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
-    return prompts, ids, mask
-
-
-def greedy(model, ids, cache, mask=None, new_tokens=8):
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(model, cache))
-    return out.sequences, torch.stack(out.logits, dim=1)
+from tests.conftest import greedy, left_padded, tiny_llama
 
 
 def calibration_ids(seed: int = 0) -> torch.Tensor:
