@@ -72,7 +72,8 @@ def kernel_bytes(layer: ReviverLayer, query_heads: int) -> dict[str, int]:
         "exact_kv": filled * 2 * layer.head_dim * elt,
         "exact_pos": b * h * e * 4,
         "sketch": layer.sketch.nbytes(),
-        "maps": b * h * length * 2 + b * length + filled,  # exact-position map: memset + read; validity; marks
+        # exact-position map: memset + read; validity; marks; the slot map of the sketch rows: written + read
+        "maps": b * h * length * 2 + b * length + filled + b * layer.sketch.rows * length * 4 * 2,
         "logits": b * query_heads * length * 4 * 2,  # written by the split kernel, read by the combine
         "mass": b * h * length * 4,
     }

@@ -3,10 +3,10 @@
 One decode step (one query per sequence) reads only the compressed store:
 
 * the exact slots (Recent + Candidate) ``(B, Hkv, E, D)`` and their positions;
-* the Vague tokens, rebuilt on the fly inside the kernel from the sketch's ``r x b`` bucket rows: the position is
-  hashed exactly as :meth:`kvreviver_core.sketch.VagueSketch.slots` does, the key is the median of the r bucket
-  keys (signed too with ``signed_keys``) and the value the median of the signed bucket values (divided by the
-  bucket counts for ``"mean"``).
+* the Vague tokens, rebuilt on the fly inside the kernel from the sketch's ``r x b`` bucket rows: the position's
+  buckets and signs are those of :meth:`kvreviver_core.sketch.VagueSketch.slots`, the key is the median of the r
+  bucket keys (signed too with ``signed_keys``) and the value the median of the signed bucket values (divided by
+  the bucket counts for ``"mean"``).
 
 HBM traffic is the exact store, the sketch, a byte per position for the exact-position map and the fp32 logits of
 the query heads, so it follows the budget, not the context. The full K/V are never materialised. But every Vague
@@ -16,6 +16,7 @@ slower than SDPA over the full cache; with only exact tokens it is faster (see B
 
 Launches (one layer, one step):
 
+0. ``_slot_map``: every position's r bucket slots and signs, ``(B, r, L)`` int32, hashed once for all KV heads;
 1. ``_mark_exact``: a ``(B, Hkv, L)`` int8 map of the positions held exactly (after a memset), so the Vague loop
    skips them;
 2. ``_decode_split``: grid ``(B * Hkv, splits)``. Each program owns one KV head (all G query heads of its group,
@@ -52,6 +53,7 @@ MAX_SPLITS = 128
 PROGRAMS_PER_SM = 4  # split-K target: programs of the main kernel per multiprocessor
 NUM_WARPS = 4
 SKIP_EMPTY = True  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
+BLOCK_SLOTS = 1024  # positions per program of _slot_map
 
 
 @triton.jit
@@ -78,6 +80,26 @@ def _bucket(logical, nb, width, ROW_TERMS, ROW: tl.constexpr):
     bucket = mixed % nb
     bucket = tl.where(bucket < 0, bucket + nb, bucket)  # Python's (torch.remainder's) sign convention
     return ROW * width + bucket, 1 - 2 * ((mixed >> 40) & 1)
+
+
+@triton.jit
+def _slot_map(SLOTS, BUCKETS, OFFSETS, ROW_TERMS, L, width, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """``(B, ROWS, L)`` int32 codes ``2 * slot + (sign < 0)`` of every position, shared by all KV heads."""
+    b = tl.program_id(0)
+    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = p < L
+    nb = tl.maximum(tl.load(BUCKETS + b), 1)  # a sequence without buckets has no Vague token to look up
+    logical = p.to(tl.int64) - tl.load(OFFSETS + b)
+    for row in tl.static_range(ROWS):
+        slot, sign = _bucket(logical, nb, width, ROW_TERMS, row)
+        code = slot * 2 + (sign < 0).to(tl.int64)
+        tl.store(SLOTS + (b * ROWS + row).to(tl.int64) * L + p, code.to(tl.int32), mask=inside)
+
+
+@triton.jit
+def _slot_of(SLOT_ROWS, p, vague, L, ROW: tl.constexpr):
+    code = tl.load(SLOT_ROWS + ROW * L + p, mask=vague, other=0)
+    return code >> 1, 1 - 2 * (code & 1)
 
 
 @triton.jit
@@ -125,19 +147,18 @@ def _online_softmax(m, l, acc, s, v):
 
 
 @triton.jit
-def _vague_block(q, m, l, acc, p, vague, offset, nb, width, ROW_TERMS, SK, SV, SCNT, sbase, di, dmask, scaling,
+def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, L, SK, SV, SCNT, sbase, di, dmask, scaling,
                  D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr):
     """Rebuild one block of Vague positions from the sketch and fold it into the online softmax.
 
     Keys first, values after, so only one row triple of ``(BLOCK_V, DP)`` tiles is live at a time.
     """
-    logical = p.to(tl.int64) - offset
-    slot0, sign0 = _bucket(logical, nb, width, ROW_TERMS, 0)
+    slot0, sign0 = _slot_of(SLOT_ROWS, p, vague, L, 0)
     slot1, sign1 = slot0, sign0
     slot2, sign2 = slot0, sign0
     if ROWS == 3:
-        slot1, sign1 = _bucket(logical, nb, width, ROW_TERMS, 1)
-        slot2, sign2 = _bucket(logical, nb, width, ROW_TERMS, 2)
+        slot1, sign1 = _slot_of(SLOT_ROWS, p, vague, L, 1)
+        slot2, sign2 = _slot_of(SLOT_ROWS, p, vague, L, 2)
     k = _median_rows(SK, SCNT, sbase, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                      D, ROWS, MEAN, SIGNED_KEYS).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
@@ -152,7 +173,7 @@ def _vague_block(q, m, l, acc, p, vague, offset, nb, width, ROW_TERMS, SK, SV, S
 def _decode_split(
     Q, stride_qb, stride_qh,
     EK, EV, EPOS, HELD, VALID,
-    SK, SV, SCNT, BUCKETS, OFFSETS, ROW_TERMS,
+    SK, SV, SCNT, BUCKETS, SLOTS,
     LOGITS, PART_ACC, PART_M, PART_L,
     scaling, Hkv, E, L, width, slots_per_split, pos_per_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
@@ -195,8 +216,8 @@ def _decode_split(
 
     # Every position not held exactly: Vague (rebuilt from the sketch) or masked. Each is written exactly once.
     nb = tl.load(BUCKETS + b)
-    offset = tl.load(OFFSETS + b)
     sbase = bh64 * (ROWS * width)
+    slot_rows = SLOTS + b.to(tl.int64) * ROWS * L
     for start in range(0, pos_per_split, BLOCK_V):
         p = split * pos_per_split + start + tl.arange(0, BLOCK_V)
         inside = p < L
@@ -206,11 +227,11 @@ def _decode_split(
         if HAS_SKETCH:
             if SKIP_EMPTY:
                 if tl.max(vague.to(tl.int32), 0) > 0:
-                    s, m, l, acc = _vague_block(q, m, l, acc, p, vague, offset, nb, width, ROW_TERMS, SK, SV, SCNT,
-                                                sbase, di, dmask, scaling, D, ROWS, MEAN, SIGNED_KEYS)
+                    s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, L,
+                                                SK, SV, SCNT, sbase, di, dmask, scaling, D, ROWS, MEAN, SIGNED_KEYS)
             else:
-                s, m, l, acc = _vague_block(q, m, l, acc, p, vague, offset, nb, width, ROW_TERMS, SK, SV, SCNT,
-                                            sbase, di, dmask, scaling, D, ROWS, MEAN, SIGNED_KEYS)
+                s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, L,
+                                            SK, SV, SCNT, sbase, di, dmask, scaling, D, ROWS, MEAN, SIGNED_KEYS)
         tl.store(logit_rows + p[None, :], s, mask=gmask[:, None] & free[None, :])
 
     part = (bh64 * G + gi) * splits + split  # (GP,) rows of PART_M / PART_L
@@ -333,14 +354,18 @@ def _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scali
     if has_sketch:
         sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
         counts = sketch.counts.contiguous() if sketch.counts is not None else exact_pos
-        buckets, offsets, width, rows = sketch.buckets.contiguous(), sketch.offsets.contiguous(), sketch.width, sketch.rows
-        row_terms = _row_terms(sketch.seed, rows, device)
+        buckets, width, rows = sketch.buckets.contiguous(), sketch.width, sketch.rows
         mean, signed_keys = sketch.counts is not None, sketch.signed_keys
+        # Hashed once per step for all KV heads: hashing inside the main loop, per head, made the kernel 1.6x slower.
+        slots = torch.empty(b, rows, length, dtype=torch.int32, device=device)
+        _slot_map[(b, triton.cdiv(length, BLOCK_SLOTS))](
+            slots, buckets, sketch.offsets.contiguous(), _row_terms(sketch.seed, rows, device), length, width,
+            ROWS=rows, BLOCK=BLOCK_SLOTS,
+        )
     else:
-        sk, sv, counts = exact_keys, exact_values, exact_pos
+        sk, sv, counts, slots = exact_keys, exact_values, exact_pos, exact_pos  # not read without a sketch
         buckets = torch.zeros(b, dtype=torch.long, device=device)
-        offsets, width, rows, mean, signed_keys = buckets, 1, 1, False, False
-        row_terms = _row_terms(0, 1, device)
+        width, rows, mean, signed_keys = 1, 1, False, False
 
     held = torch.zeros(b, hkv, length, dtype=torch.int8, device=device)
     if e:
@@ -359,7 +384,7 @@ def _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scali
     _decode_split[(b * hkv, splits)](
         q, q.stride(0), q.stride(1),
         exact_keys, exact_values, exact_pos, held, valid,
-        sk, sv, counts, buckets, offsets, row_terms,
+        sk, sv, counts, buckets, slots,
         logits, part_acc, part_m, part_l,
         float(scaling), hkv, e, length, width, slots_per_split, pos_per_split,
         G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=mean, SIGNED_KEYS=signed_keys,
