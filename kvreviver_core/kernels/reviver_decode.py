@@ -103,28 +103,30 @@ def _slot_of(SLOT_ROWS, p, vague, L, ROW: tl.constexpr):
 
 
 @triton.jit
-def _bucket_rows(S, SCNT, sbase, slot, sign, vague, di, dmask, D: tl.constexpr, MEAN: tl.constexpr,
-                 SIGNED: tl.constexpr):
-    """One row's bucket vectors for each position, fp32 ``(BLOCK, DP)`` (times the sign for values)."""
-    x = tl.load(S + (sbase + slot)[:, None] * D + di[None, :], mask=vague[:, None] & dmask[None, :], other=0.0,
+def _bucket_rows(S, SCNT, slot, sign, vague, di, dmask, D: tl.constexpr, MEAN: tl.constexpr, SIGNED: tl.constexpr):
+    """One row's bucket vectors for each position, fp32 ``(BLOCK, DP)`` (times the sign for values).
+
+    ``S`` and ``SCNT`` point at this KV head's buckets, so the offsets stay 32-bit.
+    """
+    x = tl.load(S + (slot[:, None] * D + di[None, :]), mask=vague[:, None] & dmask[None, :], other=0.0,
                 eviction_policy="evict_last")
     if SIGNED:
         x = x * sign.to(x.dtype)[:, None]
     if MEAN:
         # torch divides in the storage dtype: the count is rounded to it first, and so is the quotient.
-        count = tl.maximum(tl.load(SCNT + sbase + slot, mask=vague, other=1), 1).to(x.dtype).to(tl.float32)
+        count = tl.maximum(tl.load(SCNT + slot, mask=vague, other=1), 1).to(x.dtype).to(tl.float32)
         x = (x.to(tl.float32) / count[:, None]).to(x.dtype)
     return x.to(tl.float32)
 
 
 @triton.jit
-def _median_rows(S, SCNT, sbase, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
+def _median_rows(S, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                  D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED: tl.constexpr):
     """Median over the sketch rows (1 or 3) of the bucket vectors: the reconstructed keys or values."""
-    x = _bucket_rows(S, SCNT, sbase, slot0, sign0, vague, di, dmask, D, MEAN, SIGNED)
+    x = _bucket_rows(S, SCNT, slot0, sign0, vague, di, dmask, D, MEAN, SIGNED)
     if ROWS == 3:
-        y = _bucket_rows(S, SCNT, sbase, slot1, sign1, vague, di, dmask, D, MEAN, SIGNED)
-        z = _bucket_rows(S, SCNT, sbase, slot2, sign2, vague, di, dmask, D, MEAN, SIGNED)
+        y = _bucket_rows(S, SCNT, slot1, sign1, vague, di, dmask, D, MEAN, SIGNED)
+        z = _bucket_rows(S, SCNT, slot2, sign2, vague, di, dmask, D, MEAN, SIGNED)
         x = _median3(x, y, z)
     return x
 
@@ -147,7 +149,7 @@ def _online_softmax(m, l, acc, s, v):
 
 
 @triton.jit
-def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, L, SK, SV, SCNT, sbase, di, dmask, scaling,
+def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, L, SK, SV, SCNT, di, dmask, scaling,
                  D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr):
     """Rebuild one block of Vague positions from the sketch and fold it into the online softmax.
 
@@ -159,11 +161,11 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, L, SK, SV, SCNT, sbase, di, 
     if ROWS == 3:
         slot1, sign1 = _slot_of(SLOT_ROWS, p, vague, L, 1)
         slot2, sign2 = _slot_of(SLOT_ROWS, p, vague, L, 2)
-    k = _median_rows(SK, SCNT, sbase, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
+    k = _median_rows(SK, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                      D, ROWS, MEAN, SIGNED_KEYS).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
     s = tl.where(vague[None, :], s, float("-inf"))
-    v = _median_rows(SV, SCNT, sbase, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
+    v = _median_rows(SV, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                      D, ROWS, MEAN, True).to(q.dtype)
     m, l, acc = _online_softmax(m, l, acc, s, v)
     return s, m, l, acc
@@ -216,7 +218,8 @@ def _decode_split(
 
     # Every position not held exactly: Vague (rebuilt from the sketch) or masked. Each is written exactly once.
     nb = tl.load(BUCKETS + b)
-    sbase = bh64 * (ROWS * width)
+    sbase = bh64 * (ROWS * width)  # this KV head's first bucket
+    head_keys, head_values, head_counts = SK + sbase * D, SV + sbase * D, SCNT + sbase
     slot_rows = SLOTS + b.to(tl.int64) * ROWS * L
     for start in range(0, pos_per_split, BLOCK_V):
         p = split * pos_per_split + start + tl.arange(0, BLOCK_V)
@@ -228,10 +231,12 @@ def _decode_split(
             if SKIP_EMPTY:
                 if tl.max(vague.to(tl.int32), 0) > 0:
                     s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, L,
-                                                SK, SV, SCNT, sbase, di, dmask, scaling, D, ROWS, MEAN, SIGNED_KEYS)
+                                                head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
+                                                MEAN, SIGNED_KEYS)
             else:
                 s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, L,
-                                            SK, SV, SCNT, sbase, di, dmask, scaling, D, ROWS, MEAN, SIGNED_KEYS)
+                                            head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
+                                            MEAN, SIGNED_KEYS)
         tl.store(logit_rows + p[None, :], s, mask=gmask[:, None] & free[None, :])
 
     part = (bh64 * G + gi) * splits + split  # (GP,) rows of PART_M / PART_L
