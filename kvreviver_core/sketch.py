@@ -90,6 +90,11 @@ class VagueSketch:
         self.seed = seed
         self.estimator = estimator
         self.signed_keys = signed_keys
+        # The parts of the hash that do not depend on the position, built once: a decode step's cost is its op count.
+        row = torch.arange(rows, device=device, dtype=torch.long).view(1, 1, -1, 1)
+        self._row_terms = row * 0x632BE5AB + (seed * 0x27D4EB2F + 1)
+        self._row_starts = row * self.width
+        self._divisors = self.buckets.clamp(min=1).view(-1, 1, 1, 1)
         shape = (batch, heads, rows * self.width, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -113,18 +118,16 @@ class VagueSketch:
             positions: ``(B, H, M)`` physical positions in the cache (long).
         """
         logical = positions - self.offsets.view(-1, 1, 1)
-        rows = torch.arange(self.rows, device=positions.device, dtype=torch.long).view(1, 1, -1, 1)
-        x = logical.unsqueeze(2) * 0x9E3779B1 + rows * 0x632BE5AB + (self.seed * 0x27D4EB2F + 1)
-        mixed = _mix(x)
-        buckets = self.buckets.clamp(min=1).view(-1, 1, 1, 1)
-        bucket = torch.remainder(mixed, buckets)
+        mixed = _mix(logical.unsqueeze(2) * 0x9E3779B1 + self._row_terms)
+        bucket = torch.remainder(mixed, self._divisors)
         sign = 1 - 2 * ((mixed >> 40) & 1)
-        return rows * self.width + bucket, sign
+        return bucket + self._row_starts, sign
 
-    def _scatter(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
+    def _scatter(self, slot: torch.Tensor, sign: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 weight: torch.Tensor) -> None:
+        """Add ``weight``-scaled keys and signed values at the rows' buckets ``(slot, sign)`` of :meth:`slots`."""
         if self.width == 0:
             return
-        slot, sign = self.slots(positions)
         b, h, r, m = slot.shape
         d = keys.shape[-1]
         w = weight.to(keys.dtype).unsqueeze(2).unsqueeze(-1)  # (B, H, 1, M, 1)
@@ -147,18 +150,20 @@ class VagueSketch:
             keys, values: ``(B, H, M, D)``.
             weight: ``(B, H, M)`` 0/1.
         """
-        self._scatter(positions, keys, values, weight)
+        self._scatter(*self.slots(positions), keys, values, weight)
 
     def delete(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
         """Subtract what :meth:`insert` added for these tokens (same arguments)."""
-        self._scatter(positions, keys, values, -weight)
+        self._scatter(*self.slots(positions), keys, values, -weight)
 
     def query(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Algorithm 2, batched: the median over rows. ``positions`` ``(B, H, M)`` -> keys, values ``(B, H, M, D)``."""
         if self.width == 0:
             empty = positions.new_zeros(*positions.shape, self.keys.shape[-1], dtype=self.keys.dtype)
             return empty, empty.clone()
-        slot, sign = self.slots(positions)
+        return self._estimate(*self.slots(positions))
+
+    def _estimate(self, slot: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, r, m = slot.shape
         d = self.keys.shape[-1]
         index = slot.reshape(b, h, r * m, 1).expand(b, h, r * m, d)
@@ -173,10 +178,36 @@ class VagueSketch:
             values = values / count.to(values.dtype)
         return median_of_rows(keys), median_of_rows(values)
 
+    def swap(self, leaving: torch.Tensor, entering: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+             weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trade tokens with the exact store: ``leaving`` is queried and deleted, ``entering`` inserted.
+
+        One hash of both position sets, where query + delete + insert would hash three times (a decode step's
+        launches are what it costs).
+
+        Args:
+            leaving, entering: ``(B, H, M)`` long positions; keys, values: ``(B, H, M, D)`` of ``entering``;
+            weight: ``(B, H, M)`` 0/1, the pairs that trade.
+
+        Returns:
+            the estimates of ``leaving`` ``(B, H, M, D)`` each, read before anything changes.
+        """
+        if self.width == 0:
+            return self.query(leaving)
+        m = leaving.shape[-1]
+        slot, sign = self.slots(torch.cat([leaving, entering], dim=-1))
+        out_slot, out_sign, in_slot, in_sign = slot[..., :m], sign[..., :m], slot[..., m:], sign[..., m:]
+        out_keys, out_values = self._estimate(out_slot, out_sign)
+        self._scatter(torch.cat([out_slot, in_slot], dim=-1), torch.cat([out_sign, in_sign], dim=-1),
+                      torch.cat([out_keys, keys], dim=2), torch.cat([out_values, values], dim=2),
+                      torch.cat([-weight, weight], dim=-1))
+        return out_keys, out_values
+
     def select_batch(self, indices: torch.Tensor) -> None:
         self.keys = self.keys[indices]
         self.values = self.values[indices]
         self.buckets = self.buckets[indices]
+        self._divisors = self._divisors[indices]
         self.offsets = self.offsets[indices]
         if self.counts is not None:
             self.counts = self.counts[indices]

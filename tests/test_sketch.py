@@ -86,6 +86,31 @@ def test_without_collisions_query_is_exact_and_delete_restores_the_previous_stat
     torch.testing.assert_close(sketch.values, before[1])
 
 
+@pytest.mark.parametrize("estimator", ["sum", "mean"])
+def test_swap_equals_query_then_delete_then_insert(estimator):
+    torch.manual_seed(4)
+    swapped, separate = (make_sketch(5, batch=2, heads=2, estimator=estimator, signed_keys=True) for _ in range(2))
+    held = torch.randperm(60)[:15].expand(2, 2, 15)
+    keys, values = torch.randn(2, 2, 15, 8, dtype=torch.float64), torch.randn(2, 2, 15, 8, dtype=torch.float64)
+    for sketch in (swapped, separate):
+        sketch.insert(held, keys, values, torch.ones(2, 2, 15))
+    leaving, entering = held[:, :, :4], torch.tensor([61, 62, 63, 64]).expand(2, 2, 4)
+    new_k, new_v = torch.randn(2, 2, 4, 8, dtype=torch.float64), torch.randn(2, 2, 4, 8, dtype=torch.float64)
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0]).expand(2, 2, 4)  # the third pair does not trade
+
+    got_k, got_v = swapped.swap(leaving, entering, new_k, new_v, weight)
+    want_k, want_v = separate.query(leaving)
+    separate.delete(leaving, want_k, want_v, weight)
+    separate.insert(entering, new_k, new_v, weight)
+    torch.testing.assert_close(got_k, want_k)
+    torch.testing.assert_close(got_v, want_v)
+    torch.testing.assert_close(swapped.keys, separate.keys)
+    torch.testing.assert_close(swapped.values, separate.values)
+    if estimator == "mean":
+        assert torch.equal(swapped.counts, separate.counts)
+    assert not torch.equal(swapped.values, make_sketch(5, batch=2, heads=2).values)  # the sketch is not empty
+
+
 def test_weight_zero_entries_are_not_inserted():
     sketch = make_sketch(16)
     pos = torch.arange(6).view(1, 1, -1)

@@ -14,6 +14,7 @@ Both backends take ``(query, exact_keys, exact_values, exact_pos, sketch, key_va
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Callable
 
@@ -31,8 +32,9 @@ def check_fused_option(fused: object) -> None:
         raise ValueError(f"fused must be one of True, False, 'auto', 'reference'; got {fused!r}")
 
 
+@functools.cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return importlib.util.find_spec("triton") is not None  # looked up once: decode asks at every layer and step
 
 
 def decode_backend(fused: object, query: torch.Tensor, sketch: VagueSketch | None) -> DecodeFn | None:

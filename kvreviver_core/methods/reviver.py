@@ -66,7 +66,10 @@ class ReviverLayer(CompressedLayer):
         self.exact_values = value_states[:, :, :0]
         self.exact_pos = torch.empty(b, h, 0, dtype=torch.int32, device=self.device)
         self.scores = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
-        self.recent_count = torch.zeros(b, dtype=torch.long, device=self.device)
+        # Host-side bookkeeping: the Recent counts only grow by the step's length or reset to a planned size, so the
+        # decision to hand Recent over needs no device read.
+        self.recent_count = torch.zeros(b, dtype=torch.long)
+        self._recent_start: torch.Tensor | None = None  # (B, 1, 1) on the device, first Recent position
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -79,7 +82,7 @@ class ReviverLayer(CompressedLayer):
         self.exact_keys = torch.cat([self.exact_keys, key_states], dim=2)
         self.exact_values = torch.cat([self.exact_values, value_states], dim=2)
         self.exact_pos = torch.cat([self.exact_pos, new_pos.expand(b, h, t)], dim=2)
-        self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], dim=2)
+        self.scores = torch.nn.functional.pad(self.scores, (0, t))
         self.recent_count += t
         self.logical_len += t
         if self._decode is not None:
@@ -132,7 +135,7 @@ class ReviverLayer(CompressedLayer):
         return out
 
     def slot_mask(self) -> torch.Tensor | None:
-        if self.sketch is None or bool(self.sketch.enabled.all()):
+        if self.sketch is None or self._sketch_everywhere:
             return None
         # Rows without a sketch (Vague share 0, or too small a budget for one bucket per row) have dropped the
         # tokens outside their exact store, and each KV head holds its own set: mask per head.
@@ -164,41 +167,69 @@ class ReviverLayer(CompressedLayer):
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         self.capacity = as_tensor(capacities)
         self.candidate_size = as_tensor(candidate)
-        self.recent_size = as_tensor(recent)
+        self.recent_size = torch.tensor(recent, dtype=torch.long)  # host, as recent_count
         # The slack comes out of the Recent share: Recent refills from recent_base up to recent_size.
-        slack = torch.clamp(torch.minimum(as_tensor([self.budget.recent_slack] * self.batch), self.recent_size - 1), min=0)
+        slack = (self.recent_size - 1).clamp(max=self.budget.recent_slack).clamp(min=0)
         self.recent_base = self.recent_size - slack
-        self.compressing = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        self.compressing = torch.zeros(self.batch, dtype=torch.bool)  # host
+        self._swapping = torch.zeros(self.batch, 1, dtype=torch.bool, device=self.device)  # compressing, with a sketch
+        self._sketch_everywhere = all(v > 0 for v in vague)
+        self._all_swapping = False
+        padding = int(self.offsets.max())
+        # (B, 1, P) over the first P positions: the padding, which never turns Vague (None without padding).
+        self._pad_mask = self.valid_positions()[:, :, :padding].logical_not() if padding else None
         self.sketch = VagueSketch(
             self.batch, self.heads, self.head_dim, self.budget.sketch_rows, as_tensor(vague), self.offsets,
             self.dtype, self.device, seed=self.seed, estimator=self.estimator, signed_keys=self.signed_keys,
         )
 
     def _compress(self) -> None:
-        # Decode runs this for every layer and token: each host sync below guards work that is rare (a fold every
-        # slack + 1 steps, a swap only when a Vague score overtakes a Candidate), so the common step costs a few
-        # small kernels and two syncs.
+        # Decode runs this for every layer and token, so the common step (no fold) avoids host reads: the Recent
+        # bookkeeping lives on the host, and the only sync is the swap test's count of Vague tokens to test.
         if not self._all_compressing:
             held = (self.exact_pos >= 0)[:, 0].sum(dim=-1)  # counts are equal across heads
-            self.compressing |= (self.capacity >= 0) & (held > self.capacity)
+            self.compressing |= ((self.capacity >= 0) & (held > self.capacity)).cpu()
             if not bool(self.compressing.any()):
                 return
             self._all_compressing = bool(self.compressing.all())
-        on = self.compressing
-        overflow = on & (self.recent_count > self.recent_size)
-        self.recent_count = torch.where(overflow, self.recent_base, self.recent_count)
-        recent_start = (self.logical_len - self.recent_count).view(-1, 1, 1)
+            self._swapping = (self.compressing.to(self.device) & self.sketch.enabled).view(-1, 1)
+            self._all_swapping = self._all_compressing and self._sketch_everywhere
+        overflow = self.compressing & (self.recent_count > self.recent_size)
+        handover = bool(overflow.any())
+        if handover or self._recent_start is None:
+            # Between handovers the first Recent position stays put: a step adds one to both terms.
+            self.recent_count = torch.where(overflow, self.recent_base, self.recent_count)
+            self._recent_start = (self.logical_len - self.recent_count).to(self.device).view(-1, 1, 1)
         # Candidate only outgrows its share when Recent hands tokens over (a swap is one for one).
-        if bool(overflow.any()):
-            pos = self.exact_pos.long()
-            is_candidate = (pos >= 0) & (pos < recent_start)
+        if handover:
+            is_candidate, candidate_scores = self._candidates()
+            on = self.compressing.to(self.device)
             excess = torch.where(on, (is_candidate.sum(dim=-1)[:, 0] - self.candidate_size).clamp(min=0), 0)
             if int(excess.max()) > 0:
-                self._fold_lowest(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")), excess)
+                self._fold_lowest(candidate_scores, excess)
                 self._compact()
+        self._swap_back(self._candidates()[1])
+
+    def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which exact slots hold Candidates, and their scores (+inf in the other slots), ``(B, H, E)`` each."""
         pos = self.exact_pos.long()
-        is_candidate = (pos >= 0) & (pos < recent_start)
-        self._swap_back(torch.where(is_candidate, self.scores.gather(2, pos.clamp(min=0)), float("inf")))
+        is_candidate = (pos >= 0) & (pos < self._recent_start)
+        # Column N of the padded scores is +inf: the slots that are not Candidates read it.
+        padded = torch.nn.functional.pad(self.scores, (0, 1), value=float("inf"))
+        return is_candidate, padded.gather(2, torch.where(is_candidate, pos, self.logical_len))
+
+    def _vague_scores(self) -> torch.Tensor:
+        """``(B, H, N)`` scores of the Vague tokens, -inf at exact and padding positions and in rows that never swap."""
+        n = self.logical_len
+        pos = self.exact_pos
+        # Exact positions (and empty slots, through column N) are written -inf in one scatter.
+        scores = torch.nn.functional.pad(self.scores, (0, 1)).scatter(2, torch.where(pos >= 0, pos, n).long(),
+                                                                      float("-inf"))[:, :, :n]
+        if self._pad_mask is not None:
+            scores[:, :, : self._pad_mask.shape[-1]].masked_fill_(self._pad_mask, float("-inf"))
+        if not self._all_swapping:
+            scores.masked_fill_(~self._swapping.unsqueeze(-1), float("-inf"))
+        return scores
 
     def _fold_lowest(self, candidate_scores: torch.Tensor, excess: torch.Tensor) -> None:
         """Move each sequence's ``excess`` lowest-scored Candidates into the sketch."""
@@ -214,23 +245,20 @@ class ReviverLayer(CompressedLayer):
 
     def _swap_back(self, candidate_scores: torch.Tensor) -> None:
         """Swap Vague tokens whose score beats the lowest Candidates x ReplaceRate back into the exact store."""
-        rows = (self.compressing & self.sketch.enabled).view(-1, 1)
-        vague = ~self.exact_map() & self.valid_positions()
-        vague_scores = torch.where(vague, self.scores, float("-inf"))
-        lowest = candidate_scores.min(dim=-1).values
-        if not bool((rows & (lowest * self.budget.replace_rate < vague_scores.max(dim=-1).values)).any()):
+        vague_scores = self._vague_scores()
+        threshold = candidate_scores.min(dim=-1, keepdim=True).values * self.budget.replace_rate
+        # Only the Vague tokens above the lowest Candidate's bar can swap, so pairing that many is enough (the
+        # Candidates' bars only rise along the pairing); it is 0-2 at most steps, against the store's size.
+        k = min(int((vague_scores > threshold).sum(dim=-1).max()), candidate_scores.shape[-1])
+        if k == 0:
             return
-        k = min(candidate_scores.shape[-1], vague_scores.shape[-1])
         top_vague, vague_pos = torch.topk(vague_scores, k, dim=-1)
         low_cand, cand_slots = torch.topk(candidate_scores, k, dim=-1, largest=False)
         swap = (low_cand * self.budget.replace_rate < top_vague) & torch.isfinite(low_cand) & torch.isfinite(top_vague)
-        swap &= rows.unsqueeze(-1)
-        weight = swap.float()
-        revived_k, revived_v = self.sketch.query(vague_pos)
-        self.sketch.delete(vague_pos, revived_k, revived_v, weight)
         gather = cand_slots.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
         out_k, out_v = self.exact_keys.gather(2, gather), self.exact_values.gather(2, gather)
-        self.sketch.insert(self.exact_pos.gather(2, cand_slots).long(), out_k, out_v, weight)
+        revived_k, revived_v = self.sketch.swap(vague_pos, self.exact_pos.gather(2, cand_slots).long(), out_k, out_v,
+                                                swap.float())
         put = swap.unsqueeze(-1)
         self.exact_keys = self.exact_keys.scatter(2, gather, torch.where(put, revived_k, out_k))
         self.exact_values = self.exact_values.scatter(2, gather, torch.where(put, revived_v, out_v))
@@ -259,7 +287,7 @@ class ReviverLayer(CompressedLayer):
     def parts(self) -> dict[str, torch.Tensor]:
         """Per-sequence token counts of each part, ``(B,)`` each (for reports and tests)."""
         filled = (self.exact_pos >= 0)[:, 0].sum(-1)
-        recent = torch.minimum(self.recent_count, filled)
+        recent = torch.minimum(self.recent_count.to(filled.device), filled)
         valid = self.logical_len - self.offsets
         return {"recent": recent, "candidate": filled - recent, "vague": valid - filled}
 

@@ -1,0 +1,122 @@
+"""Where a whole-model decode token's time goes, full cache against KVReviver (issue 7, benchmark 2's why).
+
+For each context and method: the Llama-2-7B architecture with random weights (bf16), a prefill of random ids, a few
+untimed decode tokens, then ``--tokens`` decode tokens through the same loop as ``kvreviver profile`` (model forward,
+greedy argmax), each timed with a device sync. Then ``torch.profiler`` over ``--profiled`` more tokens counts, per
+token: kernel launches, host waits on the GPU (``cudaStreamSynchronize``: a device tensor read by the host), and the
+GPU's busy time (the sum of kernel times, which do not overlap on one stream). Wall time minus GPU time is what the
+host adds. Compression folds tokens every ``recent_slack + 1`` steps (9 by default), so ``--profiled 9`` covers one
+fold per layer. For KVReviver it also counts the Vague tokens swapped back per layer, KV head and token.
+
+One JSON line per (context, method) in ``--out``; a table at the end. SDPA runs on flash/efficient/math (no cuDNN,
+as in ``bench_decode_e2e.py``).
+
+Usage on a GPU machine: python benchmarks/profile_decode_e2e.py [--contexts 8192,32768] [--tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+from kvreviver_core.cache import make_cache
+from kvreviver_core.generation import cache_kwargs
+from kvreviver_core.models import random_model
+from kvreviver_core.profiling import synthetic_ids
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def decode_token(model, token, forward):
+    return model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(dim=-1, keepdim=True)
+
+
+def swapped_back_per_head(cache, step) -> float:
+    """Vague tokens that entered the exact store during ``step()``, per layer and KV head."""
+    before = [layer.exact_map() for layer in cache.layers]
+    token = step()
+    entered = sum(int((after[:, :, : b.shape[-1]] & ~b).sum()) for b, after in
+                  zip(before, (layer.exact_map() for layer in cache.layers)))
+    return token, entered / (len(cache.layers) * before[0].shape[0] * before[0].shape[1])
+
+
+@torch.no_grad()
+def measure(model, method: str, context: int, args) -> dict:
+    ids = synthetic_ids(model.config.vocab_size, 1, context, 0, torch.device("cuda"))
+    cache = make_cache(method, args.budget if method != "full" else 1.0, model=model)
+    forward = cache_kwargs(model, cache)
+    token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward).logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(args.warmup):
+        token = decode_token(model, token, forward)
+    walls = []
+    for _ in range(args.tokens):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        token = decode_token(model, token, forward)
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - start) * 1e3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.profiled):
+            token = decode_token(model, token, forward)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    if args.ops:
+        print(f"\n## {method}, context {context}: ops by calls over {args.profiled} tokens")
+        print(events.table(sort_by="count", row_limit=args.ops, max_name_column_width=50))
+    count = lambda names: sum(e.count for e in events if e.key in names) / args.profiled  # noqa: E731
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    row = {"device": torch.cuda.get_device_name(), "context": context, "method": method,
+           "wall_ms_median": statistics.median(walls),
+           "wall_ms_mean": statistics.mean(walls), "gpu_busy_ms": gpu_us / 1e3 / args.profiled,
+           "launches": count(LAUNCHES), "host_syncs": count(("cudaStreamSynchronize",))}
+    if method != "full":
+        swaps = []
+        for _ in range(4):
+            token, entered = swapped_back_per_head(cache, lambda: decode_token(model, token, forward))
+            swaps.append(round(entered, 3))
+        row["swapped_back_per_layer_head"] = swaps
+    del cache
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="llama-2-7b")
+    parser.add_argument("--contexts", default="8192,32768")
+    parser.add_argument("--methods", default="full,kvreviver")
+    parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=16, help="timed decode tokens")
+    parser.add_argument("--profiled", type=int, default=3, help="decode tokens under torch.profiler")
+    parser.add_argument("--ops", type=int, default=0, help="print the profiler's N most-called ops per run")
+    parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_e2e.jsonl"))
+    args = parser.parse_args()
+    model = random_model(args.arch, torch.bfloat16, torch.device("cuda"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        for context in map(int, args.contexts.split(",")):
+            for method in args.methods.split(","):
+                rows.append(measure(model, method, context, args))
+                with args.out.open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{rows[0]['device']}, {args.arch} random weights, bf16, batch 1, budget {args.budget:g}")
+    print("| context | method | ms / token, mean (median) | GPU busy ms / token | launches / token | host syncs / token |"
+          " Vague tokens swapped back per layer, head and token |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['context']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | {r['gpu_busy_ms']:.1f} | "
+              f"{r['launches']:.0f} | {r['host_syncs']:.0f} | {r.get('swapped_back_per_layer_head', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
