@@ -13,7 +13,8 @@ Compress (Algorithm 3, run after every attention call): when Recent exceeds its 
 Candidates in bulk; the lowest-scored Candidates beyond the Candidate share go into the sketch; then, while the
 lowest Candidate score x ReplaceRate is below the highest Vague score, the two swap. Pairing the k lowest
 Candidates with the k highest Vague tokens and swapping the prefix where the test holds gives the same result as
-the paper's one-at-a-time loop for ReplaceRate >= 1.
+the paper's one-at-a-time loop for ReplaceRate >= 1; k is the number of Vague tokens above the lowest Candidate's
+score x ReplaceRate, since no other Vague token can pass the test.
 
 Swap-back: a returning token is read from the sketch (its reconstruction at that moment), that estimate is
 deleted from the sketch, and the estimate is what the exact store holds from then on. The original K/V are gone
