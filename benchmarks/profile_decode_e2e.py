@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=0, help="print the profiler's N most-called ops per run")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_e2e.jsonl"))
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_decode_e2e.py needs a CUDA GPU (it measures kernel launches and GPU time)")
     model = random_model(args.arch, torch.bfloat16, torch.device("cuda"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -255,16 +255,16 @@ class ReviverLayer(CompressedLayer):
             return
         top_vague, vague_pos = torch.topk(vague_scores, k, dim=-1)
         low_cand, cand_slots = torch.topk(candidate_scores, k, dim=-1, largest=False)
-        swap = (low_cand * self.budget.replace_rate < top_vague) & torch.isfinite(low_cand) & torch.isfinite(top_vague)
+        # Padding in either list fails the test by itself: a non-Candidate slot reads +inf, a non-Vague position -inf.
+        swap = low_cand * self.budget.replace_rate < top_vague
         gather = cand_slots.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
         out_k, out_v = self.exact_keys.gather(2, gather), self.exact_values.gather(2, gather)
-        revived_k, revived_v = self.sketch.swap(vague_pos, self.exact_pos.gather(2, cand_slots).long(), out_k, out_v,
-                                                swap.float())
+        out_pos = self.exact_pos.gather(2, cand_slots)
+        revived_k, revived_v = self.sketch.swap(vague_pos, out_pos.long(), out_k, out_v, swap.float())
         put = swap.unsqueeze(-1)
         self.exact_keys = self.exact_keys.scatter(2, gather, torch.where(put, revived_k, out_k))
         self.exact_values = self.exact_values.scatter(2, gather, torch.where(put, revived_v, out_v))
-        new_pos = torch.where(swap, vague_pos.to(torch.int32), self.exact_pos.gather(2, cand_slots))
-        self.exact_pos = self.exact_pos.scatter(2, cand_slots, new_pos)
+        self.exact_pos = self.exact_pos.scatter(2, cand_slots, torch.where(swap, vague_pos.to(torch.int32), out_pos))
 
     def _compact(self) -> None:
         """Drop empty slots so the exact store holds no more than the largest sequence needs."""
