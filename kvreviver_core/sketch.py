@@ -195,11 +195,9 @@ class VagueSketch:
         if self.width == 0:
             return self.query(leaving)
         m = leaving.shape[-1]
-        slot, sign = self.slots(torch.cat([leaving, entering], dim=-1))
-        out_slot, out_sign, in_slot, in_sign = slot[..., :m], sign[..., :m], slot[..., m:], sign[..., m:]
-        out_keys, out_values = self._estimate(out_slot, out_sign)
-        self._scatter(torch.cat([out_slot, in_slot], dim=-1), torch.cat([out_sign, in_sign], dim=-1),
-                      torch.cat([out_keys, keys], dim=2), torch.cat([out_values, values], dim=2),
+        slot, sign = self.slots(torch.cat([leaving, entering], dim=-1))  # (B, H, r, 2M): leaving first
+        out_keys, out_values = self._estimate(slot[..., :m], sign[..., :m])
+        self._scatter(slot, sign, torch.cat([out_keys, keys], dim=2), torch.cat([out_values, values], dim=2),
                       torch.cat([-weight, weight], dim=-1))
         return out_keys, out_values
 
