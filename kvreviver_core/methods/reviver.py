@@ -203,34 +203,32 @@ class ReviverLayer(CompressedLayer):
             self._recent_start = (self.logical_len - self.recent_count).to(self.device).view(-1, 1, 1)
         # Candidate only outgrows its share when Recent hands tokens over (a swap is one for one).
         if handover:
-            is_candidate, candidate_scores = self._candidates()
+            is_candidate, candidate_scores, _ = self._scores_by_part()
             on = self.compressing.to(self.device)
             excess = torch.where(on, (is_candidate.sum(dim=-1)[:, 0] - self.candidate_size).clamp(min=0), 0)
             if int(excess.max()) > 0:
                 self._fold_lowest(candidate_scores, excess)
                 self._compact()
-        self._swap_back(self._candidates()[1])
+        _, candidate_scores, vague_scores = self._scores_by_part()
+        self._swap_back(candidate_scores, vague_scores)
 
-    def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which exact slots hold Candidates, and their scores (+inf in the other slots), ``(B, H, E)`` each."""
-        pos = self.exact_pos.long()
-        is_candidate = (pos >= 0) & (pos < self._recent_start)
-        # Column N of the padded scores is +inf: the slots that are not Candidates read it.
-        padded = torch.nn.functional.pad(self.scores, (0, 1), value=float("inf"))
-        return is_candidate, padded.gather(2, torch.where(is_candidate, pos, self.logical_len))
-
-    def _vague_scores(self) -> torch.Tensor:
-        """``(B, H, N)`` scores of the Vague tokens, -inf at exact and padding positions and in rows that never swap."""
+    def _scores_by_part(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Candidate slots ``(B, H, E)``, their scores (+inf in the other slots) ``(B, H, E)``, and the Vague
+        tokens' scores ``(B, H, N)`` (-inf at exact and padding positions and in rows that never swap)."""
         n = self.logical_len
-        pos = self.exact_pos
-        # Exact positions (and empty slots, through column N) are written -inf in one scatter.
-        scores = torch.nn.functional.pad(self.scores, (0, 1)).scatter(2, torch.where(pos >= 0, pos, n).long(),
-                                                                      float("-inf"))[:, :, :n]
+        pos = self.exact_pos.long()
+        filled = pos >= 0
+        is_candidate = filled & (pos < self._recent_start)
+        # Column N is +inf: the slots that are not Candidates read it, and empty slots write there.
+        padded = torch.nn.functional.pad(self.scores, (0, 1), value=float("inf"))
+        held = torch.where(filled, pos, n)
+        candidate_scores = torch.where(is_candidate, padded.gather(2, held), float("inf"))
+        vague_scores = padded.scatter(2, held, float("-inf"))[:, :, :n]
         if self._pad_mask is not None:
-            scores[:, :, : self._pad_mask.shape[-1]].masked_fill_(self._pad_mask, float("-inf"))
+            vague_scores[:, :, : self._pad_mask.shape[-1]].masked_fill_(self._pad_mask, float("-inf"))
         if not self._all_swapping:
-            scores.masked_fill_(~self._swapping.unsqueeze(-1), float("-inf"))
-        return scores
+            vague_scores.masked_fill_(~self._swapping.unsqueeze(-1), float("-inf"))
+        return is_candidate, candidate_scores, vague_scores
 
     def _fold_lowest(self, candidate_scores: torch.Tensor, excess: torch.Tensor) -> None:
         """Move each sequence's ``excess`` lowest-scored Candidates into the sketch."""
@@ -244,9 +242,8 @@ class ReviverLayer(CompressedLayer):
                            self.exact_values.gather(2, gather), weight)
         self.exact_pos = self.exact_pos.scatter(2, slots, torch.where(chosen, -1, self.exact_pos.gather(2, slots)))
 
-    def _swap_back(self, candidate_scores: torch.Tensor) -> None:
+    def _swap_back(self, candidate_scores: torch.Tensor, vague_scores: torch.Tensor) -> None:
         """Swap Vague tokens whose score beats the lowest Candidates x ReplaceRate back into the exact store."""
-        vague_scores = self._vague_scores()
         threshold = candidate_scores.min(dim=-1, keepdim=True).values * self.budget.replace_rate
         # Only the Vague tokens above the lowest Candidate's bar can swap, so pairing that many is enough (the
         # Candidates' bars only rise along the pairing); it is 0-2 at most steps, against the store's size.
