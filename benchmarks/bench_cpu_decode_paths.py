@@ -20,6 +20,7 @@ import torch
 from kvreviver_core import models
 from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs
+from kvreviver_core.profiling import greedy_next
 
 PATHS = {"unfused (auto on CPU)": False, "reference": "reference"}
 
@@ -28,11 +29,11 @@ PATHS = {"unfused (auto on CPU)": False, "reference": "reference"}
 def decode(model, ids, fused, budget: float, new_tokens: int) -> tuple[float, list[int]]:
     cache = make_cache("kvreviver", budget, model=model, fused=fused)
     forward = cache_kwargs(model, cache)
-    token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward).logits[:, -1:].argmax(-1)
+    token = greedy_next(model, ids, forward, logits_to_keep=1)
     tokens = []
     start = time.perf_counter()
     for _ in range(new_tokens):
-        token = model(input_ids=token, use_cache=True, **forward).logits[:, -1:].argmax(-1)
+        token = greedy_next(model, token, forward)
         tokens.append(int(token))
     return new_tokens / (time.perf_counter() - start), tokens
 

@@ -29,13 +29,9 @@ from torch.profiler import ProfilerActivity, profile
 from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs
 from kvreviver_core.models import random_model
-from kvreviver_core.profiling import synthetic_ids
+from kvreviver_core.profiling import greedy_next, synthetic_ids
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
-
-
-def decode_token(model, token, forward):
-    return model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(dim=-1, keepdim=True)
 
 
 def swapped_back_per_head(cache, step) -> float:
@@ -52,19 +48,19 @@ def measure(model, method: str, context: int, args) -> dict:
     ids = synthetic_ids(model.config.vocab_size, 1, context, 0, torch.device("cuda"))
     cache = make_cache(method, args.budget if method != "full" else 1.0, model=model)
     forward = cache_kwargs(model, cache)
-    token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward).logits[:, -1].argmax(-1, keepdim=True)
+    token = greedy_next(model, ids, forward, logits_to_keep=1)
     for _ in range(args.warmup):
-        token = decode_token(model, token, forward)
+        token = greedy_next(model, token, forward)
     walls = []
     for _ in range(args.tokens):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        token = decode_token(model, token, forward)
+        token = greedy_next(model, token, forward)
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - start) * 1e3)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.profiled):
-            token = decode_token(model, token, forward)
+            token = greedy_next(model, token, forward)
         torch.cuda.synchronize()
     events = prof.key_averages()
     if args.ops:
@@ -79,7 +75,7 @@ def measure(model, method: str, context: int, args) -> dict:
     if method != "full":
         swaps = []
         for _ in range(4):
-            token, entered = swapped_back_per_head(cache, lambda: decode_token(model, token, forward))
+            token, entered = swapped_back_per_head(cache, lambda: greedy_next(model, token, forward))
             swaps.append(round(entered, 3))
         row["swapped_back_per_layer_head"] = swaps
     del cache
@@ -112,12 +108,13 @@ def main() -> None:
                     f.write(json.dumps(rows[-1]) + "\n")
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\n{rows[0]['device']}, {args.arch} random weights, bf16, batch 1, budget {args.budget:g}")
-    print("| context | method | ms / token, mean (median) | GPU busy ms / token | launches / token | host syncs / token |"
-          " Vague tokens swapped back per layer, head and token |")
+    print("| context | method | ms / token, mean (median) | GPU busy ms / token | launches / token |"
+          " host syncs / token | Vague tokens swapped back per layer, head and token |")
     print("|---:|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['context']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | {r['gpu_busy_ms']:.1f} | "
-              f"{r['launches']:.0f} | {r['host_syncs']:.0f} | {r.get('swapped_back_per_layer_head', '-')} |")
+        print(f"| {r['context']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | "
+              f"{r['gpu_busy_ms']:.1f} | {r['launches']:.0f} | {r['host_syncs']:.0f} | "
+              f"{r.get('swapped_back_per_layer_head', '-')} |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from transformers import DynamicCache
 
 from kvreviver_core.generation import cache_kwargs
 from kvreviver_core.models import load_model
-from kvreviver_core.profiling import RunSpec, Timer, measure_run, nvml_reader, release_memory, synthetic_ids
+from kvreviver_core.profiling import (RunSpec, Timer, greedy_next, measure_run, nvml_reader, release_memory,
+                                     synthetic_ids)
 
 
 @torch.no_grad()
@@ -29,12 +30,12 @@ def hf_dynamic_ms(model, batch: int, context: int, steps: int) -> float:
     ids = synthetic_ids(model.config.vocab_size, batch, context, 0, device)
     cache = DynamicCache(config=model.config)
     forward = cache_kwargs(model, cache)
-    token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward).logits[:, -1].argmax(-1, keepdim=True)
+    token = greedy_next(model, ids, forward, logits_to_keep=1)
     for _ in range(4):
-        token = model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(-1, keepdim=True)
+        token = greedy_next(model, token, forward)
     with Timer(device) as timer:
         for _ in range(steps):
-            token = model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(-1, keepdim=True)
+            token = greedy_next(model, token, forward)
     return 1000 * timer.seconds / steps
 
 

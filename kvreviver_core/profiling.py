@@ -251,6 +251,12 @@ class ProfileRow:
         return asdict(self)
 
 
+def greedy_next(model: torch.nn.Module, input_ids: torch.Tensor, forward: dict, **kwargs) -> torch.Tensor:
+    """One forward pass through the cache in ``forward`` (:func:`cache_kwargs`): each sequence's greedy next token,
+    ``(B, 1)``. The decode step that ``profile`` times, shared by the benchmarks that take it apart."""
+    return model(input_ids=input_ids, use_cache=True, **forward, **kwargs).logits[:, -1].argmax(dim=-1, keepdim=True)
+
+
 def synthetic_ids(vocab_size: int, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
     """``(batch, length)`` random token ids, avoiding the first few (pad/bos/eos) ids."""
     generator = torch.Generator().manual_seed(seed)
@@ -278,10 +284,10 @@ def measure_run(model: torch.nn.Module, spec: RunSpec, batch: int, memory: Memor
         token = logits[:, -1].argmax(dim=-1, keepdim=True)
         warmup = spec.new_tokens - spec.timed_steps
         for _ in range(warmup):
-            token = model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(dim=-1, keepdim=True)
+            token = greedy_next(model, token, forward)
         with Timer(devices) as decode:
             for _ in range(spec.timed_steps):
-                token = model(input_ids=token, use_cache=True, **forward).logits[:, -1].argmax(dim=-1, keepdim=True)
+                token = greedy_next(model, token, forward)
         kv_bytes, kv_full = cache.memory_bytes(), cache.full_bytes()
     row = ProfileRow(
         spec.method, batch, "ok", prefill_s=prefill.seconds, decode_s=decode.seconds,
