@@ -4,8 +4,9 @@ A decode step on the GPU is host-bound (``profile_decode_e2e.py``): its time fol
 bookkeeping issues (update, cumulative scores, hand-over, fold, swap test and swap), each a kernel launch on CUDA.
 This counts them without a GPU. A ``ReviverLayer`` on the CPU gets a random prefill and random cumulative scores,
 then decode steps of random q/k/v through the registered attention function, with the decode attention itself
-(the reference here, the Triton kernel on CUDA) left out of the count. Views and empty allocations are not counted.
-Every ``--force-swap-every`` steps, one Vague position gets a large attention mass, so that step swaps.
+(the reference here, the Triton kernel on CUDA) left out of the count; the key-validity mask built for it counts.
+Views and empty allocations are not counted. Every ``--force-swap-every`` steps, one Vague position gets a large
+attention mass, so that step swaps.
 
 Prints the ops of each step; steady steps, fold steps (every ``recent_slack + 1``) and swap steps differ.
 
@@ -59,23 +60,19 @@ def main() -> None:
     layer.update(torch.randn(1, h, n, d), torch.randn(1, h, n, d))
     layer.observe(torch.rand(1, h, n), torch.ones(1, n, dtype=torch.bool))
     counter = OpCounter()
-    decode = layer.fused_attention
 
-    def attend_uncounted(query, key, value, mask, scaling):
-        # Attention is the kernel's on a GPU: count the bookkeeping around it only.
-        decode_fn, layer._decode = layer._decode, None
-        counter.counting = False
-        key_valid = attention._key_validity(mask, key)
-        out, mass = decode_fn(query, layer.exact_keys, layer.exact_values, layer.exact_pos, layer.sketch, key_valid,
-                              scaling)
-        if step_index % args.force_swap_every == args.force_swap_every - 1:
-            vague = (~layer.exact_map() & layer.valid_positions())[0, 0].nonzero()
-            mass[:, :, int(vague[0])] += 100.0
-        counter.counting = True
-        layer.observe(mass, key_valid)
-        return out
+    def uncounted(decode, force_swap: bool):
+        """The step's decode attention (the kernel's on a GPU) out of the count, the layer's own code in it."""
+        def attend(*inputs):
+            counter.counting = False
+            out, mass = decode(*inputs)
+            if force_swap:
+                vague = (~layer.exact_map() & layer.valid_positions())[0, 0].nonzero()
+                mass[:, :, int(vague[0])] += 100.0
+            counter.counting = True
+            return out, mass
+        return attend
 
-    layer.fused_attention = attend_uncounted
     module = types.SimpleNamespace(layer_idx=0)
     per_step = []
     with counter:
@@ -85,10 +82,10 @@ def main() -> None:
             counter.counting = True
             before = sum(counter.ops.values())
             keys, values = layer.update(k, v)
+            layer._decode = uncounted(layer._decode, step_index % args.force_swap_every == args.force_swap_every - 1)
             attention.announce_layer(0, layer)
             attention.kvreviver_attention(module, q, keys, values, None, d**-0.5)
             per_step.append(sum(counter.ops.values()) - before)
-    del decode
     print(f"ops per decode step ({args.estimator}, fold every {layer.budget.recent_slack + 1} steps, a forced swap "
           f"every {args.force_swap_every}): {per_step}")
     print(f"mean {sum(per_step) / len(per_step):.1f}; most issued: "
