@@ -175,7 +175,6 @@ class ReviverLayer(CompressedLayer):
         self.compressing = torch.zeros(self.batch, dtype=torch.bool)  # host
         self._swapping = torch.zeros(self.batch, 1, dtype=torch.bool, device=self.device)  # compressing, with a sketch
         self._sketch_everywhere = all(v > 0 for v in vague)
-        self._all_swapping = False
         padding = int(self.offsets.max())
         # (B, 1, P) over the first P positions: the padding, which never turns Vague (None without padding).
         self._pad_mask = self.valid_positions()[:, :, :padding].logical_not() if padding else None
@@ -194,7 +193,6 @@ class ReviverLayer(CompressedLayer):
                 return
             self._all_compressing = bool(self.compressing.all())
             self._swapping = (self.compressing.to(self.device) & self.sketch.enabled).view(-1, 1)
-            self._all_swapping = self._all_compressing and self._sketch_everywhere
         overflow = self.compressing & (self.recent_count > self.recent_size)
         handover = bool(overflow.any())
         if handover or self._recent_start is None:
@@ -226,7 +224,7 @@ class ReviverLayer(CompressedLayer):
         vague_scores = padded.scatter(2, held, float("-inf"))[:, :, :n]
         if self._pad_mask is not None:
             vague_scores[:, :, : self._pad_mask.shape[-1]].masked_fill_(self._pad_mask, float("-inf"))
-        if not self._all_swapping:
+        if not (self._all_compressing and self._sketch_everywhere):  # some rows never swap
             vague_scores.masked_fill_(~self._swapping.unsqueeze(-1), float("-inf"))
         return is_candidate, candidate_scores, vague_scores
 
