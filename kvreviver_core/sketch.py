@@ -91,8 +91,9 @@ class VagueSketch:
         self.estimator = estimator
         self.signed_keys = signed_keys
         # The parts of the hash that do not depend on the position, built once: a decode step's cost is its op count.
+        # (1, 1, r, 1) int64, contiguous: the Triton kernels read the same r terms.
         row = torch.arange(rows, device=device, dtype=torch.long).view(1, 1, -1, 1)
-        self._row_terms = row * 0x632BE5AB + (seed * 0x27D4EB2F + 1)
+        self.row_terms = row * 0x632BE5AB + (seed * 0x27D4EB2F + 1)
         self._row_starts = row * self.width
         self._divisors = self.buckets.clamp(min=1).view(-1, 1, 1, 1)
         shape = (batch, heads, rows * self.width, head_dim)
@@ -118,7 +119,7 @@ class VagueSketch:
             positions: ``(B, H, M)`` physical positions in the cache (long).
         """
         logical = positions - self.offsets.view(-1, 1, 1)
-        mixed = _mix(logical.unsqueeze(2) * 0x9E3779B1 + self._row_terms)
+        mixed = _mix(logical.unsqueeze(2) * 0x9E3779B1 + self.row_terms)
         bucket = torch.remainder(mixed, self._divisors)
         sign = 1 - 2 * ((mixed >> 40) & 1)
         return bucket + self._row_starts, sign

@@ -12,7 +12,7 @@ from kvreviver_core.attention import combined_mask, scored_attention
 from kvreviver_core.budget import Budget
 from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs
-from kvreviver_core.kernels import decode_backend, reviver_decode_reference, triton_available
+from kvreviver_core.kernels import compress_kernels, decode_backend, reviver_decode_reference, triton_available
 from kvreviver_core.kernels.reference import exact_position_map
 from kvreviver_core.methods.reviver import ReviverLayer
 from kvreviver_core.sketch import VagueSketch
@@ -23,11 +23,12 @@ SPLITS = {"paper": (0.1, 0.45, 0.45), "wide-vague": (0.4, 0.3, 0.3), "no-vague":
 
 def compressed_layer(estimator: str, split, fraction: float = 0.2, batch: int = 3, heads: int = 2, head_dim: int = 16,
                      prompt: int = 160, pads=(0, 13, 40), steps: int = 3, seed: int = 0, device="cpu",
-                     dtype=torch.float32) -> tuple[ReviverLayer, torch.Tensor]:
+                     dtype=torch.float32, rows: int = 3, signed_keys: bool = False) -> tuple[ReviverLayer, torch.Tensor]:
     """A real ReviverLayer after a left-padded prefill and ``steps`` unfused decode steps; and its padding mask."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
-    layer = ReviverLayer(0, Budget(fraction, split=split), estimator=estimator, seed=seed, fused=False)
+    layer = ReviverLayer(0, Budget(fraction, split=split, sketch_rows=rows), estimator=estimator, seed=seed, fused=False,
+                         signed_keys=signed_keys)
     layer.update(rand(batch, heads, prompt, head_dim), rand(batch, heads, prompt, head_dim))
     valid = torch.arange(prompt).view(1, -1) >= torch.tensor(pads[:batch]).view(-1, 1)
     scores = torch.rand(batch, heads, prompt, generator=gen).to(device) * valid.to(device).unsqueeze(1)
@@ -236,3 +237,147 @@ def test_kernel_on_a_real_layer_matches_revive_then_exact_attention():
 def test_kernel_in_generate_matches_reference(estimator):
     model = tiny_llama(layers=2, heads=8, kv_heads=2, hidden=256).to("cuda")  # head_dim 32, GQA 4
     assert_same_generation(model, True, "reference", "cuda", lengths=(700, 400), estimator=estimator)
+
+
+TRADE_CASES = [
+    # estimator, rows, signed_keys, dtype
+    ("sum", 3, False, torch.float32),
+    ("mean", 3, False, torch.float32),
+    ("sum", 1, False, torch.float32),
+    ("mean", 3, True, torch.float32),
+    ("sum", 3, False, torch.bfloat16),
+    ("mean", 3, True, torch.bfloat16),
+]
+
+
+def trade_both_ways(estimator, rows, signed_keys, dtype, swap: bool, device, seed: int = 0):
+    """One layer's swap (or fold) of random pairs through the torch path and through the Triton kernel.
+
+    Narrow sketch rows (~10 buckets) and 6 pairs per head, so pairs collide in buckets; for a fold, sequence 1 has
+    no buckets (it drops what it folds). Returns the layer before the trade, the two layers after it and the number
+    of pairs moved.
+    """
+    from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
+
+    layer, _ = compressed_layer(estimator, SPLITS["wide-vague"], fraction=0.2, batch=3, heads=4, head_dim=64,
+                                prompt=400, seed=seed, device=device, dtype=dtype, rows=rows, signed_keys=signed_keys)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pairs = 6
+    filled = (layer.exact_pos >= 0).cpu()
+    slots = torch.stack([torch.stack([row.nonzero()[torch.randperm(int(row.sum()), generator=gen)[:pairs], 0]
+                                      for row in head]) for head in filled])
+    vague = (~layer.exact_map() & layer.valid_positions()).cpu()
+    vague_pos = torch.stack([torch.stack([row.nonzero()[torch.randperm(int(row.sum()), generator=gen)[:pairs], 0]
+                                          for row in head]) for head in vague])
+    move = torch.rand(slots.shape, generator=gen) < 0.7
+    if not swap:
+        layer.sketch.buckets[1] = 0
+    before, torch_layer, kernel_layer = layer, copy.deepcopy(layer), copy.deepcopy(layer)
+    torch_layer._kernels, kernel_layer._kernels = None, compress_kernels(reviver_decode_triton)
+    for each in (torch_layer, kernel_layer):
+        each._trade(slots.to(device), vague_pos.to(device) if swap else None, move.to(device))
+    return before, torch_layer, kernel_layer, int(move.sum())
+
+
+def assert_buckets_close(kernel: torch.Tensor, torch_path: torch.Tensor, before: torch.Tensor) -> None:
+    """fp32 buckets differ by summation order only. In bf16 the kernel rounds after each of a bucket's updates (a
+    swap deletes and inserts, and pairs collide), torch once after their fp32 sum: allow 8 units in the last place
+    of the larger of the bucket's old and new magnitude (a token left out or added twice moves a bucket by its own
+    size, far more)."""
+    if kernel.dtype == torch.float32:
+        torch.testing.assert_close(kernel, torch_path, rtol=1e-5, atol=1e-5)
+        return
+    scale = torch.maximum(before.float().abs(), torch_path.float().abs())
+    ulp = torch.exp2(torch.floor(torch.log2(scale.clamp(min=1e-6))) - 7)
+    excess = (kernel.float() - torch_path.float()).abs() - 8 * ulp
+    assert float(excess.max()) <= 0, f"bucket off by {float(excess.max()):.3g} beyond 8 ulp"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("swap", [True, False], ids=["swap", "fold"])
+@pytest.mark.parametrize("case", TRADE_CASES, ids=lambda c: f"{c[0]}-r{c[1]}{'-signed' * c[2]}-{str(c[3])[6:]}")
+def test_sketch_trade_kernel_matches_torch_path(case, swap):
+    estimator, rows, signed_keys, dtype = case
+    for seed in range(3):
+        before, torch_layer, kernel_layer, moved = trade_both_ways(estimator, rows, signed_keys, dtype, swap, "cuda", seed)
+        # The exact store takes the estimates, which are medians of stored values: identical on both paths.
+        assert torch.equal(kernel_layer.exact_pos, torch_layer.exact_pos)
+        assert torch.equal(kernel_layer.exact_keys, torch_layer.exact_keys)
+        assert torch.equal(kernel_layer.exact_values, torch_layer.exact_values)
+        assert_buckets_close(kernel_layer.sketch.keys, torch_layer.sketch.keys, before.sketch.keys)
+        assert_buckets_close(kernel_layer.sketch.values, torch_layer.sketch.values, before.sketch.values)
+        if estimator == "mean":
+            assert torch.equal(kernel_layer.sketch.counts, torch_layer.sketch.counts)
+        print(f"{case} {'swap' if swap else 'fold'} seed {seed}: {moved} pairs moved, bucket keys max abs diff "
+              f"{float((kernel_layer.sketch.keys - torch_layer.sketch.keys).abs().max()):.2e}")
+
+
+def swap_test_both_ways(estimator: str, device, seed: int):
+    """A real layer's swap test after one step's mass, through ``ReviverLayer._swap_test`` (torch) and the kernel.
+    A few Vague tokens are lifted far above the bar; in the first KV head the exact tokens are, so that head counts
+    none. Returns the scores after each path's accumulation and each path's (count, Candidate, Vague scores)."""
+    from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
+
+    layer, _ = compressed_layer(estimator, SPLITS["paper"], fraction=0.2, batch=3, heads=4, head_dim=64, prompt=400,
+                                seed=seed, device=device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    mass = torch.rand(layer.scores.shape, generator=gen).to(device) * 0.3
+    vague = ~layer.exact_map() & layer.valid_positions()
+    mass += (vague & (torch.rand(vague.shape, generator=gen) < 0.01).to(device)) * 50.0
+    mass[:, 0] = torch.where(vague[:, 0], 0.0, 100.0)  # the first head: its exact tokens rise, nothing passes
+    reference = copy.deepcopy(layer)
+    reference._accumulate(mass)
+    expected = reference._swap_test()
+    got = compress_kernels(reviver_decode_triton).swap_test(
+        layer.scores, mass, layer.exact_pos, layer._recent_start, layer.offsets, layer._swapping,
+        layer.budget.replace_rate)
+    return layer.scores, reference.scores, got, expected
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("estimator", ["sum", "mean"])
+def test_swap_test_kernel_matches_torch_swap_test(estimator):
+    for seed in range(3):
+        scores, expected_scores, (count, candidate, vague), (expected, candidate_ref, vague_ref) = \
+            swap_test_both_ways(estimator, "cuda", seed)
+        assert torch.equal(scores, expected_scores)  # the same fp32 additions
+        assert torch.equal(count.long(), expected), (count, expected)
+        assert torch.equal(candidate, candidate_ref) and torch.equal(vague, vague_ref)
+        assert int(expected.sum()) > 0 and int(expected[:, 0].sum()) == 0
+        print(f"{estimator} seed {seed}: Vague tokens above the bar per head {expected.tolist()}")
+
+
+def compress_steps_both_ways(device, steps: int = 20, seed: int = 0):
+    """``steps`` decode steps of one layer's bookkeeping (update, then observe with a random mass that now and then
+    lifts a Vague token), once through the torch compress step and once through the kernels."""
+    from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
+
+    torch_layer, valid = compressed_layer("sum", SPLITS["paper"], fraction=0.2, batch=3, heads=4, head_dim=64,
+                                          prompt=400, seed=seed, device=device)
+    kernel_layer = copy.deepcopy(torch_layer)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        new_k, new_v = (torch.randn(3, 4, 1, 64, generator=gen).to(device) for _ in range(2))
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+        mass = torch.rand(3, 4, valid.shape[1], generator=gen).to(device) * 0.1
+        lifted = torch.randint(0, valid.shape[1], (3, 4, 1), generator=gen).to(device)
+        mass.scatter_add_(2, lifted, torch.full((3, 4, 1), 30.0, device=device))
+        for layer, kernels in ((torch_layer, None), (kernel_layer, compress_kernels(reviver_decode_triton))):
+            layer.update(new_k, new_v)
+            layer._kernels = kernels
+            layer.observe(mass * valid.unsqueeze(1), valid)
+    return torch_layer, kernel_layer
+
+
+@pytest.mark.gpu
+@gpu
+def test_compress_steps_on_the_kernels_match_the_torch_steps():
+    torch_layer, kernel_layer = compress_steps_both_ways("cuda")
+    # Every decision follows the scores, which both paths add up alike: the same tokens end up in the same slots.
+    assert torch.equal(kernel_layer.scores, torch_layer.scores)
+    assert torch.equal(kernel_layer.exact_pos, torch_layer.exact_pos)
+    # Buckets differ in summation order, and the estimates that swaps read from them drift by a few ulp.
+    torch.testing.assert_close(kernel_layer.exact_keys, torch_layer.exact_keys, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernel_layer.sketch.values, torch_layer.sketch.values, rtol=1e-4, atol=1e-4)

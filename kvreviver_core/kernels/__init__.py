@@ -8,6 +8,9 @@
 * ``"reference"``: the pure-torch reference on any device (to check the kernel against it);
 * ``False``: always the unfused path.
 
+A decode step that runs the Triton kernel also runs its compress step's swap test and its swaps and folds through
+Triton kernels (:func:`compress_kernels`); every other step uses the layer's torch code.
+
 Both backends take ``(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scaling)`` and return
 ``(output (B, 1, Hq, D), mass (B, Hkv, L) fp32)``.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,4 +55,28 @@ def decode_backend(fused: object, query: torch.Tensor, sketch: VagueSketch | Non
     return reviver_decode_reference if fused is True else None
 
 
-__all__ = ["FUSED_CHOICES", "check_fused_option", "decode_backend", "reviver_decode_reference", "triton_available"]
+@dataclass(frozen=True)
+class CompressKernels:
+    """The compress step's Triton kernels (:mod:`kvreviver_core.kernels.compress_step`)."""
+
+    swap_test: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    trade: Callable[..., None]
+
+
+def compress_kernels(decode: DecodeFn | None) -> CompressKernels | None:
+    """The compress step's kernels when the step's decode runs the Triton kernel (the same inputs are supported),
+    else None: the layer's torch code."""
+    if decode is None or decode is reviver_decode_reference:
+        return None
+    return _triton_compress_kernels()
+
+
+@functools.cache
+def _triton_compress_kernels() -> CompressKernels:
+    from kvreviver_core.kernels.compress_step import sketch_trade_triton, swap_test_triton
+
+    return CompressKernels(swap_test_triton, sketch_trade_triton)
+
+
+__all__ = ["FUSED_CHOICES", "CompressKernels", "check_fused_option", "compress_kernels", "decode_backend",
+           "reviver_decode_reference", "triton_available"]

@@ -37,10 +37,8 @@ import triton.language as tl
 from kvreviver_core.kernels.reference import check_decode_inputs
 from kvreviver_core.sketch import _MIX_1, _MIX_2, VagueSketch, _wrap64
 
-# The hash of VagueSketch.slots: x = pos * POS_MUL + row * ROW_MUL + (seed * SEED_MUL + 1), then _mix(x).
+# The hash of VagueSketch.slots: x = pos * POS_MUL + row_terms[row], then _mix(x) (row_terms: the sketch's).
 _POS_MUL = tl.constexpr(0x9E3779B1)
-_ROW_MUL = 0x632BE5AB
-_SEED_MUL = 0x27D4EB2F
 _M1 = tl.constexpr(_wrap64(_MIX_1))
 _M2 = tl.constexpr(_wrap64(_MIX_2))
 
@@ -113,9 +111,10 @@ def _bucket_rows(S, SCNT, slot, sign, vague, di, dmask, D: tl.constexpr, MEAN: t
     if SIGNED:
         x = x * sign.to(x.dtype)[:, None]
     if MEAN:
-        # torch divides in the storage dtype: the count is rounded to it first, and so is the quotient.
+        # torch divides in the storage dtype: the count is rounded to it first, and so is the quotient. The IEEE
+        # division (div_rn) gives torch's quotient to the bit; "/" compiles to an approximate one.
         count = tl.maximum(tl.load(SCNT + slot, mask=vague, other=1), 1).to(x.dtype).to(tl.float32)
-        x = (x.to(tl.float32) / count[:, None]).to(x.dtype)
+        x = tl.div_rn(x.to(tl.float32), count[:, None]).to(x.dtype)
     return x.to(tl.float32)
 
 
@@ -297,13 +296,6 @@ def kernel_unsupported(query: torch.Tensor, sketch: VagueSketch | None) -> str |
 
 
 @functools.lru_cache(maxsize=None)
-def _row_terms(seed: int, rows: int, device: torch.device) -> torch.Tensor:
-    """``row * ROW_MUL + seed * SEED_MUL + 1`` per row, int64 on the device (built once: no copy per step)."""
-    return torch.tensor([_wrap64(r * _ROW_MUL + seed * _SEED_MUL + 1) for r in range(rows)], dtype=torch.int64,
-                        device=device)
-
-
-@functools.lru_cache(maxsize=None)
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -364,7 +356,7 @@ def _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scali
         # Hashed once per step for all KV heads: hashing inside the main loop, per head, made the kernel 1.6x slower.
         slots = torch.empty(b, rows, length, dtype=torch.int32, device=device)
         _slot_map[(b, triton.cdiv(length, BLOCK_SLOTS))](
-            slots, buckets, sketch.offsets.contiguous(), _row_terms(sketch.seed, rows, device), length, width,
+            slots, buckets, sketch.offsets.contiguous(), sketch.row_terms, length, width,
             ROWS=rows, BLOCK=BLOCK_SLOTS,
         )
     else:

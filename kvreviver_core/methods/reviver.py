@@ -38,7 +38,7 @@ import torch
 
 from kvreviver_core.attention import _key_validity
 from kvreviver_core.budget import Budget, split_capacity, token_capacity
-from kvreviver_core.kernels import check_fused_option, decode_backend
+from kvreviver_core.kernels import check_fused_option, compress_kernels, decode_backend
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
 from kvreviver_core.sketch import ESTIMATORS, Estimator, VagueSketch
 
@@ -53,6 +53,7 @@ class ReviverLayer(CompressedLayer):
         self.fused = fused
         self.signed_keys = signed_keys
         self._decode = None  # the fused decode attention chosen by update() for the step in progress
+        self._kernels = None  # and the compress step's kernels that go with it (None: torch)
         self.estimator = estimator
         self.seed = seed * 1_000_003 + layer_idx
         self.sketch: VagueSketch | None = None
@@ -78,6 +79,7 @@ class ReviverLayer(CompressedLayer):
         b, h, t, _ = key_states.shape
         fusable = t == 1 and self.offsets is not None
         self._decode = decode_backend(self.fused, key_states, self.sketch) if fusable else None
+        self._kernels = compress_kernels(self._decode)
         past = self.revive() if self.logical_len and self._decode is None else None
         new_pos = torch.arange(self.logical_len, self.logical_len + t, device=self.device, dtype=torch.int32)
         self.exact_keys = torch.cat([self.exact_keys, key_states], dim=2)
@@ -151,9 +153,7 @@ class ReviverLayer(CompressedLayer):
             # Padding never enters any part.
             pad = self.exact_pos.long() < self.offsets.view(-1, 1, 1)
             self.exact_pos = self.exact_pos.masked_fill(pad, -1)
-        if scores is not None:
-            self.scores += scores[:, :, : self.logical_len]
-        self._compress()
+        self._compress(None if scores is None else scores[:, :, : self.logical_len])
 
     # -- Algorithm 3 -----------------------------------------------------------------------------------------------
     def _plan_capacity(self) -> None:
@@ -183,13 +183,15 @@ class ReviverLayer(CompressedLayer):
             self.dtype, self.device, seed=self.seed, estimator=self.estimator, signed_keys=self.signed_keys,
         )
 
-    def _compress(self) -> None:
+    def _compress(self, mass: torch.Tensor | None) -> None:
+        """Add the step's attention ``mass`` ``(B, H, N)`` to the scores, then Algorithm 3."""
         # Decode runs this for every layer and token, so the common step (no fold) avoids host reads: the Recent
-        # bookkeeping lives on the host, and the only sync is the swap test's count of Vague tokens to test.
+        # bookkeeping lives on the host, and the only sync is the swap test's count of Vague tokens to pair.
         if not self._all_compressing:
             held = (self.exact_pos >= 0)[:, 0].sum(dim=-1)  # counts are equal across heads
             self.compressing |= ((self.capacity >= 0) & (held > self.capacity)).cpu()
             if not bool(self.compressing.any()):
+                self._accumulate(mass)
                 return
             self._all_compressing = bool(self.compressing.all())
             self._swapping = (self.compressing.to(self.device) & self.sketch.enabled).view(-1, 1)
@@ -199,16 +201,26 @@ class ReviverLayer(CompressedLayer):
             # Between handovers the first Recent position stays put: a step adds one to both terms.
             self.recent_count = torch.where(overflow, self.recent_base, self.recent_count)
             self._recent_start = (self.logical_len - self.recent_count).to(self.device).view(-1, 1, 1)
-        # Candidate only outgrows its share when Recent hands tokens over (a swap is one for one).
-        if handover:
-            is_candidate, candidate_scores, _ = self._scores_by_part()
-            on = self.compressing.to(self.device)
-            excess = torch.where(on, (is_candidate.sum(dim=-1)[:, 0] - self.candidate_size).clamp(min=0), 0)
-            if int(excess.max()) > 0:
-                self._fold_lowest(candidate_scores, excess)
-                self._compact()
-        _, candidate_scores, vague_scores = self._scores_by_part()
-        self._swap_back(candidate_scores, vague_scores)
+        if not handover and mass is not None and self._kernels is not None:
+            # The usual decode step on the kernels: the scores and the swap test in one launch.
+            swap_test = self._kernels.swap_test(self.scores, mass, self.exact_pos, self._recent_start, self.offsets,
+                                                self._swapping, self.budget.replace_rate)
+        else:
+            self._accumulate(mass)
+            # Candidate only outgrows its share when Recent hands tokens over (a swap is one for one).
+            if handover:
+                is_candidate, candidate_scores, _ = self._scores_by_part()
+                on = self.compressing.to(self.device)
+                excess = torch.where(on, (is_candidate.sum(dim=-1)[:, 0] - self.candidate_size).clamp(min=0), 0)
+                if int(excess.max()) > 0:
+                    self._fold_lowest(candidate_scores, excess)
+                    self._compact()
+            swap_test = self._swap_test()
+        self._swap_back(*swap_test)
+
+    def _accumulate(self, mass: torch.Tensor | None) -> None:
+        if mass is not None:
+            self.scores += mass
 
     def _scores_by_part(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The Candidate slots ``(B, H, E)``, their scores (+inf in the other slots) ``(B, H, E)``, and the Vague
@@ -233,33 +245,49 @@ class ReviverLayer(CompressedLayer):
         k = int(excess.max())
         _, slots = torch.topk(candidate_scores, k, dim=-1, largest=False)  # (B, H, k)
         chosen = torch.arange(k, device=self.device).view(1, 1, -1) < excess.view(-1, 1, 1)
-        chosen = chosen.expand_as(slots)
-        gather = slots.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
-        weight = (chosen & self.sketch.enabled.view(-1, 1, 1)).float()
-        self.sketch.insert(self.exact_pos.gather(2, slots).long(), self.exact_keys.gather(2, gather),
-                           self.exact_values.gather(2, gather), weight)
-        self.exact_pos = self.exact_pos.scatter(2, slots, torch.where(chosen, -1, self.exact_pos.gather(2, slots)))
+        self._trade(slots, None, chosen.expand_as(slots))
 
-    def _swap_back(self, candidate_scores: torch.Tensor, vague_scores: torch.Tensor) -> None:
+    def _swap_test(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The number of Vague tokens above the lowest Candidate's score x ReplaceRate ``(B, H)``, and the Candidate
+        and Vague scores of :meth:`_scores_by_part`."""
+        _, candidate_scores, vague_scores = self._scores_by_part()
+        bar = candidate_scores.min(dim=-1, keepdim=True).values * self.budget.replace_rate
+        return (vague_scores > bar).sum(dim=-1), candidate_scores, vague_scores
+
+    def _swap_back(self, above_bar: torch.Tensor, candidate_scores: torch.Tensor, vague_scores: torch.Tensor) -> None:
         """Swap Vague tokens whose score beats the lowest Candidates x ReplaceRate back into the exact store."""
-        threshold = candidate_scores.min(dim=-1, keepdim=True).values * self.budget.replace_rate
         # Only the Vague tokens above the lowest Candidate's bar can swap, so pairing that many is enough (the
         # Candidates' bars only rise along the pairing); it is 0-2 at most steps, against the store's size.
-        k = min(int((vague_scores > threshold).sum(dim=-1).max()), candidate_scores.shape[-1])
+        k = min(int(above_bar.max()), candidate_scores.shape[-1])
         if k == 0:
             return
         top_vague, vague_pos = torch.topk(vague_scores, k, dim=-1)
         low_cand, cand_slots = torch.topk(candidate_scores, k, dim=-1, largest=False)
         # Padding in either list fails the test by itself: a non-Candidate slot reads +inf, a non-Vague position -inf.
-        swap = low_cand * self.budget.replace_rate < top_vague
-        gather = cand_slots.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+        self._trade(cand_slots, vague_pos, low_cand * self.budget.replace_rate < top_vague)
+
+    def _trade(self, slots: torch.Tensor, vague_pos: torch.Tensor | None, move: torch.Tensor) -> None:
+        """The tokens of exact ``slots`` ``(B, H, M)`` enter the sketch where ``move``; with ``vague_pos``, the Vague
+        tokens there take their slots (a swap), else the slots empty (a fold; rows without buckets drop them).
+
+        A step whose decode ran the Triton kernel trades in one Triton launch (kernels/compress_step.py); this is
+        the torch path, and the two agree (tests/test_kernel.py).
+        """
+        if self._kernels is not None:
+            self._kernels.trade(self.sketch, self.exact_keys, self.exact_values, self.exact_pos, slots, vague_pos, move)
+            return
+        gather = slots.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
         out_k, out_v = self.exact_keys.gather(2, gather), self.exact_values.gather(2, gather)
-        out_pos = self.exact_pos.gather(2, cand_slots)
-        revived_k, revived_v = self.sketch.swap(vague_pos, out_pos.long(), out_k, out_v, swap.float())
-        put = swap.unsqueeze(-1)
+        out_pos = self.exact_pos.gather(2, slots)
+        if vague_pos is None:
+            self.sketch.insert(out_pos.long(), out_k, out_v, (move & self.sketch.enabled.view(-1, 1, 1)).float())
+            self.exact_pos = self.exact_pos.scatter(2, slots, torch.where(move, -1, out_pos))
+            return
+        revived_k, revived_v = self.sketch.swap(vague_pos, out_pos.long(), out_k, out_v, move.float())
+        put = move.unsqueeze(-1)
         self.exact_keys = self.exact_keys.scatter(2, gather, torch.where(put, revived_k, out_k))
         self.exact_values = self.exact_values.scatter(2, gather, torch.where(put, revived_v, out_v))
-        self.exact_pos = self.exact_pos.scatter(2, cand_slots, torch.where(swap, vague_pos.to(torch.int32), out_pos))
+        self.exact_pos = self.exact_pos.scatter(2, slots, torch.where(move, vague_pos.to(torch.int32), out_pos))
 
     def _compact(self) -> None:
         """Drop empty slots so the exact store holds no more than the largest sequence needs."""
