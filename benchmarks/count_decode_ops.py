@@ -2,9 +2,12 @@
 
 A decode step on the GPU is host-bound (``profile_decode_e2e.py``): its time follows the number of ops the layer's
 bookkeeping issues (update, cumulative scores, hand-over, fold, swap test and swap), each a kernel launch on CUDA.
-This counts them without a GPU. A ``ReviverLayer`` on the CPU gets a random prefill and random cumulative scores,
-then decode steps of random q/k/v through the registered attention function, with the decode attention itself
-(the reference here, the Triton kernel on CUDA) left out of the count; the key-validity mask built for it counts.
+This counts them without a GPU, on the torch path. On CUDA with the Triton decode kernel, a step's swap test and
+its swaps and folds are one Triton launch each instead (``kernels/compress_step.py``); the torch path still runs on
+the CPU, with ``fused="reference"`` or ``False``, and for the fold steps' top-k. A ``ReviverLayer`` on the CPU gets
+a random prefill and random cumulative scores, then decode steps of random q/k/v through the registered attention
+function, with the decode attention itself (the reference here, the Triton kernel on CUDA) left out of the count;
+the key-validity mask built for it counts.
 Views and empty allocations are not counted. Every ``--force-swap-every`` steps, one Vague position gets a large
 attention mass, so that step swaps.
 

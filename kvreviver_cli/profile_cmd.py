@@ -38,6 +38,9 @@ from kvreviver_core.results import ResultStore
 
 GIB = 1024**3
 MIB = 1024**2
+# Decode steps of each method's untimed warm-up run: enough for KVReviver to fold (every recent_slack + 1 = 9 steps
+# by default) and swap, so that Triton compiles those kernels' variants there and not in the first timed row.
+WARMUP_RUN_STEPS = 24
 
 
 def _validate(methods: list[str], batches: list[int], budget: float, context: int, new_tokens: int,
@@ -200,7 +203,7 @@ def profile_command(
             if stored["setup"] == setup and stored["method"] == method and stored["batch"] == size:
                 return ProfileRow(**{k: v for k, v in stored.items() if k != "setup"})
         if method not in warmed:  # kernels, cuBLAS handles and allocator pools, kept out of the first timed row
-            short = RunSpec(method, o["budget"], o["context"], 2, 1, o["seed"])
+            short = RunSpec(method, o["budget"], o["context"], WARMUP_RUN_STEPS, 1, o["seed"])
             guarded(lambda b: measure_run(net, short, b), method, size, devices)
             warmed.add(method)
         row = guarded(lambda b: measure_run(net, spec_of[method], b, memory), method, size, devices)

@@ -23,7 +23,9 @@ once folded; that is the paper's Algorithm 3.
 Revive (Algorithm 4): the sketch is queried at every position, the exact tokens are written over their positions,
 and the layer's full K/V exist only for the duration of its attention call. A decode step can skip revival
 (option ``fused``): ``fused_attention`` then attends straight from the exact store and the sketch
-(:mod:`kvreviver_core.kernels`) and feeds the resulting attention mass to ``observe`` as the unfused path does.
+(:mod:`kvreviver_core.kernels`) and feeds the resulting attention mass to ``observe`` as the unfused path does. A step
+that runs the Triton kernel also runs its compress step's swap test and its swaps and folds as Triton kernels
+(``kernels/compress_step.py``), with the torch code's results.
 
 A sequence is compressed from the moment its tokens exceed the budget's capacity (at prefill for any fraction
 below 1). With a Vague share of 0, there is no sketch: tokens leaving Candidate are dropped and masked, which is the
