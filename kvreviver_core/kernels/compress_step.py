@@ -1,8 +1,8 @@
 """The compress step of a decode on the Triton path: the swap test's count and the swap/fold, one launch each.
 
 After each decode attention a KVReviver layer (:mod:`kvreviver_core.methods.reviver`) adds the step's attention mass
-to its cumulative scores and runs Algorithm 3. In torch, a step costs 20-100 small kernel launches, and a decode step
-is host-bound on launches (BENCHMARKS.md, issue 7). Two kernels take most of them:
+to its cumulative scores and runs Algorithm 3. In torch, the swap test is 15 ops and a swap 60 (a fold 40), each a
+kernel launch, and a decode step is host-bound on launches (BENCHMARKS.md, issue 7). Two kernels take them over:
 
 * :func:`swap_test_triton` adds the mass to the scores and counts, per sequence and KV head, the Vague tokens whose
   score beats the lowest Candidate's x ReplaceRate, with the Candidate and Vague scores that pair them. At most
