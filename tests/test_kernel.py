@@ -239,6 +239,13 @@ def test_kernel_in_generate_matches_reference(estimator):
     assert_same_generation(model, True, "reference", "cuda", lengths=(700, 400), estimator=estimator)
 
 
+def triton_compress_kernels():
+    """The compress kernels that a step decoding through the Triton kernel runs (Triton is imported on GPUs only)."""
+    from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
+
+    return compress_kernels(reviver_decode_triton)
+
+
 TRADE_CASES = [
     # estimator, rows, signed_keys, dtype
     ("sum", 3, False, torch.float32),
@@ -257,8 +264,6 @@ def trade_both_ways(estimator, rows, signed_keys, dtype, swap: bool, device, see
     no buckets (it drops what it folds). Returns the layer before the trade, the two layers after it and the number
     of pairs moved.
     """
-    from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
-
     layer, _ = compressed_layer(estimator, SPLITS["wide-vague"], fraction=0.2, batch=3, heads=4, head_dim=64,
                                 prompt=400, seed=seed, device=device, dtype=dtype, rows=rows, signed_keys=signed_keys)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -273,7 +278,7 @@ def trade_both_ways(estimator, rows, signed_keys, dtype, swap: bool, device, see
     if not swap:
         layer.sketch.buckets[1] = 0
     before, torch_layer, kernel_layer = layer, copy.deepcopy(layer), copy.deepcopy(layer)
-    torch_layer._kernels, kernel_layer._kernels = None, compress_kernels(reviver_decode_triton)
+    torch_layer._kernels, kernel_layer._kernels = None, triton_compress_kernels()
     for each in (torch_layer, kernel_layer):
         each._trade(slots.to(device), vague_pos.to(device) if swap else None, move.to(device))
     return before, torch_layer, kernel_layer, int(move.sum())
@@ -317,8 +322,6 @@ def swap_test_both_ways(estimator: str, device, seed: int):
     """A real layer's swap test after one step's mass, through ``ReviverLayer._swap_test`` (torch) and the kernel.
     A few Vague tokens are lifted far above the bar; in the first KV head the exact tokens are, so that head counts
     none. Returns the scores after each path's accumulation and each path's (count, Candidate, Vague scores)."""
-    from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
-
     layer, _ = compressed_layer(estimator, SPLITS["paper"], fraction=0.2, batch=3, heads=4, head_dim=64, prompt=400,
                                 seed=seed, device=device)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -329,7 +332,7 @@ def swap_test_both_ways(estimator: str, device, seed: int):
     reference = copy.deepcopy(layer)
     reference._accumulate(mass)
     expected = reference._swap_test()
-    got = compress_kernels(reviver_decode_triton).swap_test(
+    got = triton_compress_kernels().swap_test(
         layer.scores, mass, layer.exact_pos, layer._recent_start, layer.offsets, layer._swapping,
         layer.budget.replace_rate)
     return layer.scores, reference.scores, got, expected
@@ -352,8 +355,6 @@ def test_swap_test_kernel_matches_torch_swap_test(estimator):
 def compress_steps_both_ways(device, steps: int = 20, seed: int = 0):
     """``steps`` decode steps of one layer's bookkeeping (update, then observe with a random mass that now and then
     lifts a Vague token), once through the torch compress step and once through the kernels."""
-    from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
-
     torch_layer, valid = compressed_layer("sum", SPLITS["paper"], fraction=0.2, batch=3, heads=4, head_dim=64,
                                           prompt=400, seed=seed, device=device)
     kernel_layer = copy.deepcopy(torch_layer)
@@ -364,7 +365,7 @@ def compress_steps_both_ways(device, steps: int = 20, seed: int = 0):
         mass = torch.rand(3, 4, valid.shape[1], generator=gen).to(device) * 0.1
         lifted = torch.randint(0, valid.shape[1], (3, 4, 1), generator=gen).to(device)
         mass.scatter_add_(2, lifted, torch.full((3, 4, 1), 30.0, device=device))
-        for layer, kernels in ((torch_layer, None), (kernel_layer, compress_kernels(reviver_decode_triton))):
+        for layer, kernels in ((torch_layer, None), (kernel_layer, triton_compress_kernels())):
             layer.update(new_k, new_v)
             layer._kernels = kernels
             layer.observe(mass * valid.unsqueeze(1), valid)
