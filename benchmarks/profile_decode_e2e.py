@@ -8,7 +8,8 @@ GPU's busy time (the sum of kernel times, which do not overlap on one stream). W
 host adds. Compression folds tokens every ``recent_slack + 1`` steps (9 by default), so ``--profiled 9`` covers one
 fold per layer. For KVReviver it also counts the Vague tokens swapped back per layer, KV head and token.
 
-One JSON line per (context, method) in ``--out``; a table at the end. SDPA runs on flash/efficient/math (no cuDNN,
+One JSON line per (context, method) in ``--out``; a table at the end. ``--rounds 2`` measures every (context, method)
+twice, alternating, so that a process's first runs (Triton compiling kernel variants, host caches warming) show. SDPA runs on flash/efficient/math (no cuDNN,
 as in ``bench_decode_e2e.py``).
 
 Usage on a GPU machine: python benchmarks/profile_decode_e2e.py [--contexts 8192,32768] [--tokens 16]
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="timed decode tokens")
     parser.add_argument("--profiled", type=int, default=3, help="decode tokens under torch.profiler")
     parser.add_argument("--ops", type=int, default=0, help="print the profiler's N most-called ops per run")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every (context, method) this many times")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_e2e.jsonl"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -101,18 +103,19 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        for context in map(int, args.contexts.split(",")):
-            for method in args.methods.split(","):
-                rows.append(measure(model, method, context, args))
-                with args.out.open("a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
-                print(json.dumps(rows[-1]), flush=True)
+        for round_ in range(1, args.rounds + 1):
+            for context in map(int, args.contexts.split(",")):
+                for method in args.methods.split(","):
+                    rows.append({**measure(model, method, context, args), "round": round_})
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(rows[-1]) + "\n")
+                    print(json.dumps(rows[-1]), flush=True)
     print(f"\n{rows[0]['device']}, {args.arch} random weights, bf16, batch 1, budget {args.budget:g}")
-    print("| context | method | ms / token, mean (median) | GPU busy ms / token | launches / token |"
+    print("| round | context | method | ms / token, mean (median) | GPU busy ms / token | launches / token |"
           " host syncs / token | Vague tokens swapped back per layer, head and token |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+    print("|---:|---:|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['context']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | "
+        print(f"| {r['round']} | {r['context']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | "
               f"{r['gpu_busy_ms']:.1f} | {r['launches']:.0f} | {r['host_syncs']:.0f} | "
               f"{r.get('swapped_back_per_layer_head', '-')} |")
 

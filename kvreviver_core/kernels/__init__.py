@@ -8,8 +8,9 @@
 * ``"reference"``: the pure-torch reference on any device (to check the kernel against it);
 * ``False``: always the unfused path.
 
-A decode step that runs the Triton kernel also runs its compress step's swap test and its swaps and folds through
-Triton kernels (:func:`compress_kernels`); every other step uses the layer's torch code.
+A decode step that runs the Triton kernel runs in place (:func:`inplace_kernels`, :mod:`.inplace_step`): the new token
+is written into the fixed-capacity store and Algorithm 3 runs on the device; every other step uses the layer's torch
+code.
 
 Both backends take ``(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scaling)`` and return
 ``(output (B, 1, Hq, D), mass (B, Hkv, L) fp32)``.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -55,28 +55,15 @@ def decode_backend(fused: object, query: torch.Tensor, sketch: VagueSketch | Non
     return reviver_decode_reference if fused is True else None
 
 
-@dataclass(frozen=True)
-class CompressKernels:
-    """The compress step's Triton kernels (:mod:`kvreviver_core.kernels.compress_step`)."""
-
-    swap_test: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    trade: Callable[..., None]
-
-
-def compress_kernels(decode: DecodeFn | None) -> CompressKernels | None:
-    """The compress step's kernels when the step's decode runs the Triton kernel (the same inputs are supported),
-    else None: the layer's torch code."""
+def inplace_kernels(decode: DecodeFn | None):
+    """The in-place step's module (:mod:`.inplace_step`) when the step's decode runs the Triton kernel, else None:
+    the layer's torch code. Imported on demand: it needs Triton."""
     if decode is None or decode is reviver_decode_reference:
         return None
-    return _triton_compress_kernels()
+    from kvreviver_core.kernels import inplace_step
+
+    return inplace_step
 
 
-@functools.cache
-def _triton_compress_kernels() -> CompressKernels:
-    from kvreviver_core.kernels.compress_step import sketch_trade_triton, swap_test_triton
-
-    return CompressKernels(swap_test_triton, sketch_trade_triton)
-
-
-__all__ = ["FUSED_CHOICES", "CompressKernels", "check_fused_option", "compress_kernels", "decode_backend",
+__all__ = ["FUSED_CHOICES", "check_fused_option", "decode_backend", "inplace_kernels",
            "reviver_decode_reference", "triton_available"]

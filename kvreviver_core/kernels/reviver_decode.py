@@ -8,21 +8,26 @@ One decode step (one query per sequence) reads only the compressed store:
   bucket keys (signed too with ``signed_keys``) and the value the median of the signed bucket values (divided by
   the bucket counts for ``"mean"``).
 
-HBM traffic is the exact store, the sketch, a byte per position for the exact-position map and the fp32 logits of
+HBM traffic is the exact store, the sketch, a byte per position and KV head for the part map and the fp32 logits of
 the query heads, so it follows the budget, not the context. The full K/V are never materialised. But every Vague
 token gathers 2r bucket vectors (3 keys, 3 values), which the L2 cache serves: at the paper's split (90% of the
 tokens Vague at a 10% budget) that is about 2.8x the full cache's K/V bytes through L2, and on an H200 the kernel is
 slower than SDPA over the full cache; with only exact tokens it is faster (see BENCHMARKS.md, issue 7).
 
-Launches (one layer, one step):
+The part map ``(B, Hkv, L)`` int8 says what each position is for each KV head: ``MASKED`` (padding), ``VAGUE`` or
+``EXACT`` (a sequence without sketch buckets attends its exact tokens only). A layer on the in-place decode path
+(:mod:`.inplace_step`) keeps the part map and the positions' bucket codes up to date between steps; otherwise they
+are built for the step:
 
 0. ``_slot_map``: every position's r bucket slots and signs, ``(B, r, L)`` int32, hashed once for all KV heads;
-1. ``_mark_exact``: a ``(B, Hkv, L)`` int8 map of the positions held exactly (after a memset), so the Vague loop
-   skips them;
-2. ``_decode_split``: grid ``(B * Hkv, splits)``. Each program owns one KV head (all G query heads of its group,
+1. the part map's copy and ``_mark_exact``.
+
+Then the attention itself, two launches:
+
+* ``_decode_split``: grid ``(B * Hkv, splits)``. Each program owns one KV head (all G query heads of its group,
    so keys are loaded once for the group) and one slice of the exact slots and of the positions. It runs an online
    softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
-3. ``_combine``: merges the splits into the output and turns the logits into each position's attention mass,
+* ``_combine``: merges the splits into the output and turns the logits into each position's attention mass,
    summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V.
 """
 
@@ -52,6 +57,9 @@ PROGRAMS_PER_SM = 4  # split-K target: programs of the main kernel per multiproc
 NUM_WARPS = 4
 SKIP_EMPTY = True  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
+MASKED, VAGUE, EXACT = 0, 1, 2  # the part map's codes
+_VAGUE = tl.constexpr(VAGUE)
+_EXACT = tl.constexpr(EXACT)
 
 
 @triton.jit
@@ -64,11 +72,14 @@ def _mix(x):
 
 
 @triton.jit
-def _mark_exact(EPOS, HELD, E, L, BLOCK: tl.constexpr):
+def _mark_exact(EPOS, PART, E, L, BLOCK: tl.constexpr):
+    """Mark the exact slots' positions EXACT in the part map, where they are attendable (not MASKED)."""
     bh = tl.program_id(0).to(tl.int64)
     slots = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     pos = tl.load(EPOS + bh * E + slots, mask=slots < E, other=-1)
-    tl.store(HELD + bh * L + pos, tl.full(pos.shape, 1, tl.int8), mask=(pos >= 0) & (pos < L))
+    inside = (pos >= 0) & (pos < L)
+    part = tl.load(PART + bh * L + pos, mask=inside, other=0)
+    tl.store(PART + bh * L + pos, tl.full(pos.shape, _EXACT, tl.int8), mask=inside & (part == _VAGUE))
 
 
 @triton.jit
@@ -81,22 +92,28 @@ def _bucket(logical, nb, width, ROW_TERMS, ROW: tl.constexpr):
 
 
 @triton.jit
-def _slot_map(SLOTS, BUCKETS, OFFSETS, ROW_TERMS, L, width, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """``(B, ROWS, L)`` int32 codes ``2 * slot + (sign < 0)`` of every position, shared by all KV heads."""
+def _slot_code(logical, nb, width, ROW_TERMS, ROW: tl.constexpr):
+    """int32 code ``2 * slot + (sign < 0)`` of row ROW's bucket for each logical position."""
+    slot, sign = _bucket(logical, nb, width, ROW_TERMS, ROW)
+    return (slot * 2 + (sign < 0).to(tl.int64)).to(tl.int32)
+
+
+@triton.jit
+def _slot_map(SLOTS, BUCKETS, OFFSETS, ROW_TERMS, L, width, code_stride, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """``(B, ROWS, >= L)`` int32 codes of positions ``[0, L)``, shared by all KV heads (rows ``code_stride`` apart)."""
     b = tl.program_id(0)
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = p < L
     nb = tl.maximum(tl.load(BUCKETS + b), 1)  # a sequence without buckets has no Vague token to look up
     logical = p.to(tl.int64) - tl.load(OFFSETS + b)
     for row in tl.static_range(ROWS):
-        slot, sign = _bucket(logical, nb, width, ROW_TERMS, row)
-        code = slot * 2 + (sign < 0).to(tl.int64)
-        tl.store(SLOTS + (b * ROWS + row).to(tl.int64) * L + p, code.to(tl.int32), mask=inside)
+        tl.store(SLOTS + (b * ROWS + row).to(tl.int64) * code_stride + p,
+                 _slot_code(logical, nb, width, ROW_TERMS, row), mask=inside)
 
 
 @triton.jit
-def _slot_of(SLOT_ROWS, p, vague, L, ROW: tl.constexpr):
-    code = tl.load(SLOT_ROWS + ROW * L + p, mask=vague, other=0)
+def _slot_of(SLOT_ROWS, p, vague, code_stride, ROW: tl.constexpr):
+    code = tl.load(SLOT_ROWS + ROW * code_stride + p, mask=vague, other=0)
     return code >> 1, 1 - 2 * (code & 1)
 
 
@@ -148,18 +165,18 @@ def _online_softmax(m, l, acc, s, v):
 
 
 @triton.jit
-def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, L, SK, SV, SCNT, di, dmask, scaling,
+def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, di, dmask, scaling,
                  D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr):
     """Rebuild one block of Vague positions from the sketch and fold it into the online softmax.
 
     Keys first, values after, so only one row triple of ``(BLOCK_V, DP)`` tiles is live at a time.
     """
-    slot0, sign0 = _slot_of(SLOT_ROWS, p, vague, L, 0)
+    slot0, sign0 = _slot_of(SLOT_ROWS, p, vague, code_stride, 0)
     slot1, sign1 = slot0, sign0
     slot2, sign2 = slot0, sign0
     if ROWS == 3:
-        slot1, sign1 = _slot_of(SLOT_ROWS, p, vague, L, 1)
-        slot2, sign2 = _slot_of(SLOT_ROWS, p, vague, L, 2)
+        slot1, sign1 = _slot_of(SLOT_ROWS, p, vague, code_stride, 1)
+        slot2, sign2 = _slot_of(SLOT_ROWS, p, vague, code_stride, 2)
     k = _median_rows(SK, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                      D, ROWS, MEAN, SIGNED_KEYS).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
@@ -173,8 +190,8 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, L, SK, SV, SCNT, di, dmask, 
 @triton.jit
 def _decode_split(
     Q, stride_qb, stride_qh,
-    EK, EV, EPOS, HELD, VALID,
-    SK, SV, SCNT, BUCKETS, SLOTS,
+    EK, EV, EPOS, PART, part_stride,
+    SK, SV, SCNT, BUCKETS, SLOTS, code_stride,
     LOGITS, PART_ACC, PART_M, PART_L,
     scaling, Hkv, E, L, width, slots_per_split, pos_per_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
@@ -195,7 +212,7 @@ def _decode_split(
     q = tl.load(Q + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + di[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     logit_rows = LOGITS + (b.to(tl.int64) * Hkv * G + qh)[:, None] * L  # (GP, 1) row starts
-    valid_row = VALID + b.to(tl.int64) * L
+    part_row = PART + bh64 * part_stride
 
     m = tl.full((GP,), float("-inf"), tl.float32)
     l = tl.zeros((GP,), tl.float32)
@@ -205,7 +222,7 @@ def _decode_split(
     for start in range(0, slots_per_split, BLOCK_E):
         slots = split * slots_per_split + start + tl.arange(0, BLOCK_E)
         pos = tl.load(EPOS + bh64 * E + slots, mask=slots < E, other=-1)
-        ok = (pos >= 0) & (tl.load(valid_row + pos, mask=pos >= 0, other=0) != 0)
+        ok = (pos >= 0) & (tl.load(part_row + pos, mask=pos >= 0, other=0) == _EXACT)
         offs = (bh64 * E + slots)[:, None] * D + di[None, :]
         lmask = ok[:, None] & dmask[None, :]
         k = tl.load(EK + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
@@ -219,21 +236,22 @@ def _decode_split(
     nb = tl.load(BUCKETS + b)
     sbase = bh64 * (ROWS * width)  # this KV head's first bucket
     head_keys, head_values, head_counts = SK + sbase * D, SV + sbase * D, SCNT + sbase
-    slot_rows = SLOTS + b.to(tl.int64) * ROWS * L
+    slot_rows = SLOTS + b.to(tl.int64) * ROWS * code_stride
     for start in range(0, pos_per_split, BLOCK_V):
         p = split * pos_per_split + start + tl.arange(0, BLOCK_V)
         inside = p < L
-        free = inside & (tl.load(HELD + bh64 * L + p, mask=inside, other=1) == 0)
-        vague = free & (tl.load(valid_row + p, mask=inside, other=0) != 0) & (nb > 0)
+        kind = tl.load(part_row + p, mask=inside, other=_EXACT)
+        free = kind != _EXACT
+        vague = (kind == _VAGUE) & (nb > 0)
         s = tl.full((GP, BLOCK_V), float("-inf"), tl.float32)
         if HAS_SKETCH:
             if SKIP_EMPTY:
                 if tl.max(vague.to(tl.int32), 0) > 0:
-                    s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, L,
+                    s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
                                                 head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
                                                 MEAN, SIGNED_KEYS)
             else:
-                s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, L,
+                s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
                                             head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
                                             MEAN, SIGNED_KEYS)
         tl.store(logit_rows + p[None, :], s, mask=gmask[:, None] & free[None, :])
@@ -306,6 +324,32 @@ def _split_plan(work_items: int, programs: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(PROGRAMS_PER_SM * sms, programs), work_items))
 
 
+def slot_codes(sketch: VagueSketch, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every position's r bucket codes ``(B, r, length)`` int32, or written into ``out`` ``(B, r, >= length)``."""
+    b = sketch.keys.shape[0]
+    if out is None:
+        out = torch.empty(b, sketch.rows, length, dtype=torch.int32, device=sketch.keys.device)
+    with torch.cuda.device(out.device):
+        _slot_map[(b, triton.cdiv(length, BLOCK_SLOTS))](
+            out, sketch.buckets, sketch.offsets, sketch.row_terms, length, sketch.width, out.stride(1),
+            ROWS=sketch.rows, BLOCK=BLOCK_SLOTS,
+        )
+    return out
+
+
+def part_map(exact_pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, L)`` int8 part map of a store: VAGUE where ``key_valid``, EXACT at the exact slots' positions
+    that are valid, MASKED elsewhere."""
+    b, hkv, e = exact_pos.shape
+    length = key_valid.shape[1]
+    part = key_valid.to(torch.int8).unsqueeze(1).expand(b, hkv, length).contiguous()
+    if e:
+        with torch.cuda.device(part.device):
+            _mark_exact[(b * hkv, triton.cdiv(e, 1024))](exact_pos.to(torch.int32).contiguous(), part, e, length,
+                                                          BLOCK=1024)
+    return part
+
+
 def reviver_decode_triton(
     query: torch.Tensor,
     exact_keys: torch.Tensor,
@@ -314,12 +358,19 @@ def reviver_decode_triton(
     sketch: VagueSketch | None,
     key_valid: torch.Tensor,
     scaling: float,
+    part: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel. Same arguments and results as :func:`~kvreviver_core.kernels.reference.reviver_decode_reference`.
 
     Args:
         query: ``(B, Hq, 1, D)``; exact_keys, exact_values: ``(B, Hkv, E, D)``; exact_pos: ``(B, Hkv, E)`` int
             (-1 = empty); sketch: the Vague part or None; key_valid: ``(B, L)`` bool; scaling: softmax scale.
+        part: the store's part map, kept by the caller: ``(B, Hkv, >= L)`` int8 with unit stride along positions
+            (only its first L positions are read). Without it, it is built from ``exact_pos`` and ``key_valid``,
+            and ``key_valid`` is not read otherwise.
+        codes: the positions' bucket codes kept by the caller, ``(B, r, >= L)`` int32 as :func:`slot_codes` writes
+            them; without them they are hashed for this step.
 
     Returns:
         output ``(B, 1, Hq, D)`` in the query's dtype and the mass ``(B, Hkv, L)`` fp32.
@@ -330,13 +381,14 @@ def reviver_decode_triton(
         raise ValueError(reason)
     # Triton launches on the current CUDA device: under a device map that is not always this layer's GPU.
     with torch.cuda.device(query.device):
-        return _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scaling)
+        if part is None:
+            part = part_map(exact_pos, key_valid)
+        return _launch(query, exact_keys, exact_values, exact_pos, sketch, part, codes, key_valid.shape[1], scaling)
 
 
-def _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scaling):
+def _launch(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, scaling):
     b, hq, _, d = query.shape
     hkv, e = exact_keys.shape[1], exact_keys.shape[2]
-    length = key_valid.shape[1]
     group = hq // hkv
     device = query.device
     q = query.reshape(b, hq, d)
@@ -345,7 +397,8 @@ def _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scali
     exact_keys = exact_keys.to(query.dtype).contiguous()
     exact_values = exact_values.to(query.dtype).contiguous()
     exact_pos = exact_pos.to(torch.int32).contiguous()
-    valid = key_valid.contiguous().view(torch.int8) if key_valid.dtype == torch.bool else key_valid.to(torch.int8).contiguous()
+    if part.stride(2) != 1 or part.stride(0) != hkv * part.stride(1):
+        raise ValueError("the part map must be (B, Hkv, L) with rows of unit stride, laid out batch-major")
 
     has_sketch = sketch is not None
     if has_sketch:
@@ -353,20 +406,12 @@ def _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scali
         counts = sketch.counts.contiguous() if sketch.counts is not None else exact_pos
         buckets, width, rows = sketch.buckets.contiguous(), sketch.width, sketch.rows
         mean, signed_keys = sketch.counts is not None, sketch.signed_keys
-        # Hashed once per step for all KV heads: hashing inside the main loop, per head, made the kernel 1.6x slower.
-        slots = torch.empty(b, rows, length, dtype=torch.int32, device=device)
-        _slot_map[(b, triton.cdiv(length, BLOCK_SLOTS))](
-            slots, buckets, sketch.offsets.contiguous(), sketch.row_terms, length, width,
-            ROWS=rows, BLOCK=BLOCK_SLOTS,
-        )
+        # Hashed once for all KV heads: hashing inside the main loop, per head, made the kernel 1.6x slower.
+        slots = codes if codes is not None else slot_codes(sketch, length)
     else:
         sk, sv, counts, slots = exact_keys, exact_values, exact_pos, exact_pos  # not read without a sketch
         buckets = torch.zeros(b, dtype=torch.long, device=device)
         width, rows, mean, signed_keys = 1, 1, False, False
-
-    held = torch.zeros(b, hkv, length, dtype=torch.int8, device=device)
-    if e:
-        _mark_exact[(b * hkv, triton.cdiv(e, 1024))](exact_pos, held, e, length, BLOCK=1024)
 
     splits = _split_plan(max(triton.cdiv(length, BLOCK_VAGUE), triton.cdiv(max(e, 1), BLOCK_EXACT)), b * hkv, device)
     slots_per_split = triton.cdiv(triton.cdiv(max(e, 1), splits), BLOCK_EXACT) * BLOCK_EXACT
@@ -380,8 +425,8 @@ def _launch(query, exact_keys, exact_values, exact_pos, sketch, key_valid, scali
     part_l = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
     _decode_split[(b * hkv, splits)](
         q, q.stride(0), q.stride(1),
-        exact_keys, exact_values, exact_pos, held, valid,
-        sk, sv, counts, buckets, slots,
+        exact_keys, exact_values, exact_pos, part, part.stride(1),
+        sk, sv, counts, buckets, slots, slots.stride(1) if has_sketch else 0,
         logits, part_acc, part_m, part_l,
         float(scaling), hkv, e, length, width, slots_per_split, pos_per_split,
         G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=mean, SIGNED_KEYS=signed_keys,

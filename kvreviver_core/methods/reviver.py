@@ -6,7 +6,8 @@ Storage of one layer (B = batch, H = KV heads, E = exact slots, N = logical leng
   It holds Recent (the ``recent_count`` newest tokens of each sequence) and Candidate (the other exact tokens).
   Candidate sets differ between KV heads, because scores are per KV head.
 * ``scores`` ``(B, H, N)`` fp32: cumulative softmax(QK^T) of every token. Vague tokens need theirs for the
-  swap-back test, so it is kept for all tokens and charged to the budget.
+  swap-back test, so it is kept for all tokens and charged to the budget, as are the in-place decode step's part map
+  (a byte per token and KV head), bucket codes (4 bytes per token and sketch row) and validity (a byte per token).
 * ``sketch``: the Vague part (:class:`~kvreviver_core.sketch.VagueSketch`), r rows x b buckets.
 
 Compress (Algorithm 3, run after every attention call): when Recent exceeds its share, its oldest tokens become
@@ -23,9 +24,10 @@ once folded; that is the paper's Algorithm 3.
 Revive (Algorithm 4): the sketch is queried at every position, the exact tokens are written over their positions,
 and the layer's full K/V exist only for the duration of its attention call. A decode step can skip revival
 (option ``fused``): ``fused_attention`` then attends straight from the exact store and the sketch
-(:mod:`kvreviver_core.kernels`) and feeds the resulting attention mass to ``observe`` as the unfused path does. A step
-that runs the Triton kernel also runs its compress step's swap test and its swaps and folds as Triton kernels
-(``kernels/compress_step.py``), with the torch code's results.
+(:mod:`kvreviver_core.kernels`) and feeds the resulting attention mass to ``observe`` as the unfused path does. Once
+every sequence compresses, a step that runs the Triton kernel runs in place (``kernels/inplace_step.py``): the store
+gets a fixed capacity, the new token is written into a free slot, and Algorithm 3 runs on the device with no host
+read, with the torch code's results.
 
 A sequence is compressed from the moment its tokens exceed the budget's capacity (at prefill for any fraction
 below 1). With a Vague share of 0, there is no sketch: tokens leaving Candidate are dropped and masked, which is the
@@ -40,11 +42,14 @@ import torch
 
 from kvreviver_core.attention import _key_validity
 from kvreviver_core.budget import Budget, split_capacity, token_capacity
-from kvreviver_core.kernels import check_fused_option, compress_kernels, decode_backend
+from kvreviver_core.kernels import check_fused_option, decode_backend, inplace_kernels
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
 from kvreviver_core.sketch import ESTIMATORS, Estimator, VagueSketch
 
 SCORE_BYTES = 4  # fp32 cumulative score per token and KV head
+PART_BYTES = 1  # the in-place decode step's part map, per token and KV head
+VALID_BYTES = 1  # and its validity, per token
+CODE_BYTES = 4  # and each token's bucket code in each sketch row
 POSITION_BYTES = 4  # int32 position per exact slot and KV head
 
 
@@ -55,7 +60,8 @@ class ReviverLayer(CompressedLayer):
         self.fused = fused
         self.signed_keys = signed_keys
         self._decode = None  # the fused decode attention chosen by update() for the step in progress
-        self._kernels = None  # and the compress step's kernels that go with it (None: torch)
+        self._kernels = None  # the in-place step's kernels (kernels/inplace_step.py) while it runs
+        self._inplace = None  # and its InplaceStore
         self.estimator = estimator
         self.seed = seed * 1_000_003 + layer_idx
         self.sketch: VagueSketch | None = None
@@ -81,7 +87,18 @@ class ReviverLayer(CompressedLayer):
         b, h, t, _ = key_states.shape
         fusable = t == 1 and self.offsets is not None
         self._decode = decode_backend(self.fused, key_states, self.sketch) if fusable else None
-        self._kernels = compress_kernels(self._decode)
+        self._kernels = inplace_kernels(self._decode) if self._all_compressing else None
+        if self._kernels is None:
+            self._inplace = None  # any other step changes the store its own way; a later one starts afresh
+        elif self._inplace is None:
+            self._enter_inplace()
+        if self._inplace is not None:
+            self._kernels.append(self._inplace, self.exact_keys, self.exact_values, self.exact_pos, self.sketch,
+                                 key_states, value_states, self.logical_len)
+            self.recent_count += t
+            self.logical_len += t
+            self.scores = self._inplace.scores(self.logical_len)
+            return key_states.expand(b, h, self.logical_len, -1), value_states.expand(b, h, self.logical_len, -1)
         past = self.revive() if self.logical_len and self._decode is None else None
         new_pos = torch.arange(self.logical_len, self.logical_len + t, device=self.device, dtype=torch.int32)
         self.exact_keys = torch.cat([self.exact_keys, key_states], dim=2)
@@ -114,6 +131,18 @@ class ReviverLayer(CompressedLayer):
         values.scatter_(2, slot, self.exact_values)
         return keys[:, :, :n], values[:, :, :n]
 
+    def _enter_inplace(self) -> None:
+        """Give the exact store its fixed capacity and keep the scores in the in-place step's buffer."""
+        capacity = self._kernels.exact_capacity(self.exact_pos.shape[-1], self.candidate_size, self.recent_size)
+        room = capacity - self.exact_pos.shape[-1]
+        pad = torch.nn.functional.pad
+        self.exact_keys = pad(self.exact_keys, (0, 0, 0, room)).contiguous()
+        self.exact_values = pad(self.exact_values, (0, 0, 0, room)).contiguous()
+        self.exact_pos = pad(self.exact_pos, (0, room), value=-1).contiguous()
+        self._inplace = self._kernels.InplaceStore(self.scores, self.exact_pos, self.valid_positions()[:, 0],
+                                                   self.sketch)
+        self.scores = self._inplace.scores(self.logical_len)
+
     def exact_map(self) -> torch.Tensor:
         """``(B, H, N)`` bool: positions held in the exact store."""
         b, h, n = self.batch, self.heads, self.logical_len
@@ -134,13 +163,19 @@ class ReviverLayer(CompressedLayer):
         decode, self._decode = self._decode, None
         if decode is None:
             return None
-        key_valid = _key_validity(mask, key)
-        out, mass = decode(query, self.exact_keys, self.exact_values, self.exact_pos, self.sketch, key_valid, scaling)
+        store = (self.exact_keys, self.exact_values, self.exact_pos, self.sketch)
+        if self._inplace is not None:
+            key_valid = self._inplace.key_valid(self.logical_len)
+            out, mass = decode(query, *store, key_valid, scaling, part=self._inplace.part, codes=self._inplace.codes)
+        else:
+            key_valid = _key_validity(mask, key)
+            out, mass = decode(query, *store, key_valid, scaling)
         self.observe(mass, key_valid)
         return out
 
     def slot_mask(self) -> torch.Tensor | None:
-        if self.sketch is None or self._sketch_everywhere:
+        # The fused decode masks per head itself (the sketch's rows without buckets), from the store.
+        if self.sketch is None or self._sketch_everywhere or self._decode is not None:
             return None
         # Rows without a sketch (Vague share 0, or too small a budget for one bucket per row) have dropped the
         # tokens outside their exact store, and each KV head holds its own set: mask per head.
@@ -161,7 +196,8 @@ class ReviverLayer(CompressedLayer):
     def _plan_capacity(self) -> None:
         capacities, vague, candidate, recent = [], [], [], []
         for prompt in self.prompt_lengths.tolist():
-            cap = token_capacity(self.budget, prompt, self.token_bytes(), SCORE_BYTES * self.heads, POSITION_BYTES * self.heads)
+            per_token = (SCORE_BYTES + PART_BYTES) * self.heads + VALID_BYTES + CODE_BYTES * self.budget.sketch_rows
+            cap = token_capacity(self.budget, prompt, self.token_bytes(), per_token, POSITION_BYTES * self.heads)
             sizes = split_capacity(self.budget, max(cap, 0))
             capacities.append(cap)
             vague.append(sizes.vague_slots // self.budget.sketch_rows)
@@ -203,22 +239,20 @@ class ReviverLayer(CompressedLayer):
             # Between handovers the first Recent position stays put: a step adds one to both terms.
             self.recent_count = torch.where(overflow, self.recent_base, self.recent_count)
             self._recent_start = (self.logical_len - self.recent_count).to(self.device).view(-1, 1, 1)
-        if not handover and mass is not None and self._kernels is not None:
-            # The usual decode step on the kernels: the scores and the swap test in one launch.
-            swap_test = self._kernels.swap_test(self.scores, mass, self.exact_pos, self._recent_start, self.offsets,
-                                                self._swapping, self.budget.replace_rate)
-        else:
-            self._accumulate(mass)
-            # Candidate only outgrows its share when Recent hands tokens over (a swap is one for one).
-            if handover:
-                is_candidate, candidate_scores, _ = self._scores_by_part()
-                on = self.compressing.to(self.device)
-                excess = torch.where(on, (is_candidate.sum(dim=-1)[:, 0] - self.candidate_size).clamp(min=0), 0)
-                if int(excess.max()) > 0:
-                    self._fold_lowest(candidate_scores, excess)
-                    self._compact()
-            swap_test = self._swap_test()
-        self._swap_back(*swap_test)
+        if self._inplace is not None:
+            self._kernels.compress(self._inplace, mass, self.exact_keys, self.exact_values, self.exact_pos, self.sketch,
+                                   self._recent_start, self.candidate_size, self.budget.replace_rate)
+            return
+        self._accumulate(mass)
+        # Candidate only outgrows its share when Recent hands tokens over (a swap is one for one).
+        if handover:
+            is_candidate, candidate_scores, _ = self._scores_by_part()
+            on = self.compressing.to(self.device)
+            excess = torch.where(on, (is_candidate.sum(dim=-1)[:, 0] - self.candidate_size).clamp(min=0), 0)
+            if int(excess.max()) > 0:
+                self._fold_lowest(candidate_scores, excess)
+                self._compact()
+        self._swap_back(*self._swap_test())
 
     def _accumulate(self, mass: torch.Tensor | None) -> None:
         if mass is not None:
@@ -271,13 +305,7 @@ class ReviverLayer(CompressedLayer):
     def _trade(self, slots: torch.Tensor, vague_pos: torch.Tensor | None, move: torch.Tensor) -> None:
         """The tokens of exact ``slots`` ``(B, H, M)`` enter the sketch where ``move``; with ``vague_pos``, the Vague
         tokens there take their slots (a swap), else the slots empty (a fold; rows without buckets drop them).
-
-        A step whose decode ran the Triton kernel trades in one Triton launch (kernels/compress_step.py); this is
-        the torch path, and the two agree (tests/test_kernel.py).
         """
-        if self._kernels is not None:
-            self._kernels.trade(self.sketch, self.exact_keys, self.exact_values, self.exact_pos, slots, vague_pos, move)
-            return
         gather = slots.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
         out_k, out_v = self.exact_keys.gather(2, gather), self.exact_values.gather(2, gather)
         out_pos = self.exact_pos.gather(2, slots)
@@ -308,7 +336,8 @@ class ReviverLayer(CompressedLayer):
         if not self.is_initialized:
             return 0
         sketch = self.sketch.nbytes() if self.sketch is not None else 0
-        return tensor_bytes(self.exact_keys, self.exact_values, self.exact_pos, self.scores) + sketch
+        scores = self._inplace.nbytes() if self._inplace is not None else tensor_bytes(self.scores)
+        return tensor_bytes(self.exact_keys, self.exact_values, self.exact_pos) + scores + sketch
 
     def parts(self) -> dict[str, torch.Tensor]:
         """Per-sequence token counts of each part, ``(B,)`` each (for reports and tests)."""

@@ -1,0 +1,331 @@
+"""KVReviver's decode step on CUDA with no host round trip: the store written in place, Algorithm 3 on the device.
+
+A layer takes this path at its decode steps on the Triton kernel once every sequence compresses (from prefill on,
+for any fraction below 1). :class:`InplaceStore` then holds the layer's step-to-step state at fixed addresses:
+
+* the exact store ``(B, H, E, D)`` with room for ``max(Candidate + Recent) + 1`` tokens, so a new token goes into a
+  free slot (position -1) instead of a ``torch.cat`` at every step;
+* the cumulative scores ``(B, H, capacity)`` fp32, and what the decode kernel would otherwise rebuild at every step:
+  the part map ``(B, H, capacity)`` int8 (MASKED / VAGUE / EXACT, :mod:`.reviver_decode`), the positions' bucket
+  codes ``(B, r, capacity)`` int32 and their validity ``(B, capacity)``; ``capacity`` grows by ``LENGTH_CHUNK``.
+
+A step is four launches: :func:`append` (``_append``) before attention, the decode kernel's two, and
+:func:`compress` (``_compress``) after it. ``_compress`` runs Algorithm 3 with one program per (sequence, KV head):
+
+1. add the step's attention mass to the scores;
+2. fold the lowest-scored Candidates beyond the Candidate share into the sketch (after a Recent hand-over);
+3. the paper's swap loop: while the lowest Candidate's score x ReplaceRate is below the highest Vague score, the
+   Vague token returns to the exact store holding the sketch's estimate of it, which is deleted from the sketch,
+   and the Candidate is inserted in its place.
+
+The swaps of one round (up to ``PAIRS_PER_ROUND``) read their estimates before any bucket changes, as the torch
+path's batched :meth:`~kvreviver_core.sketch.VagueSketch.swap` does; a head that swaps more in one step runs more
+rounds. The torch path gives the same tokens, slots aside (tests/test_kernel.py, on a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, EXACT, VAGUE, _bucket, _median_rows, _slot_code,
+                                                   slot_codes)
+
+LENGTH_CHUNK = 64  # positions the scores, part map and validity grow by
+PAIRS_PER_ROUND = 16  # swaps whose estimates are read together
+BLOCK_POSITIONS = 1024
+BLOCK_SLOTS = 256
+
+
+@triton.jit
+def _append(EK, EV, EPOS, PART, VALID, CODES, KNEW, VNEW, BUCKETS, OFFSETS, ROW_TERMS, stride_kb, stride_kh,
+            stride_vb, stride_vh, H, E, part_stride, valid_stride, code_stride, width, position,
+            D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Write the new token of each (sequence, KV head) into its first free exact slot; mark it EXACT and valid, and
+    hash its bucket codes."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    free = tl.full((), E, tl.int32)
+    for start in range(0, E, BLOCK_E):
+        slot = start + tl.arange(0, BLOCK_E)
+        pos = tl.load(EPOS + bh * E + slot, mask=slot < E, other=0)
+        free = tl.minimum(free, tl.min(tl.where(pos < 0, slot, E), 0))
+    di = tl.arange(0, DP)
+    room = (di < D) & (free < E)
+    entry = (bh * E + free) * D + di
+    tl.store(EK + entry, tl.load(KNEW + b * stride_kb + h * stride_kh + di, mask=di < D), mask=room)
+    tl.store(EV + entry, tl.load(VNEW + b * stride_vb + h * stride_vh + di, mask=di < D), mask=room)
+    tl.store(EPOS + bh * E + free, position, mask=free < E)
+    tl.store(PART + bh * part_stride + position, _EXACT)
+    tl.store(VALID + b * valid_stride + position, 1, mask=h == 0)
+    nb = tl.maximum(tl.load(BUCKETS + b), 1)
+    logical = position - tl.load(OFFSETS + b)
+    for row in tl.static_range(ROWS):
+        tl.store(CODES + (b * ROWS + row) * code_stride + position, _slot_code(logical, nb, width, ROW_TERMS, row),
+                 mask=h == 0)
+
+
+@triton.jit
+def _add_token(HEAD_KEYS, HEAD_VALUES, HEAD_COUNTS, logical, key, value, nb, width, ROW_TERMS, di, dmask,
+               WEIGHT: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr,
+               SIGNED_KEYS: tl.constexpr):
+    """Add ``WEIGHT`` (+1 insert, -1 delete) x one token's key, signed value and count to its bucket in each row."""
+    for row in tl.static_range(ROWS):
+        slot, sign = _bucket(logical, nb, width, ROW_TERMS, row)
+        signed = (sign * WEIGHT).to(tl.float32)
+        key_weight = signed if SIGNED_KEYS else WEIGHT
+        offs = slot * D + di
+        k = tl.load(HEAD_KEYS + offs, mask=dmask).to(tl.float32) + key.to(tl.float32) * key_weight
+        tl.store(HEAD_KEYS + offs, k.to(HEAD_KEYS.dtype.element_ty), mask=dmask)
+        v = tl.load(HEAD_VALUES + offs, mask=dmask).to(tl.float32) + value.to(tl.float32) * signed
+        tl.store(HEAD_VALUES + offs, v.to(HEAD_VALUES.dtype.element_ty), mask=dmask)
+        if MEAN:
+            tl.store(HEAD_COUNTS + slot, tl.load(HEAD_COUNTS + slot) + WEIGHT)
+
+
+@triton.jit
+def _lowest_candidate(epos, scores, recent_start, E, BLOCK_E: tl.constexpr):
+    """The lowest Candidate's score and slot (+inf and -1 without one), and the number of Candidates."""
+    best = tl.full((), float("inf"), tl.float32)
+    best_slot = tl.full((), -1, tl.int32)
+    count = tl.zeros((), tl.int32)
+    for start in range(0, E, BLOCK_E):
+        slot = start + tl.arange(0, BLOCK_E)
+        pos = tl.load(epos + slot, mask=slot < E, other=-1)
+        candidate = (pos >= 0) & (pos < recent_start)
+        score = tl.load(scores + pos, mask=candidate, other=float("inf"))
+        low = tl.min(score, 0)
+        best_slot = tl.where(low < best, start + tl.argmin(score, 0), best_slot)
+        best = tl.minimum(best, low)
+        count += tl.sum(candidate.to(tl.int32), 0)
+    return best, best_slot, count
+
+
+@triton.jit
+def _highest_vague(scores, part, mass, N, ADD_MASS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The highest Vague score and its position (-inf and -1 without one); first adds ``mass`` with ADD_MASS."""
+    best = tl.full((), float("-inf"), tl.float32)
+    best_pos = tl.full((), -1, tl.int32)
+    for start in range(0, N, BLOCK_N):
+        p = start + tl.arange(0, BLOCK_N)
+        inside = p < N
+        score = tl.load(scores + p, mask=inside, other=0.0)
+        if ADD_MASS:
+            score += tl.load(mass + p, mask=inside, other=0.0)
+            tl.store(scores + p, score, mask=inside)
+        score = tl.where(inside & (tl.load(part + p, mask=inside, other=0) == _VAGUE), score, float("-inf"))
+        high = tl.max(score, 0)
+        best_pos = tl.where(high > best, start + tl.argmax(score, 0), best_pos)
+        best = tl.maximum(best, high)
+    return best, best_pos
+
+
+@triton.jit
+def _apply_swaps(EK, EV, epos_row, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out, est_k_row,
+                 est_v_row, count, bhE, offset, nb, width, ROW_TERMS, di, dmask,
+                 D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
+                 PAIRS: tl.constexpr):
+    """Trade the round's ``count`` pairs: every estimate first, then per pair delete it, store it, insert the
+    Candidate that leaves."""
+    pi = tl.arange(0, PAIRS)
+    moving = pi < count
+    logical = tl.load(pairs_in + pi, mask=moving, other=0).to(tl.int64) - offset
+    slot0, sign0 = _bucket(logical, nb, width, ROW_TERMS, 0)
+    slot1, sign1 = slot0, sign0
+    slot2, sign2 = slot0, sign0
+    if ROWS == 3:
+        slot1, sign1 = _bucket(logical, nb, width, ROW_TERMS, 1)
+        slot2, sign2 = _bucket(logical, nb, width, ROW_TERMS, 2)
+    # The median picks one of the stored values, so the estimate is exact in the storage dtype.
+    est_k = _median_rows(head_keys, head_counts, slot0, slot1, slot2, sign0, sign1, sign2, moving, di, dmask,
+                         D, ROWS, MEAN, SIGNED_KEYS)
+    est_v = _median_rows(head_values, head_counts, slot0, slot1, slot2, sign0, sign1, sign2, moving, di, dmask,
+                         D, ROWS, MEAN, True)
+    both = moving[:, None] & dmask[None, :]
+    tl.store(est_k_row + pi[:, None] * D + di[None, :], est_k.to(est_k_row.dtype.element_ty), mask=both)
+    tl.store(est_v_row + pi[:, None] * D + di[None, :], est_v.to(est_v_row.dtype.element_ty), mask=both)
+    tl.debug_barrier()
+    for i in range(0, count):
+        slot = tl.load(pairs_slot + i)
+        entry = (bhE + slot) * D + di
+        leaving_k = tl.load(EK + entry, mask=dmask)
+        leaving_v = tl.load(EV + entry, mask=dmask)
+        returning_k = tl.load(est_k_row + i * D + di, mask=dmask)
+        returning_v = tl.load(est_v_row + i * D + di, mask=dmask)
+        returning = tl.load(pairs_in + i).to(tl.int64)
+        _add_token(head_keys, head_values, head_counts, returning - offset, returning_k, returning_v, nb, width,
+                   ROW_TERMS, di, dmask, -1, D, ROWS, MEAN, SIGNED_KEYS)
+        tl.debug_barrier()  # the insert below may hit the same buckets
+        tl.store(EK + entry, returning_k, mask=dmask)
+        tl.store(EV + entry, returning_v, mask=dmask)
+        leaving = tl.load(pairs_out + i).to(tl.int64)
+        _add_token(head_keys, head_values, head_counts, leaving - offset, leaving_k, leaving_v, nb, width,
+                   ROW_TERMS, di, dmask, 1, D, ROWS, MEAN, SIGNED_KEYS)
+        tl.debug_barrier()  # the next pair reads what this one wrote
+
+
+@triton.jit
+def _compress(
+    SCORES, MASS, PART, EK, EV, EPOS, SK, SV, SCNT, BUCKETS, OFFSETS, ROW_TERMS, RECENT_START, CANDIDATES,
+    PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K, EST_V,
+    H, E, N, width, row_stride, replace_rate,
+    D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
+    PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    di = tl.arange(0, DP)
+    dmask = di < D
+    scores, part, mass, epos = SCORES + bh * row_stride, PART + bh * row_stride, MASS + bh * N, EPOS + bh * E
+    has_buckets = tl.load(BUCKETS + b) > 0
+    nb = tl.maximum(tl.load(BUCKETS + b), 1)
+    offset = tl.load(OFFSETS + b)
+    recent_start = tl.load(RECENT_START + b)
+    sbase = bh * (ROWS * width)  # this KV head's first bucket
+    head_keys, head_values, head_counts = SK + sbase * D, SV + sbase * D, SCNT + sbase
+    pairs_slot, pairs_in, pairs_out = PAIR_SLOT + bh * PAIRS, PAIR_IN + bh * PAIRS, PAIR_OUT + bh * PAIRS
+    est_k_row, est_v_row = EST_K + bh * PAIRS * D, EST_V + bh * PAIRS * D
+
+    top, top_pos = _highest_vague(scores, part, mass, N, True, BLOCK_N)
+    tl.debug_barrier()  # the scans below read scores other threads of this program wrote
+    low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
+
+    # Fold: Candidate outgrows its share only after Recent hands tokens over.
+    excess = candidates - tl.load(CANDIDATES + b).to(tl.int32)
+    while excess > 0:
+        entry = (bh * E + low_slot) * D + di
+        folded = tl.load(epos + low_slot).to(tl.int64)
+        if has_buckets:  # a row without buckets drops what it folds
+            _add_token(head_keys, head_values, head_counts, folded - offset, tl.load(EK + entry, mask=dmask),
+                       tl.load(EV + entry, mask=dmask), nb, width, ROW_TERMS, di, dmask, 1, D, ROWS, MEAN,
+                       SIGNED_KEYS)
+        tl.store(epos + low_slot, -1)
+        tl.store(part + folded, _VAGUE)
+        top_pos = tl.where(low > top, folded.to(tl.int32), top_pos)
+        top = tl.maximum(top, low)
+        tl.debug_barrier()
+        excess -= 1
+        low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
+
+    # Swap: the paper's loop, one pair at a time; the pairs' K/V move in rounds.
+    pending = tl.zeros((), tl.int32)
+    swapping = has_buckets & (low * replace_rate < top)
+    while swapping:
+        leaving = tl.load(epos + low_slot)
+        tl.store(pairs_slot + pending, low_slot)
+        tl.store(pairs_in + pending, top_pos)
+        tl.store(pairs_out + pending, leaving)
+        tl.store(epos + low_slot, top_pos)
+        tl.store(part + top_pos, _EXACT)
+        tl.store(part + leaving, _VAGUE)
+        pending += 1
+        tl.debug_barrier()
+        if pending == PAIRS:
+            _apply_swaps(EK, EV, epos, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out,
+                         est_k_row, est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, di, dmask,
+                         D, ROWS, MEAN, SIGNED_KEYS, PAIRS)
+            pending = tl.zeros((), tl.int32)
+        top, top_pos = _highest_vague(scores, part, mass, N, False, BLOCK_N)
+        low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
+        swapping = low * replace_rate < top
+    if pending > 0:
+        _apply_swaps(EK, EV, epos, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out,
+                     est_k_row, est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, di, dmask,
+                     D, ROWS, MEAN, SIGNED_KEYS, PAIRS)
+
+
+class InplaceStore:
+    """A layer's scores, part map, bucket codes and validity at fixed addresses, for the in-place decode step.
+
+    Args:
+        scores: ``(B, H, N)`` fp32, the layer's cumulative scores; exact_pos: ``(B, H, E)`` int32 (-1 = empty);
+        valid: ``(B, N)`` bool, the non-padding positions; sketch: the layer's VagueSketch.
+    """
+
+    def __init__(self, scores: torch.Tensor, exact_pos: torch.Tensor, valid: torch.Tensor, sketch) -> None:
+        b, h, n = scores.shape
+        self.scores_buffer = scores.new_zeros(b, h, 0)
+        self.part = torch.zeros(b, h, 0, dtype=torch.int8, device=scores.device)
+        self.codes = torch.zeros(b, sketch.rows, 0, dtype=torch.int32, device=scores.device)
+        self.valid = torch.zeros(b, 0, dtype=torch.int8, device=scores.device)
+        self.reserve(n + 1)  # column n (the next token's) takes the empty slots' writes below, then is cleared
+        slot_codes(sketch, n, out=self.codes)
+        self.scores_buffer[:, :, :n] = scores
+        self.valid[:, :n] = valid
+        self.part[:, :, :n] = valid.unsqueeze(1).to(torch.int8) * VAGUE
+        self.part.scatter_(2, torch.where(exact_pos >= 0, exact_pos.long(), n), EXACT)
+        self.part[:, :, n] = 0
+
+    def reserve(self, length: int) -> None:
+        """Make room for ``length`` positions (a new buffer, grown by LENGTH_CHUNK, only when they do not fit)."""
+        capacity = self.part.shape[-1]
+        if length <= capacity:
+            return
+        capacity = triton.cdiv(length, LENGTH_CHUNK) * LENGTH_CHUNK
+        grown = []
+        for old in (self.scores_buffer, self.part, self.codes, self.valid):
+            new = old.new_zeros(*old.shape[:-1], capacity)
+            new[..., : old.shape[-1]] = old
+            grown.append(new)
+        self.scores_buffer, self.part, self.codes, self.valid = grown
+
+    def scores(self, length: int) -> torch.Tensor:
+        """The first ``length`` positions' scores ``(B, H, length)``, a view of the buffer."""
+        return self.scores_buffer[:, :, :length]
+
+    def key_valid(self, length: int) -> torch.Tensor:
+        """``(B, length)`` bool view: the non-padding positions."""
+        return self.valid[:, :length].view(torch.bool)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.scores_buffer, self.part, self.codes, self.valid))
+
+
+def exact_capacity(exact_slots: int, candidate: torch.Tensor, recent: torch.Tensor) -> int:
+    """Slots the in-place store needs: the most any sequence holds at once, its new token included."""
+    return max(exact_slots, int((candidate.cpu() + recent.cpu()).max()) + 1)
+
+
+def append(store: InplaceStore, exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_pos: torch.Tensor,
+           sketch, key_states: torch.Tensor, value_states: torch.Tensor, position: int) -> None:
+    """Write the step's token ``(B, H, 1, D)`` at ``position`` into a free slot of each (sequence, KV head)."""
+    b, h, e, d = exact_keys.shape
+    store.reserve(position + 1)
+    with torch.cuda.device(exact_keys.device):
+        _append[(b * h,)](
+            exact_keys, exact_values, exact_pos, store.part, store.valid, store.codes, key_states, value_states,
+            sketch.buckets, sketch.offsets, sketch.row_terms,
+            key_states.stride(0), key_states.stride(1), value_states.stride(0), value_states.stride(1),
+            h, e, store.part.stride(1), store.valid.stride(0), store.codes.stride(1), sketch.width, position,
+            D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, BLOCK_E=BLOCK_SLOTS,
+        )
+
+
+def compress(store: InplaceStore, mass: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
+             exact_pos: torch.Tensor, sketch, recent_start: torch.Tensor, candidate_size: torch.Tensor,
+             replace_rate: float) -> None:
+    """Algorithm 3 after one decode step, in place (module docstring).
+
+    Args:
+        mass: ``(B, H, N)`` fp32, the step's attention mass over the ``N`` positions; exact store as in ``append``;
+            sketch: the layer's
+            :class:`~kvreviver_core.sketch.VagueSketch` (``width`` > 0, 1 or 3 rows).
+        recent_start: ``(B,)`` first Recent position; candidate_size: ``(B,)`` the Candidate share.
+    """
+    b, h, e, d = exact_keys.shape
+    n = mass.shape[-1]
+    device = exact_keys.device
+    pairs = torch.empty(3, b * h, PAIRS_PER_ROUND, dtype=torch.int32, device=device)
+    estimates = exact_keys.new_empty(2, b * h, PAIRS_PER_ROUND, d)
+    counts = sketch.counts if sketch.counts is not None else exact_pos  # not read without MEAN
+    with torch.cuda.device(device):
+        _compress[(b * h,)](
+            store.scores_buffer, mass.contiguous(), store.part, exact_keys, exact_values, exact_pos,
+            sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets, sketch.row_terms,
+            recent_start.reshape(b), candidate_size, pairs[0], pairs[1], pairs[2], estimates[0], estimates[1],
+            h, e, n, sketch.width, store.part.stride(1), float(replace_rate),
+            D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
+            SIGNED_KEYS=sketch.signed_keys, PAIRS=PAIRS_PER_ROUND, BLOCK_N=BLOCK_POSITIONS, BLOCK_E=BLOCK_SLOTS,
+            num_warps=4,
+        )
