@@ -208,7 +208,9 @@ def test_batch_of_different_lengths_gives_each_prompt_its_solo_tokens():
         batched, _ = greedy(model, batch, make_cache("kvreviver", budget, model=model), attention_mask=mask)
         for i, p in enumerate(prompts):
             solo, _ = greedy(model, p.view(1, -1), make_cache("kvreviver", budget, model=model))
-            assert torch.equal(batched[i, width:], solo[0, len(p):]), f"prompt {i} at budget {budget}"
+            new = solo[0, len(p):]  # ends early at EOS, where the batch's row goes on with padding
+            assert torch.equal(batched[i, width:width + len(new)], new), f"prompt {i} at budget {budget}"
+            assert not bool(batched[i, width + len(new):].any()), f"prompt {i} at budget {budget}: past EOS"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

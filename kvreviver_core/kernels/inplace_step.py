@@ -6,12 +6,13 @@ for any fraction below 1). :class:`InplaceStore` then holds the layer's step-to-
 * the exact store ``(B, H, E, D)`` with room for ``max(Candidate + Recent) + 1`` tokens, so a new token goes into a
   free slot (position -1) instead of a ``torch.cat`` at every step;
 * the cumulative scores ``(B, H, capacity)`` fp32, and what the decode kernel would otherwise rebuild at every step:
-  the part map ``(B, H, capacity)`` int8 (MASKED / VAGUE / EXACT, :mod:`.reviver_decode`), the positions' bucket
-  codes ``(B, r, capacity)`` int32 and their validity ``(B, capacity)``; ``capacity`` grows by ``LENGTH_CHUNK``.
+  the part map ``(B, H, capacity)`` int8 (MASKED / VAGUE / EXACT, :mod:`.reviver_decode`) and the positions' bucket
+  codes ``(B, r, capacity)`` int32; ``capacity`` grows by ``LENGTH_CHUNK``.
 
-A step is four launches: :func:`append` (``_append``) before attention, the decode kernel's two, and
-:func:`compress` (``_compress``) after it. ``_compress`` runs Algorithm 3 with one program per (sequence, KV head):
+A step is three launches: :func:`append` (``_append``) before attention, the decode kernel's split-K pass
+(:func:`attend`), and :func:`compress` (``_compress``). ``_compress`` runs with one program per (sequence, KV head):
 
+0. the decode kernel's combine: the attention output, and each position's attention mass from the logits;
 1. add the step's attention mass to the scores;
 2. fold the lowest-scored Candidates beyond the Candidate share into the sketch (after a Recent hand-over);
 3. the paper's swap loop: while the lowest Candidate's score x ReplaceRate is below the highest Vague score, the
@@ -29,21 +30,22 @@ import torch
 import triton
 import triton.language as tl
 
-from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, EXACT, VAGUE, _bucket, _median_rows, _slot_code,
-                                                   slot_codes)
+from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, EXACT, VAGUE, DecodeSplits, _bucket, _combine_output,
+                                                   _median_rows, _position_mass, _slot_code, _split_totals,
+                                                   attend_splits, slot_codes)
 
-LENGTH_CHUNK = 64  # positions the scores, part map and validity grow by
+LENGTH_CHUNK = 64  # positions the scores, part map and codes grow by
 PAIRS_PER_ROUND = 16  # swaps whose estimates are read together
 BLOCK_POSITIONS = 1024
 BLOCK_SLOTS = 256
 
 
-@triton.jit
-def _append(EK, EV, EPOS, PART, VALID, CODES, KNEW, VNEW, BUCKETS, OFFSETS, ROW_TERMS, stride_kb, stride_kh,
-            stride_vb, stride_vh, H, E, part_stride, valid_stride, code_stride, width, position,
+@triton.jit(do_not_specialize=["position"])
+def _append(EK, EV, EPOS, PART, CODES, KNEW, VNEW, BUCKETS, OFFSETS, ROW_TERMS, stride_kb, stride_kh,
+            stride_vb, stride_vh, H, E, part_stride, code_stride, width, position,
             D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Write the new token of each (sequence, KV head) into its first free exact slot; mark it EXACT and valid, and
-    hash its bucket codes."""
+    """Write the new token of each (sequence, KV head) into its first free exact slot; mark it EXACT and hash its
+    bucket codes."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     free = tl.full((), E, tl.int32)
@@ -58,7 +60,6 @@ def _append(EK, EV, EPOS, PART, VALID, CODES, KNEW, VNEW, BUCKETS, OFFSETS, ROW_
     tl.store(EV + entry, tl.load(VNEW + b * stride_vb + h * stride_vh + di, mask=di < D), mask=room)
     tl.store(EPOS + bh * E + free, position, mask=free < E)
     tl.store(PART + bh * part_stride + position, _EXACT)
-    tl.store(VALID + b * valid_stride + position, 1, mask=h == 0)
     nb = tl.maximum(tl.load(BUCKETS + b), 1)
     logical = position - tl.load(OFFSETS + b)
     for row in tl.static_range(ROWS):
@@ -103,8 +104,10 @@ def _lowest_candidate(epos, scores, recent_start, E, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _highest_vague(scores, part, mass, N, ADD_MASS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The highest Vague score and its position (-inf and -1 without one); first adds ``mass`` with ADD_MASS."""
+def _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top, inv, N, ADD_MASS: tl.constexpr,
+                   FROM_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The highest Vague score and its position (-inf and -1 without one). With ADD_MASS, first adds the step's
+    mass to the scores: read from MASS, or FROM_LOGITS summed over the query heads ``rows`` as ``_combine`` does."""
     best = tl.full((), float("-inf"), tl.float32)
     best_pos = tl.full((), -1, tl.int32)
     for start in range(0, N, BLOCK_N):
@@ -112,7 +115,10 @@ def _highest_vague(scores, part, mass, N, ADD_MASS: tl.constexpr, BLOCK_N: tl.co
         inside = p < N
         score = tl.load(scores + p, mask=inside, other=0.0)
         if ADD_MASS:
-            score += tl.load(mass + p, mask=inside, other=0.0)
+            if FROM_LOGITS:
+                score += _position_mass(LOGITS, rows, gmask, p, inside, top, inv, N)
+            else:
+                score += tl.load(MASS + p, mask=inside, other=0.0)
             tl.store(scores + p, score, mask=inside)
         score = tl.where(inside & (tl.load(part + p, mask=inside, other=0) == _VAGUE), score, float("-inf"))
         high = tl.max(score, 0)
@@ -165,11 +171,12 @@ def _apply_swaps(EK, EV, epos_row, head_keys, head_values, head_counts, pairs_sl
         tl.debug_barrier()  # the next pair reads what this one wrote
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _compress(
-    SCORES, MASS, PART, EK, EV, EPOS, SK, SV, SCNT, BUCKETS, OFFSETS, ROW_TERMS, RECENT_START, CANDIDATES,
-    PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K, EST_V,
-    H, E, N, width, row_stride, replace_rate,
+    SCORES, MASS, LOGITS, PART_ACC, PART_M, PART_L, OUT, PART, EK, EV, EPOS, SK, SV, SCNT, BUCKETS, OFFSETS,
+    ROW_TERMS, RECENT_START, CANDIDATES, PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K, EST_V,
+    H, E, N, width, row_stride, splits, replace_rate,
+    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, FROM_LOGITS: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
     PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -177,7 +184,15 @@ def _compress(
     b = bh // H
     di = tl.arange(0, DP)
     dmask = di < D
-    scores, part, mass, epos = SCORES + bh * row_stride, PART + bh * row_stride, MASS + bh * N, EPOS + bh * E
+    scores, part, epos = SCORES + bh * row_stride, PART + bh * row_stride, EPOS + bh * E
+    gi = tl.arange(0, GP)
+    gmask = gi < G
+    rows = bh * G + gi  # query heads of this KV group
+    top_logit = tl.zeros((GP,), tl.float32)
+    inv = tl.zeros((GP,), tl.float32)
+    if FROM_LOGITS:  # the decode's combine, folded in: the output, then the masses below
+        top_logit, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
+        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top_logit, inv, splits, GP, D, DP)
     has_buckets = tl.load(BUCKETS + b) > 0
     nb = tl.maximum(tl.load(BUCKETS + b), 1)
     offset = tl.load(OFFSETS + b)
@@ -187,7 +202,8 @@ def _compress(
     pairs_slot, pairs_in, pairs_out = PAIR_SLOT + bh * PAIRS, PAIR_IN + bh * PAIRS, PAIR_OUT + bh * PAIRS
     est_k_row, est_v_row = EST_K + bh * PAIRS * D, EST_V + bh * PAIRS * D
 
-    top, top_pos = _highest_vague(scores, part, mass, N, True, BLOCK_N)
+    top, top_pos = _highest_vague(scores, part, MASS + bh * N, LOGITS, rows, gmask, top_logit, inv, N, True,
+                                  FROM_LOGITS, BLOCK_N)
     tl.debug_barrier()  # the scans below read scores other threads of this program wrote
     low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
 
@@ -226,7 +242,8 @@ def _compress(
                          est_k_row, est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, di, dmask,
                          D, ROWS, MEAN, SIGNED_KEYS, PAIRS)
             pending = tl.zeros((), tl.int32)
-        top, top_pos = _highest_vague(scores, part, mass, N, False, BLOCK_N)
+        top, top_pos = _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top_logit, inv, N, False, False,
+                                      BLOCK_N)
         low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
         swapping = low * replace_rate < top
     if pending > 0:
@@ -236,7 +253,7 @@ def _compress(
 
 
 class InplaceStore:
-    """A layer's scores, part map, bucket codes and validity at fixed addresses, for the in-place decode step.
+    """A layer's scores, part map and bucket codes at fixed addresses, for the in-place decode step.
 
     Args:
         scores: ``(B, H, N)`` fp32, the layer's cumulative scores; exact_pos: ``(B, H, E)`` int32 (-1 = empty);
@@ -248,11 +265,9 @@ class InplaceStore:
         self.scores_buffer = scores.new_zeros(b, h, 0)
         self.part = torch.zeros(b, h, 0, dtype=torch.int8, device=scores.device)
         self.codes = torch.zeros(b, sketch.rows, 0, dtype=torch.int32, device=scores.device)
-        self.valid = torch.zeros(b, 0, dtype=torch.int8, device=scores.device)
         self.reserve(n + 1)  # column n (the next token's) takes the empty slots' writes below, then is cleared
         slot_codes(sketch, n, out=self.codes)
         self.scores_buffer[:, :, :n] = scores
-        self.valid[:, :n] = valid
         self.part[:, :, :n] = valid.unsqueeze(1).to(torch.int8) * VAGUE
         self.part.scatter_(2, torch.where(exact_pos >= 0, exact_pos.long(), n), EXACT)
         self.part[:, :, n] = 0
@@ -264,22 +279,18 @@ class InplaceStore:
             return
         capacity = triton.cdiv(length, LENGTH_CHUNK) * LENGTH_CHUNK
         grown = []
-        for old in (self.scores_buffer, self.part, self.codes, self.valid):
+        for old in (self.scores_buffer, self.part, self.codes):
             new = old.new_zeros(*old.shape[:-1], capacity)
             new[..., : old.shape[-1]] = old
             grown.append(new)
-        self.scores_buffer, self.part, self.codes, self.valid = grown
+        self.scores_buffer, self.part, self.codes = grown
 
     def scores(self, length: int) -> torch.Tensor:
         """The first ``length`` positions' scores ``(B, H, length)``, a view of the buffer."""
         return self.scores_buffer[:, :, :length]
 
-    def key_valid(self, length: int) -> torch.Tensor:
-        """``(B, length)`` bool view: the non-padding positions."""
-        return self.valid[:, :length].view(torch.bool)
-
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.scores_buffer, self.part, self.codes, self.valid))
+        return sum(t.numel() * t.element_size() for t in (self.scores_buffer, self.part, self.codes))
 
 
 def exact_capacity(exact_slots: int, candidate: torch.Tensor, recent: torch.Tensor) -> int:
@@ -294,37 +305,56 @@ def append(store: InplaceStore, exact_keys: torch.Tensor, exact_values: torch.Te
     store.reserve(position + 1)
     with torch.cuda.device(exact_keys.device):
         _append[(b * h,)](
-            exact_keys, exact_values, exact_pos, store.part, store.valid, store.codes, key_states, value_states,
+            exact_keys, exact_values, exact_pos, store.part, store.codes, key_states, value_states,
             sketch.buckets, sketch.offsets, sketch.row_terms,
             key_states.stride(0), key_states.stride(1), value_states.stride(0), value_states.stride(1),
-            h, e, store.part.stride(1), store.valid.stride(0), store.codes.stride(1), sketch.width, position,
+            h, e, store.part.stride(1), store.codes.stride(1), sketch.width, position,
             D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, BLOCK_E=BLOCK_SLOTS,
         )
 
 
-def compress(store: InplaceStore, mass: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
-             exact_pos: torch.Tensor, sketch, recent_start: torch.Tensor, candidate_size: torch.Tensor,
-             replace_rate: float) -> None:
+def attend(store: InplaceStore, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
+           exact_pos: torch.Tensor, sketch, length: int, scaling: float) -> DecodeSplits:
+    """The decode kernel's split-K pass over the store at ``length`` positions; :func:`compress` combines it."""
+    with torch.cuda.device(query.device):
+        return attend_splits(query, exact_keys, exact_values, exact_pos, sketch, store.part, store.codes, length,
+                             scaling)
+
+
+def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys: torch.Tensor,
+             exact_values: torch.Tensor, exact_pos: torch.Tensor, sketch, recent_start: torch.Tensor,
+             candidate_size: torch.Tensor, replace_rate: float) -> None:
     """Algorithm 3 after one decode step, in place (module docstring).
 
     Args:
-        mass: ``(B, H, N)`` fp32, the step's attention mass over the ``N`` positions; exact store as in ``append``;
-            sketch: the layer's
-            :class:`~kvreviver_core.sketch.VagueSketch` (``width`` > 0, 1 or 3 rows).
-        recent_start: ``(B,)`` first Recent position; candidate_size: ``(B,)`` the Candidate share.
+        step: the step's attention mass ``(B, H, N)`` fp32 over the ``N`` positions, or the decode's
+            :func:`attend` results: then this launch also combines them into ``step.out`` and takes the mass from
+            their logits (``_combine``'s work, without its launch).
+        exact store as in ``append``; sketch: the layer's :class:`~kvreviver_core.sketch.VagueSketch` (``width``
+            > 0, 1 or 3 rows); recent_start: ``(B,)`` first Recent position; candidate_size: ``(B,)`` the Candidate
+            share.
     """
     b, h, e, d = exact_keys.shape
-    n = mass.shape[-1]
     device = exact_keys.device
     pairs = torch.empty(3, b * h, PAIRS_PER_ROUND, dtype=torch.int32, device=device)
     estimates = exact_keys.new_empty(2, b * h, PAIRS_PER_ROUND, d)
     counts = sketch.counts if sketch.counts is not None else exact_pos  # not read without MEAN
+    from_logits = isinstance(step, DecodeSplits)
+    if from_logits:
+        n, mass, decode = step.length, step.logits, step
+        group, group_pad, splits, splits_pad = step.group, step.group_pad, step.splits, step.splits_pad
+    else:
+        n, mass, decode = step.shape[-1], step.contiguous(), None
+        group, group_pad, splits, splits_pad = 1, 16, 1, 1
+    logits, acc, top, total, out = ((decode.logits, decode.acc, decode.max, decode.sum, decode.out) if from_logits
+                                    else (mass,) * 5)  # not read without FROM_LOGITS
     with torch.cuda.device(device):
         _compress[(b * h,)](
-            store.scores_buffer, mass.contiguous(), store.part, exact_keys, exact_values, exact_pos,
+            store.scores_buffer, mass, logits, acc, top, total, out, store.part, exact_keys, exact_values, exact_pos,
             sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets, sketch.row_terms,
             recent_start.reshape(b), candidate_size, pairs[0], pairs[1], pairs[2], estimates[0], estimates[1],
-            h, e, n, sketch.width, store.part.stride(1), float(replace_rate),
+            h, e, n, sketch.width, store.part.stride(1), splits, float(replace_rate),
+            G=group, GP=group_pad, SP=splits_pad, FROM_LOGITS=from_logits,
             D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
             SIGNED_KEYS=sketch.signed_keys, PAIRS=PAIRS_PER_ROUND, BLOCK_N=BLOCK_POSITIONS, BLOCK_E=BLOCK_SLOTS,
             num_warps=4,

@@ -28,12 +28,14 @@ Then the attention itself, two launches:
    so keys are loaded once for the group) and one slice of the exact slots and of the positions. It runs an online
    softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
 * ``_combine``: merges the splits into the output and turns the logits into each position's attention mass,
-   summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V.
+  summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V. The
+  in-place step's compress kernel does this itself (:mod:`.inplace_step`), adding the mass straight to the scores.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -98,7 +100,7 @@ def _slot_code(logical, nb, width, ROW_TERMS, ROW: tl.constexpr):
     return (slot * 2 + (sign < 0).to(tl.int64)).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _slot_map(SLOTS, BUCKETS, OFFSETS, ROW_TERMS, L, width, code_stride, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """``(B, ROWS, >= L)`` int32 codes of positions ``[0, L)``, shared by all KV heads (rows ``code_stride`` apart)."""
     b = tl.program_id(0)
@@ -187,7 +189,7 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
     return s, m, l, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "slots_per_split", "pos_per_split"])
 def _decode_split(
     Q, stride_qb, stride_qh,
     EK, EV, EPOS, PART, part_stride,
@@ -263,18 +265,9 @@ def _decode_split(
 
 
 @triton.jit
-def _combine(
-    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, L, splits,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    bh = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    gi = tl.arange(0, GP)
+def _split_totals(PART_M, PART_L, rows, gmask, splits, SP: tl.constexpr):
+    """The query heads' overall max and 1 / softmax denominator over the splits' partial results."""
     si = tl.arange(0, SP)
-    di = tl.arange(0, DP)
-    gmask = gi < G
-    dmask = di < D
-    rows = bh * G + gi  # query heads of this KV group
     pmask = gmask[:, None] & (si < splits)[None, :]
     part_m = tl.load(PART_M + rows[:, None] * splits + si[None, :], mask=pmask, other=float("-inf"))
     part_l = tl.load(PART_L + rows[:, None] * splits + si[None, :], mask=pmask, other=0.0)
@@ -282,22 +275,48 @@ def _combine(
     top = tl.where(top == float("-inf"), 0.0, top)
     total = tl.sum(part_l * tl.exp(part_m - top[:, None]), 1)
     inv = tl.where(total > 0, 1.0 / total, 0.0)  # a query with nothing to attend gets 0, as the reference does
+    return top, inv
 
+
+@triton.jit
+def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, GP: tl.constexpr, D: tl.constexpr,
+                    DP: tl.constexpr):
+    """Merge the splits' partial outputs into the attention output of the query heads ``rows``."""
+    di = tl.arange(0, DP)
+    dmask = di < D
+    out = tl.zeros((GP, DP), tl.float32)
+    for s in range(0, splits):
+        weight = tl.exp(tl.load(PART_M + rows * splits + s, mask=gmask, other=float("-inf")) - top)
+        part = tl.load(PART_ACC + (rows * splits + s)[:, None] * D + di[None, :],
+                       mask=gmask[:, None] & dmask[None, :], other=0.0)
+        out += part * weight[:, None]
+    out = out * inv[:, None]
+    tl.store(OUT + rows[:, None] * D + di[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _position_mass(LOGITS, rows, gmask, p, inside, top, inv, L):
+    """Each position's attention probability summed over the query heads ``rows``."""
+    logits = tl.load(LOGITS + rows[:, None] * L + p[None, :], mask=gmask[:, None] & inside[None, :], other=float("-inf"))
+    return tl.sum(tl.exp(logits - top[:, None]) * inv[:, None], 0)
+
+
+@triton.jit(do_not_specialize=["L"])
+def _combine(
+    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, L, splits,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    gi = tl.arange(0, GP)
+    gmask = gi < G
+    rows = bh * G + gi  # query heads of this KV group
+    top, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
     if blk == 0:
-        out = tl.zeros((GP, DP), tl.float32)
-        for s in range(0, splits):
-            weight = tl.exp(tl.load(PART_M + rows * splits + s, mask=gmask, other=float("-inf")) - top)
-            part = tl.load(PART_ACC + (rows * splits + s)[:, None] * D + di[None, :],
-                           mask=gmask[:, None] & dmask[None, :], other=0.0)
-            out += part * weight[:, None]
-        out = out * inv[:, None]
-        tl.store(OUT + rows[:, None] * D + di[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
-
+        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, GP, D, DP)
     p = blk * BLOCK + tl.arange(0, BLOCK)
     inside = p < L
-    logits = tl.load(LOGITS + rows[:, None] * L + p[None, :], mask=gmask[:, None] & inside[None, :], other=float("-inf"))
-    mass = tl.sum(tl.exp(logits - top[:, None]) * inv[:, None], 0)
-    tl.store(MASS + bh * L + p, mass, mask=inside)
+    tl.store(MASS + bh * L + p, _position_mass(LOGITS, rows, gmask, p, inside, top, inv, L), mask=inside)
 
 
 def kernel_unsupported(query: torch.Tensor, sketch: VagueSketch | None) -> str | None:
@@ -358,19 +377,12 @@ def reviver_decode_triton(
     sketch: VagueSketch | None,
     key_valid: torch.Tensor,
     scaling: float,
-    part: torch.Tensor | None = None,
-    codes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel. Same arguments and results as :func:`~kvreviver_core.kernels.reference.reviver_decode_reference`.
 
     Args:
         query: ``(B, Hq, 1, D)``; exact_keys, exact_values: ``(B, Hkv, E, D)``; exact_pos: ``(B, Hkv, E)`` int
             (-1 = empty); sketch: the Vague part or None; key_valid: ``(B, L)`` bool; scaling: softmax scale.
-        part: the store's part map, kept by the caller: ``(B, Hkv, >= L)`` int8 with unit stride along positions
-            (only its first L positions are read). Without it, it is built from ``exact_pos`` and ``key_valid``,
-            and ``key_valid`` is not read otherwise.
-        codes: the positions' bucket codes kept by the caller, ``(B, r, >= L)`` int32 as :func:`slot_codes` writes
-            them; without them they are hashed for this step.
 
     Returns:
         output ``(B, 1, Hq, D)`` in the query's dtype and the mass ``(B, Hkv, L)`` fp32.
@@ -381,12 +393,58 @@ def reviver_decode_triton(
         raise ValueError(reason)
     # Triton launches on the current CUDA device: under a device map that is not always this layer's GPU.
     with torch.cuda.device(query.device):
-        if part is None:
-            part = part_map(exact_pos, key_valid)
-        return _launch(query, exact_keys, exact_values, exact_pos, sketch, part, codes, key_valid.shape[1], scaling)
+        splits = attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part_map(exact_pos, key_valid),
+                               None, key_valid.shape[1], scaling)
+        mass = torch.empty(*exact_pos.shape[:2], splits.length, dtype=torch.float32, device=query.device)
+        _combine[(splits.batch * splits.kv_heads, triton.cdiv(splits.length, BLOCK_MASS))](
+            splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass, splits.length, splits.splits,
+            G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.splits_pad,
+            BLOCK=BLOCK_MASS, num_warps=4,
+        )
+        return splits.output(), mass
 
 
-def _launch(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, scaling):
+@dataclass
+class DecodeSplits:
+    """The split-K pass's results (``_decode_split``), before they are combined: the output buffer to combine
+    into ``(B, Hq, D)``, the logits ``(B, Hq, L)`` and each split's partial output, max and sum."""
+
+    out: torch.Tensor
+    logits: torch.Tensor
+    acc: torch.Tensor
+    max: torch.Tensor
+    sum: torch.Tensor
+    batch: int
+    kv_heads: int
+    group: int
+    head_dim: int
+    length: int
+    splits: int
+
+    @property
+    def group_pad(self) -> int:
+        return max(16, triton.next_power_of_2(self.group))
+
+    @property
+    def head_dim_pad(self) -> int:
+        return max(16, triton.next_power_of_2(self.head_dim))
+
+    @property
+    def splits_pad(self) -> int:
+        return triton.next_power_of_2(self.splits)
+
+    def output(self) -> torch.Tensor:
+        """The combined output in transformers' layout ``(B, 1, Hq, D)`` (once a combine has run)."""
+        return self.out.view(self.batch, 1, self.kv_heads * self.group, self.head_dim)
+
+
+def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, scaling) -> DecodeSplits:
+    """Launch the split-K pass over the compressed store, on the current CUDA device.
+
+    Arguments as :func:`reviver_decode_triton`'s, with ``part`` the store's part map ``(B, Hkv, >= L)`` int8 (rows
+    of unit stride, only the first L positions read) and ``codes`` the positions' bucket codes ``(B, r, >= L)``
+    int32 as :func:`slot_codes` writes them, or None to hash them for this step.
+    """
     b, hq, _, d = query.shape
     hkv, e = exact_keys.shape[1], exact_keys.shape[2]
     group = hq // hkv
@@ -435,9 +493,4 @@ def _launch(query, exact_keys, exact_values, exact_pos, sketch, part, codes, len
     )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
-    mass = torch.empty(b, hkv, length, dtype=torch.float32, device=device)
-    _combine[(b * hkv, triton.cdiv(length, BLOCK_MASS))](
-        logits, part_acc, part_m, part_l, out, mass, length, splits,
-        G=group, GP=gp, D=d, DP=dp, SP=triton.next_power_of_2(splits), BLOCK=BLOCK_MASS, num_warps=4,
-    )
-    return out.view(b, 1, hq, d), mass
+    return DecodeSplits(out, logits, part_acc, part_m, part_l, b, hkv, group, d, length, splits)

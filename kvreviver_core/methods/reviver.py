@@ -7,7 +7,7 @@ Storage of one layer (B = batch, H = KV heads, E = exact slots, N = logical leng
   Candidate sets differ between KV heads, because scores are per KV head.
 * ``scores`` ``(B, H, N)`` fp32: cumulative softmax(QK^T) of every token. Vague tokens need theirs for the
   swap-back test, so it is kept for all tokens and charged to the budget, as are the in-place decode step's part map
-  (a byte per token and KV head), bucket codes (4 bytes per token and sketch row) and validity (a byte per token).
+  (a byte per token and KV head) and bucket codes (4 bytes per token and sketch row).
 * ``sketch``: the Vague part (:class:`~kvreviver_core.sketch.VagueSketch`), r rows x b buckets.
 
 Compress (Algorithm 3, run after every attention call): when Recent exceeds its share, its oldest tokens become
@@ -48,7 +48,6 @@ from kvreviver_core.sketch import ESTIMATORS, Estimator, VagueSketch
 
 SCORE_BYTES = 4  # fp32 cumulative score per token and KV head
 PART_BYTES = 1  # the in-place decode step's part map, per token and KV head
-VALID_BYTES = 1  # and its validity, per token
 CODE_BYTES = 4  # and each token's bucket code in each sketch row
 POSITION_BYTES = 4  # int32 position per exact slot and KV head
 
@@ -165,11 +164,12 @@ class ReviverLayer(CompressedLayer):
             return None
         store = (self.exact_keys, self.exact_values, self.exact_pos, self.sketch)
         if self._inplace is not None:
-            key_valid = self._inplace.key_valid(self.logical_len)
-            out, mass = decode(query, *store, key_valid, scaling, part=self._inplace.part, codes=self._inplace.codes)
-        else:
-            key_valid = _key_validity(mask, key)
-            out, mass = decode(query, *store, key_valid, scaling)
+            # The compress step's launch also combines the decode's splits (into step.out) and takes their mass.
+            step = self._kernels.attend(self._inplace, query, *store, self.logical_len, scaling)
+            self._compress(step)
+            return step.output()
+        key_valid = _key_validity(mask, key)
+        out, mass = decode(query, *store, key_valid, scaling)
         self.observe(mass, key_valid)
         return out
 
@@ -196,7 +196,7 @@ class ReviverLayer(CompressedLayer):
     def _plan_capacity(self) -> None:
         capacities, vague, candidate, recent = [], [], [], []
         for prompt in self.prompt_lengths.tolist():
-            per_token = (SCORE_BYTES + PART_BYTES) * self.heads + VALID_BYTES + CODE_BYTES * self.budget.sketch_rows
+            per_token = (SCORE_BYTES + PART_BYTES) * self.heads + CODE_BYTES * self.budget.sketch_rows
             cap = token_capacity(self.budget, prompt, self.token_bytes(), per_token, POSITION_BYTES * self.heads)
             sizes = split_capacity(self.budget, max(cap, 0))
             capacities.append(cap)
@@ -221,8 +221,9 @@ class ReviverLayer(CompressedLayer):
             self.dtype, self.device, seed=self.seed, estimator=self.estimator, signed_keys=self.signed_keys,
         )
 
-    def _compress(self, mass: torch.Tensor | None) -> None:
-        """Add the step's attention ``mass`` ``(B, H, N)`` to the scores, then Algorithm 3."""
+    def _compress(self, mass) -> None:
+        """Add the step's attention ``mass`` ``(B, H, N)`` to the scores, then Algorithm 3. On the in-place step,
+        ``mass`` may also be the decode's split-K results (``kernels.inplace_step.attend``)."""
         # Decode runs this for every layer and token, so the common step (no fold) avoids host reads: the Recent
         # bookkeeping lives on the host, and the only sync is the swap test's count of Vague tokens to pair.
         if not self._all_compressing:
