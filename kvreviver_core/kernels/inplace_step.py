@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, EXACT, VAGUE, DecodeSplits, _bucket, _combine_output,
-                                                   _median_rows, _position_mass, _slot_code, _split_totals,
-                                                   attend_splits, slot_codes)
+                                                   _median_rows, _position_mass, _row_slots, _slot_code,
+                                                   _split_totals, attend_splits, slot_codes)
 
 LENGTH_CHUNK = 64  # positions the scores, part map and codes grow by
 PAIRS_PER_ROUND = 16  # swaps whose estimates are read together
@@ -129,20 +129,15 @@ def _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top, inv, N, ADD_MAS
 
 @triton.jit
 def _apply_swaps(EK, EV, epos_row, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out, est_k_row,
-                 est_v_row, count, bhE, offset, nb, width, ROW_TERMS, di, dmask,
+                 est_v_row, count, bhE, offset, nb, width, ROW_TERMS, code_rows, code_stride, di, dmask,
                  D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
                  PAIRS: tl.constexpr):
     """Trade the round's ``count`` pairs: every estimate first, then per pair delete it, store it, insert the
     Candidate that leaves."""
     pi = tl.arange(0, PAIRS)
     moving = pi < count
-    logical = tl.load(pairs_in + pi, mask=moving, other=0).to(tl.int64) - offset
-    slot0, sign0 = _bucket(logical, nb, width, ROW_TERMS, 0)
-    slot1, sign1 = slot0, sign0
-    slot2, sign2 = slot0, sign0
-    if ROWS == 3:
-        slot1, sign1 = _bucket(logical, nb, width, ROW_TERMS, 1)
-        slot2, sign2 = _bucket(logical, nb, width, ROW_TERMS, 2)
+    entering = tl.load(pairs_in + pi, mask=moving, other=0)
+    slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(code_rows, entering, moving, code_stride, ROWS)
     # The median picks one of the stored values, so the estimate is exact in the storage dtype.
     est_k = _median_rows(head_keys, head_counts, slot0, slot1, slot2, sign0, sign1, sign2, moving, di, dmask,
                          D, ROWS, MEAN, SIGNED_KEYS)
@@ -173,9 +168,9 @@ def _apply_swaps(EK, EV, epos_row, head_keys, head_values, head_counts, pairs_sl
 
 @triton.jit(do_not_specialize=["N"])
 def _compress(
-    SCORES, MASS, LOGITS, PART_ACC, PART_M, PART_L, OUT, PART, EK, EV, EPOS, SK, SV, SCNT, BUCKETS, OFFSETS,
+    SCORES, MASS, LOGITS, PART_ACC, PART_M, PART_L, OUT, PART, CODES, EK, EV, EPOS, SK, SV, SCNT, BUCKETS, OFFSETS,
     ROW_TERMS, RECENT_START, CANDIDATES, PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K, EST_V,
-    H, E, N, width, row_stride, splits, replace_rate,
+    H, E, N, width, row_stride, code_stride, splits, replace_rate,
     G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, FROM_LOGITS: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
     PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -185,6 +180,7 @@ def _compress(
     di = tl.arange(0, DP)
     dmask = di < D
     scores, part, epos = SCORES + bh * row_stride, PART + bh * row_stride, EPOS + bh * E
+    code_rows = CODES + b * ROWS * code_stride
     gi = tl.arange(0, GP)
     gmask = gi < G
     rows = bh * G + gi  # query heads of this KV group
@@ -239,7 +235,8 @@ def _compress(
         tl.debug_barrier()
         if pending == PAIRS:
             _apply_swaps(EK, EV, epos, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out,
-                         est_k_row, est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, di, dmask,
+                         est_k_row, est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, code_rows, code_stride,
+                         di, dmask,
                          D, ROWS, MEAN, SIGNED_KEYS, PAIRS)
             pending = tl.zeros((), tl.int32)
         top, top_pos = _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top_logit, inv, N, False, False,
@@ -248,7 +245,8 @@ def _compress(
         swapping = low * replace_rate < top
     if pending > 0:
         _apply_swaps(EK, EV, epos, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out,
-                     est_k_row, est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, di, dmask,
+                     est_k_row, est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, code_rows, code_stride,
+                     di, dmask,
                      D, ROWS, MEAN, SIGNED_KEYS, PAIRS)
 
 
@@ -350,10 +348,11 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
                                     else (mass,) * 5)  # not read without FROM_LOGITS
     with torch.cuda.device(device):
         _compress[(b * h,)](
-            store.scores_buffer, mass, logits, acc, top, total, out, store.part, exact_keys, exact_values, exact_pos,
+            store.scores_buffer, mass, logits, acc, top, total, out, store.part, store.codes, exact_keys, exact_values,
+            exact_pos,
             sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets, sketch.row_terms,
             recent_start.reshape(b), candidate_size, pairs[0], pairs[1], pairs[2], estimates[0], estimates[1],
-            h, e, n, sketch.width, store.part.stride(1), splits, float(replace_rate),
+            h, e, n, sketch.width, store.part.stride(1), store.codes.stride(1), splits, float(replace_rate),
             G=group, GP=group_pad, SP=splits_pad, FROM_LOGITS=from_logits,
             D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
             SIGNED_KEYS=sketch.signed_keys, PAIRS=PAIRS_PER_ROUND, BLOCK_N=BLOCK_POSITIONS, BLOCK_E=BLOCK_SLOTS,

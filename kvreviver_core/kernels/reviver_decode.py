@@ -120,6 +120,18 @@ def _slot_of(SLOT_ROWS, p, vague, code_stride, ROW: tl.constexpr):
 
 
 @triton.jit
+def _row_slots(SLOT_ROWS, p, vague, code_stride, ROWS: tl.constexpr):
+    """Each position's bucket slot and sign in the sketch's 1 or 3 rows, from its codes."""
+    slot0, sign0 = _slot_of(SLOT_ROWS, p, vague, code_stride, 0)
+    slot1, sign1 = slot0, sign0
+    slot2, sign2 = slot0, sign0
+    if ROWS == 3:
+        slot1, sign1 = _slot_of(SLOT_ROWS, p, vague, code_stride, 1)
+        slot2, sign2 = _slot_of(SLOT_ROWS, p, vague, code_stride, 2)
+    return slot0, slot1, slot2, sign0, sign1, sign2
+
+
+@triton.jit
 def _bucket_rows(S, SCNT, slot, sign, vague, di, dmask, D: tl.constexpr, MEAN: tl.constexpr, SIGNED: tl.constexpr):
     """One row's bucket vectors for each position, fp32 ``(BLOCK, DP)`` (times the sign for values).
 
@@ -173,12 +185,7 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
 
     Keys first, values after, so only one row triple of ``(BLOCK_V, DP)`` tiles is live at a time.
     """
-    slot0, sign0 = _slot_of(SLOT_ROWS, p, vague, code_stride, 0)
-    slot1, sign1 = slot0, sign0
-    slot2, sign2 = slot0, sign0
-    if ROWS == 3:
-        slot1, sign1 = _slot_of(SLOT_ROWS, p, vague, code_stride, 1)
-        slot2, sign2 = _slot_of(SLOT_ROWS, p, vague, code_stride, 2)
+    slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(SLOT_ROWS, p, vague, code_stride, ROWS)
     k = _median_rows(SK, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                      D, ROWS, MEAN, SIGNED_KEYS).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
