@@ -288,6 +288,8 @@ class ReviverLayer(CompressedLayer):
         """The number of Vague tokens above the lowest Candidate's score x ReplaceRate ``(B, H)``, and the Candidate
         and Vague scores of :meth:`_scores_by_part`."""
         _, candidate_scores, vague_scores = self._scores_by_part()
+        if candidate_scores.shape[-1] == 0:  # a budget too small for one exact slot: nothing to swap with
+            return vague_scores.new_zeros(vague_scores.shape[:2], dtype=torch.long), candidate_scores, vague_scores
         bar = candidate_scores.min(dim=-1, keepdim=True).values * self.budget.replace_rate
         return (vague_scores > bar).sum(dim=-1), candidate_scores, vague_scores
 
