@@ -128,7 +128,7 @@ def _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top, inv, N, ADD_MAS
 
 
 @triton.jit
-def _apply_swaps(EK, EV, epos_row, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out, est_k_row,
+def _apply_swaps(EK, EV, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out, est_k_row,
                  est_v_row, count, bhE, offset, nb, width, ROW_TERMS, code_rows, code_stride, di, dmask,
                  D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
                  PAIRS: tl.constexpr):
@@ -233,21 +233,16 @@ def _compress(
         tl.store(part + leaving, _VAGUE)
         pending += 1
         tl.debug_barrier()
-        if pending == PAIRS:
-            _apply_swaps(EK, EV, epos, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out,
-                         est_k_row, est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, code_rows, code_stride,
-                         di, dmask,
-                         D, ROWS, MEAN, SIGNED_KEYS, PAIRS)
-            pending = tl.zeros((), tl.int32)
+        # The choice of the next pair reads positions and scores only, so the round can move after it.
         top, top_pos = _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top_logit, inv, N, False, False,
                                       BLOCK_N)
         low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
         swapping = low * replace_rate < top
-    if pending > 0:
-        _apply_swaps(EK, EV, epos, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out,
-                     est_k_row, est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, code_rows, code_stride,
-                     di, dmask,
-                     D, ROWS, MEAN, SIGNED_KEYS, PAIRS)
+        if (pending == PAIRS) | (swapping == 0):
+            _apply_swaps(EK, EV, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out, est_k_row,
+                         est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, code_rows, code_stride, di, dmask,
+                         D, ROWS, MEAN, SIGNED_KEYS, PAIRS)
+            pending = tl.zeros((), tl.int32)
 
 
 class InplaceStore:
@@ -339,21 +334,20 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
     counts = sketch.counts if sketch.counts is not None else exact_pos  # not read without MEAN
     from_logits = isinstance(step, DecodeSplits)
     if from_logits:
-        n, mass, decode = step.length, step.logits, step
-        group, group_pad, splits, splits_pad = step.group, step.group_pad, step.splits, step.splits_pad
+        n, splits, mass = step.length, step.splits, step.logits  # MASS is not read FROM_LOGITS
+        combine = (step.logits, step.acc, step.max, step.sum, step.out)
+        shapes = dict(G=step.group, GP=step.group_pad, SP=step.splits_pad)
     else:
-        n, mass, decode = step.shape[-1], step.contiguous(), None
-        group, group_pad, splits, splits_pad = 1, 16, 1, 1
-    logits, acc, top, total, out = ((decode.logits, decode.acc, decode.max, decode.sum, decode.out) if from_logits
-                                    else (mass,) * 5)  # not read without FROM_LOGITS
+        n, splits, mass = step.shape[-1], 1, step.contiguous()
+        combine = (mass,) * 5  # the decode's buffers, not read without FROM_LOGITS
+        shapes = dict(G=1, GP=16, SP=1)
     with torch.cuda.device(device):
         _compress[(b * h,)](
-            store.scores_buffer, mass, logits, acc, top, total, out, store.part, store.codes, exact_keys, exact_values,
-            exact_pos,
+            store.scores_buffer, mass, *combine, store.part, store.codes, exact_keys, exact_values, exact_pos,
             sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets, sketch.row_terms,
             recent_start.reshape(b), candidate_size, pairs[0], pairs[1], pairs[2], estimates[0], estimates[1],
             h, e, n, sketch.width, store.part.stride(1), store.codes.stride(1), splits, float(replace_rate),
-            G=group, GP=group_pad, SP=splits_pad, FROM_LOGITS=from_logits,
+            **shapes, FROM_LOGITS=from_logits,
             D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
             SIGNED_KEYS=sketch.signed_keys, PAIRS=PAIRS_PER_ROUND, BLOCK_N=BLOCK_POSITIONS, BLOCK_E=BLOCK_SLOTS,
             num_warps=4,
