@@ -20,7 +20,7 @@ import torch
 from kvreviver_core import models
 from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs
-from kvreviver_core.profiling import greedy_next
+from kvreviver_core.generation import greedy_next
 
 PATHS = {"unfused (auto on CPU)": False, "reference": "reference"}
 

@@ -9,11 +9,13 @@ The full cache's attention is SDPA; ``--sdpa-backends`` (default flash, efficien
 because on torch 2.11 / H200 it was seen building a new plan for each new key length, i.e. at every decode step
 (see ``bench_decode_attention.py``'s ``step_full_default_sdpa_us``), which would slow the baseline unfairly.
 
-Each context's rows are in ``--out/ctx<N>/profile.jsonl`` (``profile`` resumes from them after a kill) and a
+``--modes eager,graphs`` runs ``profile`` twice per context, the second time with ``--cuda-graphs`` (decode steps
+replayed from CUDA graphs; the full cache in its static layout). Each context's rows are in
+``--out/<mode>/ctx<N>/profile.jsonl`` (``profile`` resumes from them after a kill) and a
 summary in ``--out/decode_e2e.json``.
 
 Usage: python benchmarks/bench_decode_e2e.py [--contexts 8192,32768] [--batches 1,4,16] [--new-tokens 32]
-       [--budget 0.1] [--out runs/decode_e2e] [--batches-32768 1,4] [--sdpa-backends flash,efficient,math]
+       [--budget 0.1] [--modes eager,graphs] [--out runs/decode_e2e] [--batches-32768 1,4] [--sdpa-backends flash,efficient,math]
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIE
             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def profile(context: int, batches: str, args, out: Path) -> dict:
+def profile(context: int, batches: str, mode: str, args, out: Path) -> dict:
     command = ["profile", "--arch", args.arch, "--random-weights", "--methods", "full,kvreviver",
                "--budget", str(args.budget), "--batch", batches, "--context", str(context),
                "--new-tokens", str(args.new_tokens), "--decode-warmup", str(args.decode_warmup), "--out", str(out)]
+    if mode == "graphs":
+        command.append("--cuda-graphs")
     print(f"$ kvreviver {' '.join(command)}   (SDPA backends: {args.sdpa_backends})", flush=True)
     with sdpa_kernel([BACKENDS[name] for name in args.sdpa_backends.split(",")]):
         app(command, standalone_mode=False)
@@ -51,32 +55,34 @@ def main() -> None:
     parser.add_argument("--decode-warmup", type=int, default=4)
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--sdpa-backends", default="flash,efficient,math", help=", ".join(BACKENDS))
+    parser.add_argument("--modes", default="eager", help="eager, graphs (profile --cuda-graphs) or eager,graphs")
     parser.add_argument("--out", type=Path, default=Path("runs/decode_e2e"))
     args = parser.parse_args()
 
     summary = []
     for context in (int(c) for c in args.contexts.split(",")):
         batches = args.batches_32k if context == 32768 and args.batches_32k else args.batches
-        report = profile(context, batches, args, args.out / f"ctx{context}")
-        rows = {(r["method"], r["batch"]): r for r in report["rows"]}
-        for batch in sorted({r["batch"] for r in report["rows"]}):
-            full, rev = rows.get(("full", batch)), rows.get(("kvreviver", batch))
-            speed = lambda r: r["decode_tokens_per_s"] if r and r["status"] == "ok" else None  # noqa: E731
-            ratio = speed(rev) / speed(full) if speed(rev) and speed(full) else None
-            summary.append({"device": report["setup"]["device"], "context": context, "batch": batch,
-                            "full_tok_s": speed(full), "kvreviver_tok_s": speed(rev), "ratio": ratio,
-                            "full_status": full and full["status"], "kvreviver_status": rev and rev["status"]})
+        for mode in args.modes.split(","):
+            report = profile(context, batches, mode, args, args.out / mode / f"ctx{context}")
+            rows = {(r["method"], r["batch"]): r for r in report["rows"]}
+            for batch in sorted({r["batch"] for r in report["rows"]}):
+                full, rev = rows.get(("full", batch)), rows.get(("kvreviver", batch))
+                speed = lambda r: r["decode_tokens_per_s"] if r and r["status"] == "ok" else None  # noqa: E731
+                ratio = speed(rev) / speed(full) if speed(rev) and speed(full) else None
+                summary.append({"device": report["setup"]["device"], "context": context, "mode": mode, "batch": batch,
+                                "full_tok_s": speed(full), "kvreviver_tok_s": speed(rev), "ratio": ratio,
+                                "full_status": full and full["status"], "kvreviver_status": rev and rev["status"]})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_e2e.json").write_text(json.dumps(summary, indent=2))
 
     show = lambda x, fmt: "OOM" if x is None else format(x, fmt)  # noqa: E731
     print(f"\n{summary[0]['device'] if summary else ''}: decode tok/s, {args.arch} random weights, bf16, "
           f"budget {args.budget:g}, {args.new_tokens} new tokens ({args.decode_warmup} untimed)")
-    print("| context | batch | full tok/s | kvreviver tok/s | kvreviver / full |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| context | mode | batch | full tok/s | kvreviver tok/s | kvreviver / full |")
+    print("|---:|---|---:|---:|---:|---:|")
     for s in summary:
         ratio = "n/a (full OOM)" if s["ratio"] is None and s["kvreviver_tok_s"] else show(s["ratio"], ".2f")
-        print(f"| {s['context']} | {s['batch']} | {show(s['full_tok_s'], '.1f')} | "
+        print(f"| {s['context']} | {s['mode']} | {s['batch']} | {show(s['full_tok_s'], '.1f')} | "
               f"{show(s['kvreviver_tok_s'], '.1f')} | {ratio} |")
 
 

@@ -8,7 +8,9 @@ GPU's busy time (the sum of kernel times, which do not overlap on one stream). W
 host adds. Compression folds tokens every ``recent_slack + 1`` steps (9 by default), so ``--profiled 9`` covers one
 fold per layer. For KVReviver it also counts the Vague tokens swapped back per layer, KV head and token.
 
-One JSON line per (context, method) in ``--out``; a table at the end. ``--rounds 2`` measures every (context, method)
+``--modes eager,graphs`` measures each method twice: with every step launched from Python, and with the steps
+replayed from CUDA graphs (``kvreviver_core/graphs.py``; the full cache then decodes in its static layout, as
+transformers' StaticCache does). One JSON line per (context, mode, method) in ``--out``; a table at the end. ``--rounds 2`` measures every (context, method)
 twice, alternating, so that a process's first runs (Triton compiling kernel variants, host caches warming) show. SDPA runs on flash/efficient/math (no cuDNN,
 as in ``bench_decode_e2e.py``).
 
@@ -30,9 +32,12 @@ from torch.profiler import ProfilerActivity, profile
 from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs
 from kvreviver_core.models import random_model
-from kvreviver_core.profiling import greedy_next, synthetic_ids
+from kvreviver_core.generation import greedy_next
+from kvreviver_core.graphs import GraphedDecode
+from kvreviver_core.methods import METHODS
+from kvreviver_core.profiling import synthetic_ids
 
-LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
 
 def swapped_back_per_head(cache, step) -> float:
@@ -45,23 +50,26 @@ def swapped_back_per_head(cache, step) -> float:
 
 
 @torch.no_grad()
-def measure(model, method: str, context: int, args) -> dict:
+def measure(model, method: str, context: int, mode: str, args) -> dict:
     ids = synthetic_ids(model.config.vocab_size, 1, context, 0, torch.device("cuda"))
-    cache = make_cache(method, args.budget if method != "full" else 1.0, model=model)
+    options = METHODS[method].graph_options() if mode == "graphs" else {}
+    cache = make_cache(method, args.budget if method != "full" else 1.0, model=model, **options)
     forward = cache_kwargs(model, cache)
     token = greedy_next(model, ids, forward, logits_to_keep=1)
+    runner = GraphedDecode(model, cache, forward) if mode == "graphs" else None
+    step = runner.step if runner is not None else lambda t: greedy_next(model, t, forward)
     for _ in range(args.warmup):
-        token = greedy_next(model, token, forward)
+        token = step(token)
     walls = []
     for _ in range(args.tokens):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        token = greedy_next(model, token, forward)
+        token = step(token)
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - start) * 1e3)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.profiled):
-            token = greedy_next(model, token, forward)
+            token = step(token)
         torch.cuda.synchronize()
     events = prof.key_averages()
     if args.ops:
@@ -69,17 +77,19 @@ def measure(model, method: str, context: int, args) -> dict:
         print(events.table(sort_by="count", row_limit=args.ops, max_name_column_width=50))
     count = lambda names: sum(e.count for e in events if e.key in names) / args.profiled  # noqa: E731
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    row = {"device": torch.cuda.get_device_name(), "context": context, "method": method,
+    row = {"device": torch.cuda.get_device_name(), "context": context, "method": method, "mode": mode,
            "wall_ms_median": statistics.median(walls),
            "wall_ms_mean": statistics.mean(walls), "gpu_busy_ms": gpu_us / 1e3 / args.profiled,
            "launches": count(LAUNCHES), "host_syncs": count(("cudaStreamSynchronize",))}
     if method != "full":
         swaps = []
         for _ in range(4):
-            token, entered = swapped_back_per_head(cache, lambda: greedy_next(model, token, forward))
+            token, entered = swapped_back_per_head(cache, lambda: step(token))
             swaps.append(round(entered, 3))
         row["swapped_back_per_layer_head"] = swaps
-    del cache
+    if runner is not None:
+        row["graph_steps"] = runner.steps
+    del cache, runner
     torch.cuda.empty_cache()
     return row
 
@@ -95,6 +105,8 @@ def main() -> None:
     parser.add_argument("--profiled", type=int, default=3, help="decode tokens under torch.profiler")
     parser.add_argument("--ops", type=int, default=0, help="print the profiler's N most-called ops per run")
     parser.add_argument("--rounds", type=int, default=1, help="measure every (context, method) this many times")
+    parser.add_argument("--modes", default="eager", help="eager (each step from Python), graphs (steps replayed from "
+                        "CUDA graphs, the full cache in its static layout), or both: eager,graphs")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_e2e.jsonl"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -105,17 +117,18 @@ def main() -> None:
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for round_ in range(1, args.rounds + 1):
             for context in map(int, args.contexts.split(",")):
-                for method in args.methods.split(","):
-                    rows.append({**measure(model, method, context, args), "round": round_})
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(rows[-1]) + "\n")
-                    print(json.dumps(rows[-1]), flush=True)
+                for mode in args.modes.split(","):
+                    for method in args.methods.split(","):
+                        rows.append({**measure(model, method, context, mode, args), "round": round_})
+                        with args.out.open("a") as f:
+                            f.write(json.dumps(rows[-1]) + "\n")
+                        print(json.dumps(rows[-1]), flush=True)
     print(f"\n{rows[0]['device']}, {args.arch} random weights, bf16, batch 1, budget {args.budget:g}")
-    print("| round | context | method | ms / token, mean (median) | GPU busy ms / token | launches / token |"
+    print("| round | context | mode | method | ms / token, mean (median) | GPU busy ms / token | launches / token |"
           " host syncs / token | Vague tokens swapped back per layer, head and token |")
-    print("|---:|---:|---|---:|---:|---:|---:|---|")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['round']} | {r['context']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | "
+        print(f"| {r['round']} | {r['context']} | {r['mode']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | "
               f"{r['gpu_busy_ms']:.1f} | {r['launches']:.0f} | {r['host_syncs']:.0f} | "
               f"{r.get('swapped_back_per_layer_head', '-')} |")
 

@@ -16,10 +16,9 @@ import time
 import torch
 from transformers import DynamicCache
 
-from kvreviver_core.generation import cache_kwargs
+from kvreviver_core.generation import cache_kwargs, greedy_next
 from kvreviver_core.models import load_model
-from kvreviver_core.profiling import (RunSpec, Timer, greedy_next, measure_run, nvml_reader, release_memory,
-                                     synthetic_ids)
+from kvreviver_core.profiling import RunSpec, Timer, measure_run, nvml_reader, release_memory, synthetic_ids
 
 
 @torch.no_grad()

@@ -156,6 +156,8 @@ def profile_command(
     context: int = typer.Option(2048, "--context", help="Prompt tokens per sequence (synthetic ids)."),
     new_tokens: int = typer.Option(128, "--new-tokens", help="Decode steps per run (the first --decode-warmup untimed)."),
     decode_warmup: int = typer.Option(4, "--decode-warmup", help="Decode steps run before the timer starts."),
+    cuda_graphs: bool = typer.Option(
+        False, "--cuda-graphs", help="Replay decode steps from CUDA graphs where the cache allows it (full: static layout)."),
     find_max_batch: bool = typer.Option(False, "--find-max-batch", help="Also find each method's largest batch that fits."),
     max_batch_limit: int = typer.Option(1024, "--max-batch-limit", help="Upper end of the --find-max-batch search."),
     device: str = typer.Option("cuda", "--device", help="cuda (NVML memory) or cpu (timing only)."),
@@ -173,6 +175,8 @@ def profile_command(
     _validate(method_names, batches, o["budget"], o["context"], o["new_tokens"], o["max_batch_limit"],
               o["sample_interval_ms"])
     _check_device(o["device"], o["device_map"])
+    if o["cuda_graphs"] and (o["device"] != "cuda" or o["device_map"] is not None):
+        raise UsageError("--cuda-graphs needs --device cuda on one GPU (no --device-map)")
     net, _ = load_model(o["model"], o["dtype"], o["device"], arch=o["arch"], random_weights=o["random_weights"],
                         device_map=o["device_map"])
     devices, target = model_devices(net), input_device(net)
@@ -191,11 +195,13 @@ def profile_command(
              "dtype": str(next(net.parameters()).dtype).removeprefix("torch."), "device": _device_name(devices),
              "context": o["context"], "new_tokens": o["new_tokens"], "decode_warmup": o["decode_warmup"],
              "budget": o["budget"], "seed": o["seed"]}
+    if o["cuda_graphs"]:  # absent otherwise, as the device map below
+        setup["cuda_graphs"] = True
     if o["device_map"] is not None:  # absent otherwise, so that earlier single-device results still resume
         setup["device_map"] = {"mode": o["device_map"], "layers_per_device": _layers_per_device(net)}
     store = ResultStore(o["out"] / "profile.jsonl" if o["out"] else None, ("setup", "method", "batch"))
     spec_of = {m: RunSpec(m, o["budget"], o["context"], o["new_tokens"], o["decode_warmup"], o["seed"],
-                          o["sample_interval_ms"] / 1000) for m in method_names}
+                          o["sample_interval_ms"] / 1000, o["cuda_graphs"]) for m in method_names}
     warmed: set[str] = set()
 
     def run(method: str, size: int) -> ProfileRow:
@@ -203,7 +209,8 @@ def profile_command(
             if stored["setup"] == setup and stored["method"] == method and stored["batch"] == size:
                 return ProfileRow(**{k: v for k, v in stored.items() if k != "setup"})
         if method not in warmed:  # kernels, cuBLAS handles and allocator pools, kept out of the first timed row
-            short = RunSpec(method, o["budget"], o["context"], WARMUP_RUN_STEPS, 1, o["seed"])
+            short = RunSpec(method, o["budget"], o["context"], WARMUP_RUN_STEPS, 1, o["seed"],
+                            cuda_graphs=o["cuda_graphs"])
             guarded(lambda b: measure_run(net, short, b), method, size, devices)
             warmed.add(method)
         row = guarded(lambda b: measure_run(net, spec_of[method], b, memory), method, size, devices)
@@ -229,7 +236,7 @@ def profile_command(
 
     title = (f"{setup['model']}, {setup['dtype']}, context {o['context']}, {o['new_tokens']} new tokens "
              f"(decode tok/s after {min(o['decode_warmup'], o['new_tokens'] - 1)} warm-up steps), budget "
-             f"{o['budget']:g} — {setup['device']}")
+             f"{o['budget']:g}{', decode steps replayed from CUDA graphs' if o['cuda_graphs'] else ''} — {setup['device']}")
     console.print(render_table(grid, method_names, batches, title))
     if memory is None:
         console.print(f"NVML memory is unavailable on {target.type}: the NVML peak was not measured.")

@@ -28,6 +28,17 @@ class CompressedCache(Cache):
         attention.announce_layer(layer_idx, self.layers[layer_idx])
         return keys, values
 
+    def decode_graph_key(self) -> tuple | None:
+        """Whether the next decode step can replay a CUDA graph (:mod:`kvreviver_core.graphs`): None when some layer's
+        cannot, else what a captured step depends on."""
+        keys = tuple(layer.decode_graph_key() for layer in self.layers)
+        return keys if keys and all(key is not None for key in keys) else None
+
+    def advance_replayed_step(self) -> None:
+        """The host's part of a decode step that a graph replays."""
+        for layer in self.layers:
+            layer.advance_replayed_step()
+
     def memory_bytes(self) -> int:
         """Bytes held by the cache now: exact parts, sketches and metadata of every layer."""
         return sum(layer.memory_bytes() for layer in self.layers)

@@ -26,6 +26,12 @@ from kvreviver_core.cache import CompressedCache, make_cache
 from kvreviver_core.models import is_chat_model
 
 
+def greedy_next(model: torch.nn.Module, input_ids: torch.Tensor, forward: dict, **kwargs) -> torch.Tensor:
+    """One forward pass through the cache in ``forward`` (:func:`cache_kwargs`): each sequence's greedy next token,
+    ``(B, 1)``. The decode step that ``profile`` times, shared by the benchmarks that take it apart."""
+    return model(input_ids=input_ids, use_cache=True, **forward, **kwargs).logits[:, -1].argmax(dim=-1, keepdim=True)
+
+
 def format_prompt(tokenizer, user_text: str) -> str:
     """Chat models get their chat template (one user turn, generation prompt added); base models the plain text."""
     if is_chat_model(tokenizer):

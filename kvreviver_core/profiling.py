@@ -26,7 +26,9 @@ from typing import Callable, Sequence, Union
 import torch
 
 from kvreviver_core.cache import make_cache
-from kvreviver_core.generation import cache_kwargs
+from kvreviver_core.generation import cache_kwargs, greedy_next
+from kvreviver_core.graphs import GraphedDecode
+from kvreviver_core.methods import METHODS
 
 MemoryReader = Callable[[], Union[int, Sequence[int]]]
 """Returns the device memory in use now, in bytes: one number, or one per device (a model on several GPUs)."""
@@ -203,6 +205,7 @@ class RunSpec:
     decode_warmup: int = 4
     seed: int = 0
     sample_interval_s: float = 0.01
+    cuda_graphs: bool = False  # decode through kvreviver_core.graphs, with the method's graph_options
 
     def __post_init__(self) -> None:
         if not (0 < self.budget <= 1):
@@ -234,6 +237,7 @@ class ProfileRow:
     decode_s: float | None = None
     decode_steps_timed: int | None = None
     decode_tokens_per_s: float | None = None
+    decode_graph_replays: int | None = None  # decode steps (warm-up included) replayed from a CUDA graph
     kv_bytes: int | None = None
     kv_full_bytes: int | None = None
     nvml_baseline_bytes: int | None = None
@@ -249,12 +253,6 @@ class ProfileRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def greedy_next(model: torch.nn.Module, input_ids: torch.Tensor, forward: dict, **kwargs) -> torch.Tensor:
-    """One forward pass through the cache in ``forward`` (:func:`cache_kwargs`): each sequence's greedy next token,
-    ``(B, 1)``. The decode step that ``profile`` times, shared by the benchmarks that take it apart."""
-    return model(input_ids=input_ids, use_cache=True, **forward, **kwargs).logits[:, -1].argmax(dim=-1, keepdim=True)
 
 
 def synthetic_ids(vocab_size: int, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -277,22 +275,26 @@ def measure_run(model: torch.nn.Module, spec: RunSpec, batch: int, memory: Memor
     ids = synthetic_ids(model.config.vocab_size, batch, spec.context, spec.seed, device)
     sampler = PeakSampler(memory, spec.sample_interval_s) if memory is not None else None
     with sampler if sampler is not None else nullcontext():
-        cache = make_cache(spec.method, spec.budget, model=model)
+        options = METHODS[spec.method].graph_options() if spec.cuda_graphs else {}
+        cache = make_cache(spec.method, spec.budget, model=model, **options)
         forward = cache_kwargs(model, cache)
         with Timer(devices) as prefill:
             logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward).logits
         token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        graphed = GraphedDecode(model, cache, forward) if spec.cuda_graphs else None
+        step = graphed.step if graphed is not None else lambda t: greedy_next(model, t, forward)
         warmup = spec.new_tokens - spec.timed_steps
         for _ in range(warmup):
-            token = greedy_next(model, token, forward)
+            token = step(token)
         with Timer(devices) as decode:
             for _ in range(spec.timed_steps):
-                token = greedy_next(model, token, forward)
+                token = step(token)
         kv_bytes, kv_full = cache.memory_bytes(), cache.full_bytes()
     row = ProfileRow(
         spec.method, batch, "ok", prefill_s=prefill.seconds, decode_s=decode.seconds,
         decode_steps_timed=spec.timed_steps, decode_tokens_per_s=batch * spec.timed_steps / decode.seconds,
         kv_bytes=kv_bytes, kv_full_bytes=kv_full,
+        decode_graph_replays=graphed.steps["replayed"] if graphed is not None else None,
     )
     if sampler is not None:
         row.nvml_baseline_bytes, row.nvml_peak_bytes = sampler.baseline_bytes, sampler.peak_bytes

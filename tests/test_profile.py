@@ -233,6 +233,7 @@ def test_sample_configs_hold_the_papers_table1_setup_and_only_profile_options():
         (["--budget", "0"], "--budget"),
         (["--budget", "1.5"], "--budget"),
         (["--context", "9000"], "positions"),
+        (["--cuda-graphs"], "--cuda-graphs"),
     ],
 )
 def test_profile_bad_input_exits_2_with_one_line(extra, message):

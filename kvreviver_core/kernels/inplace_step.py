@@ -40,14 +40,17 @@ BLOCK_POSITIONS = 1024
 BLOCK_SLOTS = 256
 
 
-@triton.jit(do_not_specialize=["position"])
-def _append(EK, EV, EPOS, PART, CODES, KNEW, VNEW, BUCKETS, OFFSETS, ROW_TERMS, stride_kb, stride_kh,
-            stride_vb, stride_vh, H, E, part_stride, code_stride, width, position,
-            D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+@triton.jit
+def _append(EK, EV, EPOS, PART, CODES, KNEW, VNEW, BUCKETS, OFFSETS, ROW_TERMS, LENGTH, RECENT_COUNT, RECENT_SIZE,
+            RECENT_BASE, RECENT_START, stride_kb, stride_kh, stride_vb, stride_vh, H, E, part_stride, code_stride,
+            width, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
     """Write the new token of each (sequence, KV head) into its first free exact slot; mark it EXACT and hash its
-    bucket codes."""
+    bucket codes. The token's position is ``LENGTH - 1``. Each sequence's first program also does the Recent
+    bookkeeping: one more Recent token, and past the Recent share a hand-over back to ``RECENT_BASE`` tokens (the
+    oldest become Candidates), which moves the first Recent position ``RECENT_START``."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
+    position = tl.load(LENGTH) - 1
     free = tl.full((), E, tl.int32)
     for start in range(0, E, BLOCK_E):
         slot = start + tl.arange(0, BLOCK_E)
@@ -58,13 +61,19 @@ def _append(EK, EV, EPOS, PART, CODES, KNEW, VNEW, BUCKETS, OFFSETS, ROW_TERMS, 
     entry = (bh * E + free) * D + di
     tl.store(EK + entry, tl.load(KNEW + b * stride_kb + h * stride_kh + di, mask=di < D), mask=room)
     tl.store(EV + entry, tl.load(VNEW + b * stride_vb + h * stride_vh + di, mask=di < D), mask=room)
-    tl.store(EPOS + bh * E + free, position, mask=free < E)
+    tl.store(EPOS + bh * E + free, position.to(tl.int32), mask=free < E)
     tl.store(PART + bh * part_stride + position, _EXACT)
     nb = tl.maximum(tl.load(BUCKETS + b), 1)
     logical = position - tl.load(OFFSETS + b)
     for row in tl.static_range(ROWS):
         tl.store(CODES + (b * ROWS + row) * code_stride + position, _slot_code(logical, nb, width, ROW_TERMS, row),
                  mask=h == 0)
+    if h == 0:
+        recent = tl.load(RECENT_COUNT + b) + 1
+        handover = recent > tl.load(RECENT_SIZE + b)
+        recent = tl.where(handover, tl.load(RECENT_BASE + b), recent)
+        tl.store(RECENT_COUNT + b, recent)
+        tl.store(RECENT_START + b, position + 1 - recent, mask=handover)
 
 
 @triton.jit
@@ -104,10 +113,11 @@ def _lowest_candidate(epos, scores, recent_start, E, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top, inv, N, ADD_MASS: tl.constexpr,
+def _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top, inv, N, stride, ADD_MASS: tl.constexpr,
                    FROM_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """The highest Vague score and its position (-inf and -1 without one). With ADD_MASS, first adds the step's
-    mass to the scores: read from MASS, or FROM_LOGITS summed over the query heads ``rows`` as ``_combine`` does."""
+    mass to the scores: read from MASS, or FROM_LOGITS summed over the query heads ``rows`` as ``_combine`` does
+    (logit rows ``stride`` apart)."""
     best = tl.full((), float("-inf"), tl.float32)
     best_pos = tl.full((), -1, tl.int32)
     for start in range(0, N, BLOCK_N):
@@ -116,7 +126,7 @@ def _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top, inv, N, ADD_MAS
         score = tl.load(scores + p, mask=inside, other=0.0)
         if ADD_MASS:
             if FROM_LOGITS:
-                score += _position_mass(LOGITS, rows, gmask, p, inside, top, inv, N)
+                score += _position_mass(LOGITS, rows, gmask, p, inside, top, inv, stride)
             else:
                 score += tl.load(MASS + p, mask=inside, other=0.0)
             tl.store(scores + p, score, mask=inside)
@@ -166,17 +176,18 @@ def _apply_swaps(EK, EV, head_keys, head_values, head_counts, pairs_slot, pairs_
         tl.debug_barrier()  # the next pair reads what this one wrote
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit
 def _compress(
     SCORES, MASS, LOGITS, PART_ACC, PART_M, PART_L, OUT, PART, CODES, EK, EV, EPOS, SK, SV, SCNT, BUCKETS, OFFSETS,
-    ROW_TERMS, RECENT_START, CANDIDATES, PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K, EST_V,
-    H, E, N, width, row_stride, code_stride, splits, replace_rate,
+    ROW_TERMS, LENGTH, RECENT_START, CANDIDATES, PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K, EST_V,
+    H, E, width, row_stride, code_stride, mass_stride, splits, replace_rate,
     G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, FROM_LOGITS: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
     PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
+    N = tl.load(LENGTH).to(tl.int32)
     di = tl.arange(0, DP)
     dmask = di < D
     scores, part, epos = SCORES + bh * row_stride, PART + bh * row_stride, EPOS + bh * E
@@ -198,8 +209,8 @@ def _compress(
     pairs_slot, pairs_in, pairs_out = PAIR_SLOT + bh * PAIRS, PAIR_IN + bh * PAIRS, PAIR_OUT + bh * PAIRS
     est_k_row, est_v_row = EST_K + bh * PAIRS * D, EST_V + bh * PAIRS * D
 
-    top, top_pos = _highest_vague(scores, part, MASS + bh * N, LOGITS, rows, gmask, top_logit, inv, N, True,
-                                  FROM_LOGITS, BLOCK_N)
+    top, top_pos = _highest_vague(scores, part, MASS + bh * mass_stride, LOGITS, rows, gmask, top_logit, inv, N,
+                                  mass_stride, True, FROM_LOGITS, BLOCK_N)
     tl.debug_barrier()  # the scans below read scores other threads of this program wrote
     low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
 
@@ -234,8 +245,8 @@ def _compress(
         pending += 1
         tl.debug_barrier()
         # The choice of the next pair reads positions and scores only, so the round can move after it.
-        top, top_pos = _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top_logit, inv, N, False, False,
-                                      BLOCK_N)
+        top, top_pos = _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top_logit, inv, N, mass_stride,
+                                      False, False, BLOCK_N)
         low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
         swapping = low * replace_rate < top
         if (pending == PAIRS) | (swapping == 0):
@@ -246,18 +257,34 @@ def _compress(
 
 
 class InplaceStore:
-    """A layer's scores, part map and bucket codes at fixed addresses, for the in-place decode step.
+    """A layer's step-to-step state at fixed addresses, for the in-place decode step.
+
+    Besides the scores, part map and codes (module docstring) it keeps on the device what a step reads or moves,
+    so that no step needs the host: the logical length ``length`` ``(1,)`` (the step's token included once
+    :func:`append` ran), the Recent count ``recent_count`` ``(B,)`` and the first Recent position
+    ``recent_start`` ``(B, 1, 1)``. The host only tracks the length (:meth:`advance`) to grow the buffers.
 
     Args:
         scores: ``(B, H, N)`` fp32, the layer's cumulative scores; exact_pos: ``(B, H, E)`` int32 (-1 = empty);
-        valid: ``(B, N)`` bool, the non-padding positions; sketch: the layer's VagueSketch.
+        valid: ``(B, N)`` bool, the non-padding positions; sketch: the layer's VagueSketch; recent_count,
+        recent_size, recent_base: ``(B,)`` int, the Recent bookkeeping (host or device); recent_start:
+        ``(B, 1, 1)`` int64 on the device, updated in place.
     """
 
-    def __init__(self, scores: torch.Tensor, exact_pos: torch.Tensor, valid: torch.Tensor, sketch) -> None:
+    def __init__(self, scores: torch.Tensor, exact_pos: torch.Tensor, valid: torch.Tensor, sketch,
+                 recent_count: torch.Tensor, recent_size: torch.Tensor, recent_base: torch.Tensor,
+                 recent_start: torch.Tensor) -> None:
         b, h, n = scores.shape
+        device = scores.device
+        self.host_length = n
+        self.length = torch.full((1,), n, dtype=torch.long, device=device)
+        self.recent_count = recent_count.to(device=device, dtype=torch.long)
+        self.recent_size = recent_size.to(device=device, dtype=torch.long)
+        self.recent_base = recent_base.to(device=device, dtype=torch.long)
+        self.recent_start = recent_start
         self.scores_buffer = scores.new_zeros(b, h, 0)
-        self.part = torch.zeros(b, h, 0, dtype=torch.int8, device=scores.device)
-        self.codes = torch.zeros(b, sketch.rows, 0, dtype=torch.int32, device=scores.device)
+        self.part = torch.zeros(b, h, 0, dtype=torch.int8, device=device)
+        self.codes = torch.zeros(b, sketch.rows, 0, dtype=torch.int32, device=device)
         self.reserve(n + 1)  # column n (the next token's) takes the empty slots' writes below, then is cleared
         slot_codes(sketch, n, out=self.codes)
         self.scores_buffer[:, :, :n] = scores
@@ -265,9 +292,13 @@ class InplaceStore:
         self.part.scatter_(2, torch.where(exact_pos >= 0, exact_pos.long(), n), EXACT)
         self.part[:, :, n] = 0
 
+    @property
+    def capacity(self) -> int:
+        return self.part.shape[-1]
+
     def reserve(self, length: int) -> None:
         """Make room for ``length`` positions (a new buffer, grown by LENGTH_CHUNK, only when they do not fit)."""
-        capacity = self.part.shape[-1]
+        capacity = self.capacity
         if length <= capacity:
             return
         capacity = triton.cdiv(length, LENGTH_CHUNK) * LENGTH_CHUNK
@@ -277,6 +308,11 @@ class InplaceStore:
             new[..., : old.shape[-1]] = old
             grown.append(new)
         self.scores_buffer, self.part, self.codes = grown
+
+    def advance(self, tokens: int) -> None:
+        """The host's side of a step of ``tokens`` new tokens: its length, and room for them."""
+        self.host_length += tokens
+        self.reserve(self.host_length)
 
     def scores(self, length: int) -> torch.Tensor:
         """The first ``length`` positions' scores ``(B, H, length)``, a view of the buffer."""
@@ -292,40 +328,42 @@ def exact_capacity(exact_slots: int, candidate: torch.Tensor, recent: torch.Tens
 
 
 def append(store: InplaceStore, exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_pos: torch.Tensor,
-           sketch, key_states: torch.Tensor, value_states: torch.Tensor, position: int) -> None:
-    """Write the step's token ``(B, H, 1, D)`` at ``position`` into a free slot of each (sequence, KV head)."""
+           sketch, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    """Write the step's token ``(B, H, 1, D)`` into a free slot of each (sequence, KV head), at the next position.
+    The host calls :meth:`InplaceStore.advance` for the step first."""
     b, h, e, d = exact_keys.shape
-    store.reserve(position + 1)
     with torch.cuda.device(exact_keys.device):
+        store.length.add_(1)
         _append[(b * h,)](
             exact_keys, exact_values, exact_pos, store.part, store.codes, key_states, value_states,
-            sketch.buckets, sketch.offsets, sketch.row_terms,
+            sketch.buckets, sketch.offsets, sketch.row_terms, store.length, store.recent_count, store.recent_size,
+            store.recent_base, store.recent_start,
             key_states.stride(0), key_states.stride(1), value_states.stride(0), value_states.stride(1),
-            h, e, store.part.stride(1), store.codes.stride(1), sketch.width, position,
+            h, e, store.part.stride(1), store.codes.stride(1), sketch.width,
             D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, BLOCK_E=BLOCK_SLOTS,
         )
 
 
 def attend(store: InplaceStore, query: torch.Tensor, exact_keys: torch.Tensor, exact_values: torch.Tensor,
-           exact_pos: torch.Tensor, sketch, length: int, scaling: float) -> DecodeSplits:
-    """The decode kernel's split-K pass over the store at ``length`` positions; :func:`compress` combines it."""
+           exact_pos: torch.Tensor, sketch, scaling: float) -> DecodeSplits:
+    """The decode kernel's split-K pass over the store's positions; :func:`compress` combines it. Its grid covers
+    the store's capacity, and the kernel reads the length from the device."""
     with torch.cuda.device(query.device):
-        return attend_splits(query, exact_keys, exact_values, exact_pos, sketch, store.part, store.codes, length,
-                             scaling)
+        return attend_splits(query, exact_keys, exact_values, exact_pos, sketch, store.part, store.codes,
+                             store.length, store.capacity, scaling)
 
 
 def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys: torch.Tensor,
-             exact_values: torch.Tensor, exact_pos: torch.Tensor, sketch, recent_start: torch.Tensor,
-             candidate_size: torch.Tensor, replace_rate: float) -> None:
+             exact_values: torch.Tensor, exact_pos: torch.Tensor, sketch, candidate_size: torch.Tensor,
+             replace_rate: float) -> None:
     """Algorithm 3 after one decode step, in place (module docstring).
 
     Args:
-        step: the step's attention mass ``(B, H, N)`` fp32 over the ``N`` positions, or the decode's
+        step: the step's attention mass ``(B, H, N)`` fp32 over the store's ``N`` positions, or the decode's
             :func:`attend` results: then this launch also combines them into ``step.out`` and takes the mass from
             their logits (``_combine``'s work, without its launch).
         exact store as in ``append``; sketch: the layer's :class:`~kvreviver_core.sketch.VagueSketch` (``width``
-            > 0, 1 or 3 rows); recent_start: ``(B,)`` first Recent position; candidate_size: ``(B,)`` the Candidate
-            share.
+            > 0, 1 or 3 rows); candidate_size: ``(B,)`` the Candidate share.
     """
     b, h, e, d = exact_keys.shape
     device = exact_keys.device
@@ -334,19 +372,19 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
     counts = sketch.counts if sketch.counts is not None else exact_pos  # not read without MEAN
     from_logits = isinstance(step, DecodeSplits)
     if from_logits:
-        n, splits, mass = step.length, step.splits, step.logits  # MASS is not read FROM_LOGITS
+        stride, splits, mass = step.span, step.splits, step.logits  # MASS is not read FROM_LOGITS
         combine = (step.logits, step.acc, step.max, step.sum, step.out)
         shapes = dict(G=step.group, GP=step.group_pad, SP=step.splits_pad)
     else:
-        n, splits, mass = step.shape[-1], 1, step.contiguous()
+        stride, splits, mass = step.shape[-1], 1, step.contiguous()
         combine = (mass,) * 5  # the decode's buffers, not read without FROM_LOGITS
         shapes = dict(G=1, GP=16, SP=1)
     with torch.cuda.device(device):
         _compress[(b * h,)](
             store.scores_buffer, mass, *combine, store.part, store.codes, exact_keys, exact_values, exact_pos,
-            sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets, sketch.row_terms,
-            recent_start.reshape(b), candidate_size, pairs[0], pairs[1], pairs[2], estimates[0], estimates[1],
-            h, e, n, sketch.width, store.part.stride(1), store.codes.stride(1), splits, float(replace_rate),
+            sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets, sketch.row_terms, store.length,
+            store.recent_start, candidate_size, pairs[0], pairs[1], pairs[2], estimates[0], estimates[1],
+            h, e, sketch.width, store.part.stride(1), store.codes.stride(1), stride, splits, float(replace_rate),
             **shapes, FROM_LOGITS=from_logits,
             D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
             SIGNED_KEYS=sketch.signed_keys, PAIRS=PAIRS_PER_ROUND, BLOCK_N=BLOCK_POSITIONS, BLOCK_E=BLOCK_SLOTS,

@@ -196,13 +196,13 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
     return s, m, l, acc
 
 
-@triton.jit(do_not_specialize=["L", "slots_per_split", "pos_per_split"])
+@triton.jit(do_not_specialize=["span", "slots_per_split", "pos_per_split"])
 def _decode_split(
     Q, stride_qb, stride_qh,
     EK, EV, EPOS, PART, part_stride,
     SK, SV, SCNT, BUCKETS, SLOTS, code_stride,
-    LOGITS, PART_ACC, PART_M, PART_L,
-    scaling, Hkv, E, L, width, slots_per_split, pos_per_split,
+    LOGITS, PART_ACC, PART_M, PART_L, LENGTH,
+    scaling, Hkv, E, span, width, slots_per_split, pos_per_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
     HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, SKIP_EMPTY: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -220,7 +220,8 @@ def _decode_split(
     qh = h * G + gi
     q = tl.load(Q + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + di[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
-    logit_rows = LOGITS + (b.to(tl.int64) * Hkv * G + qh)[:, None] * L  # (GP, 1) row starts
+    L = tl.load(LENGTH).to(tl.int32)  # positions to attend; the grid covers span >= L of them
+    logit_rows = LOGITS + (b.to(tl.int64) * Hkv * G + qh)[:, None] * span  # (GP, 1) row starts
     part_row = PART + bh64 * part_stride
 
     m = tl.full((GP,), float("-inf"), tl.float32)
@@ -246,7 +247,7 @@ def _decode_split(
     sbase = bh64 * (ROWS * width)  # this KV head's first bucket
     head_keys, head_values, head_counts = SK + sbase * D, SV + sbase * D, SCNT + sbase
     slot_rows = SLOTS + b.to(tl.int64) * ROWS * code_stride
-    for start in range(0, pos_per_split, BLOCK_V):
+    for start in range(0, tl.minimum(pos_per_split, L - split * pos_per_split), BLOCK_V):
         p = split * pos_per_split + start + tl.arange(0, BLOCK_V)
         inside = p < L
         kind = tl.load(part_row + p, mask=inside, other=_EXACT)
@@ -399,12 +400,14 @@ def reviver_decode_triton(
     if reason is not None:
         raise ValueError(reason)
     # Triton launches on the current CUDA device: under a device map that is not always this layer's GPU.
+    length = key_valid.shape[1]
     with torch.cuda.device(query.device):
         splits = attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part_map(exact_pos, key_valid),
-                               None, key_valid.shape[1], scaling)
-        mass = torch.empty(*exact_pos.shape[:2], splits.length, dtype=torch.float32, device=query.device)
-        _combine[(splits.batch * splits.kv_heads, triton.cdiv(splits.length, BLOCK_MASS))](
-            splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass, splits.length, splits.splits,
+                               None, torch.full((1,), length, dtype=torch.long, device=query.device), length,
+                               scaling)
+        mass = torch.empty(*exact_pos.shape[:2], length, dtype=torch.float32, device=query.device)
+        _combine[(splits.batch * splits.kv_heads, triton.cdiv(length, BLOCK_MASS))](
+            splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass, length, splits.splits,
             G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.splits_pad,
             BLOCK=BLOCK_MASS, num_warps=4,
         )
@@ -414,7 +417,8 @@ def reviver_decode_triton(
 @dataclass
 class DecodeSplits:
     """The split-K pass's results (``_decode_split``), before they are combined: the output buffer to combine
-    into ``(B, Hq, D)``, the logits ``(B, Hq, L)`` and each split's partial output, max and sum."""
+    into ``(B, Hq, D)``, the logits ``(B, Hq, span)`` (the attended positions first) and each split's partial
+    output, max and sum."""
 
     out: torch.Tensor
     logits: torch.Tensor
@@ -425,7 +429,7 @@ class DecodeSplits:
     kv_heads: int
     group: int
     head_dim: int
-    length: int
+    span: int
     splits: int
 
     @property
@@ -445,12 +449,15 @@ class DecodeSplits:
         return self.out.view(self.batch, 1, self.kv_heads * self.group, self.head_dim)
 
 
-def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, scaling) -> DecodeSplits:
+def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, span,
+                  scaling) -> DecodeSplits:
     """Launch the split-K pass over the compressed store, on the current CUDA device.
 
-    Arguments as :func:`reviver_decode_triton`'s, with ``part`` the store's part map ``(B, Hkv, >= L)`` int8 (rows
-    of unit stride, only the first L positions read) and ``codes`` the positions' bucket codes ``(B, r, >= L)``
-    int32 as :func:`slot_codes` writes them, or None to hash them for this step.
+    Arguments as :func:`reviver_decode_triton`'s, with ``part`` the store's part map ``(B, Hkv, >= span)`` int8
+    (rows of unit stride, only the first ``length`` positions read), ``codes`` the positions' bucket codes
+    ``(B, r, >= span)`` int32 as :func:`slot_codes` writes them, or None to hash them for this step, ``length``
+    the positions to attend, ``(1,)`` int64 on the device, and ``span >= length`` the positions the grid and the
+    logits cover (host int). A step whose length only the device knows, as in a CUDA graph, can run this way.
     """
     b, hq, _, d = query.shape
     hkv, e = exact_keys.shape[1], exact_keys.shape[2]
@@ -472,19 +479,19 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         buckets, width, rows = sketch.buckets.contiguous(), sketch.width, sketch.rows
         mean, signed_keys = sketch.counts is not None, sketch.signed_keys
         # Hashed once for all KV heads: hashing inside the main loop, per head, made the kernel 1.6x slower.
-        slots = codes if codes is not None else slot_codes(sketch, length)
+        slots = codes if codes is not None else slot_codes(sketch, span)
     else:
         sk, sv, counts, slots = exact_keys, exact_values, exact_pos, exact_pos  # not read without a sketch
         buckets = torch.zeros(b, dtype=torch.long, device=device)
         width, rows, mean, signed_keys = 1, 1, False, False
 
-    splits = _split_plan(max(triton.cdiv(length, BLOCK_VAGUE), triton.cdiv(max(e, 1), BLOCK_EXACT)), b * hkv, device)
+    splits = _split_plan(max(triton.cdiv(span, BLOCK_VAGUE), triton.cdiv(max(e, 1), BLOCK_EXACT)), b * hkv, device)
     slots_per_split = triton.cdiv(triton.cdiv(max(e, 1), splits), BLOCK_EXACT) * BLOCK_EXACT
-    pos_per_split = triton.cdiv(triton.cdiv(length, splits), BLOCK_VAGUE) * BLOCK_VAGUE
+    pos_per_split = triton.cdiv(triton.cdiv(span, splits), BLOCK_VAGUE) * BLOCK_VAGUE
     gp = max(16, triton.next_power_of_2(group))
     dp = max(16, triton.next_power_of_2(d))
 
-    logits = torch.empty(b, hq, length, dtype=torch.float32, device=device)
+    logits = torch.empty(b, hq, span, dtype=torch.float32, device=device)
     part_acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
     part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
     part_l = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
@@ -492,12 +499,12 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         q, q.stride(0), q.stride(1),
         exact_keys, exact_values, exact_pos, part, part.stride(1),
         sk, sv, counts, buckets, slots, slots.stride(1) if has_sketch else 0,
-        logits, part_acc, part_m, part_l,
-        float(scaling), hkv, e, length, width, slots_per_split, pos_per_split,
+        logits, part_acc, part_m, part_l, length,
+        float(scaling), hkv, e, span, width, slots_per_split, pos_per_split,
         G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=mean, SIGNED_KEYS=signed_keys,
         SKIP_EMPTY=SKIP_EMPTY,
         BLOCK_E=BLOCK_EXACT, BLOCK_V=BLOCK_VAGUE, num_warps=NUM_WARPS,
     )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
-    return DecodeSplits(out, logits, part_acc, part_m, part_l, b, hkv, group, d, length, splits)
+    return DecodeSplits(out, logits, part_acc, part_m, part_l, b, hkv, group, d, span, splits)

@@ -58,6 +58,12 @@ class Method:
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    @classmethod
+    def graph_options(cls) -> dict:
+        """The options under which the method's decode steps can replay a CUDA graph (:mod:`kvreviver_core.graphs`)
+        where they do not by default."""
+        return {}
+
 
 class CompressedLayer(CacheLayerMixin):
     """Base layer: logical length, per-sequence padding offsets, and the attention hooks (no compression)."""
@@ -109,6 +115,16 @@ class CompressedLayer(CacheLayerMixin):
 
     def fused_attention(self, query, key, value, mask, scaling) -> torch.Tensor | None:
         return None
+
+    # -- CUDA graphs (kvreviver_core/graphs.py) --------------------------------------------------------------------
+    def decode_graph_key(self) -> tuple | None:
+        """None when this layer's next decode step cannot be captured in a CUDA graph (a step that changes shapes or
+        reads the device from the host), else what a capture depends on (its buffers' addresses)."""
+        return None
+
+    def advance_replayed_step(self) -> None:
+        """The host's part of a decode step that a graph replays (only called after a key that is not None)."""
+        raise NotImplementedError(f"{type(self).__name__} has no capturable decode step")
 
     def observe(self, scores: torch.Tensor | None, key_valid: torch.Tensor) -> None:
         """After attention: ``scores`` ``(B, Hkv, N)`` fp32 or None, ``key_valid`` ``(B, N)`` bool."""

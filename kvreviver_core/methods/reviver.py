@@ -88,15 +88,13 @@ class ReviverLayer(CompressedLayer):
         self._decode = decode_backend(self.fused, key_states, self.sketch) if fusable else None
         self._kernels = inplace_kernels(self._decode) if self._all_compressing else None
         if self._kernels is None:
-            self._inplace = None  # any other step changes the store its own way; a later one starts afresh
+            self._leave_inplace()  # any other step changes the store its own way; a later one starts afresh
         elif self._inplace is None:
             self._enter_inplace()
         if self._inplace is not None:
+            self._advance_inplace(t)
             self._kernels.append(self._inplace, self.exact_keys, self.exact_values, self.exact_pos, self.sketch,
-                                 key_states, value_states, self.logical_len)
-            self.recent_count += t
-            self.logical_len += t
-            self.scores = self._inplace.scores(self.logical_len)
+                                 key_states, value_states)
             return key_states.expand(b, h, self.logical_len, -1), value_states.expand(b, h, self.logical_len, -1)
         past = self.revive() if self.logical_len and self._decode is None else None
         new_pos = torch.arange(self.logical_len, self.logical_len + t, device=self.device, dtype=torch.int32)
@@ -139,8 +137,34 @@ class ReviverLayer(CompressedLayer):
         self.exact_values = pad(self.exact_values, (0, 0, 0, room)).contiguous()
         self.exact_pos = pad(self.exact_pos, (0, room), value=-1).contiguous()
         self._inplace = self._kernels.InplaceStore(self.scores, self.exact_pos, self.valid_positions()[:, 0],
-                                                   self.sketch)
+                                                   self.sketch, self.recent_count, self.recent_size,
+                                                   self.recent_base, self._recent_start)
         self.scores = self._inplace.scores(self.logical_len)
+
+    def _leave_inplace(self) -> None:
+        if self._inplace is not None:
+            self.recent_count = self._inplace.recent_count.cpu()  # the device kept it during the in-place steps
+            self._inplace = None
+
+    def _advance_inplace(self, tokens: int) -> None:
+        """The host's part of an in-place step: the lengths, and room in the buffers (all else is on the device)."""
+        self._inplace.advance(tokens)
+        self.logical_len += tokens
+        self.scores = self._inplace.scores(self.logical_len)
+
+    # -- CUDA graphs (kvreviver_core/graphs.py) --------------------------------------------------------------------
+    def decode_graph_key(self) -> tuple | None:
+        """The in-place step reads its lengths on the device, so a captured step replays as long as the buffers
+        stay where they are: the key is their addresses and the capacity (room for the next token is made here)."""
+        if self._inplace is None:
+            return None
+        self._inplace.reserve(self.logical_len + 1)
+        store = self._inplace
+        return (store.capacity, store.part.data_ptr(), store.codes.data_ptr(), store.scores_buffer.data_ptr(),
+                self.exact_keys.data_ptr(), self.sketch.keys.data_ptr())
+
+    def advance_replayed_step(self) -> None:
+        self._advance_inplace(1)
 
     def exact_map(self) -> torch.Tensor:
         """``(B, H, N)`` bool: positions held in the exact store."""
@@ -165,7 +189,7 @@ class ReviverLayer(CompressedLayer):
         store = (self.exact_keys, self.exact_values, self.exact_pos, self.sketch)
         if self._inplace is not None:
             # The compress step's launch also combines the decode's splits (into step.out) and takes their mass.
-            step = self._kernels.attend(self._inplace, query, *store, self.logical_len, scaling)
+            step = self._kernels.attend(self._inplace, query, *store, scaling)
             self._compress(step)
             return step.output()
         key_valid = _key_validity(mask, key)
@@ -224,6 +248,10 @@ class ReviverLayer(CompressedLayer):
     def _compress(self, mass) -> None:
         """Add the step's attention ``mass`` ``(B, H, N)`` to the scores, then Algorithm 3. On the in-place step,
         ``mass`` may also be the decode's split-K results (``kernels.inplace_step.attend``)."""
+        if self._inplace is not None:  # the Recent bookkeeping ran on the device, in append
+            self._kernels.compress(self._inplace, mass, self.exact_keys, self.exact_values, self.exact_pos, self.sketch,
+                                   self.candidate_size, self.budget.replace_rate)
+            return
         # Decode runs this for every layer and token, so the common step (no fold) avoids host reads: the Recent
         # bookkeeping lives on the host, and the only sync is the swap test's count of Vague tokens to pair.
         if not self._all_compressing:
@@ -240,10 +268,6 @@ class ReviverLayer(CompressedLayer):
             # Between handovers the first Recent position stays put: a step adds one to both terms.
             self.recent_count = torch.where(overflow, self.recent_base, self.recent_count)
             self._recent_start = (self.logical_len - self.recent_count).to(self.device).view(-1, 1, 1)
-        if self._inplace is not None:
-            self._kernels.compress(self._inplace, mass, self.exact_keys, self.exact_values, self.exact_pos, self.sketch,
-                                   self._recent_start, self.candidate_size, self.budget.replace_rate)
-            return
         self._accumulate(mass)
         # Candidate only outgrows its share when Recent hands tokens over (a swap is one for one).
         if handover:
@@ -345,7 +369,8 @@ class ReviverLayer(CompressedLayer):
     def parts(self) -> dict[str, torch.Tensor]:
         """Per-sequence token counts of each part, ``(B,)`` each (for reports and tests)."""
         filled = (self.exact_pos >= 0)[:, 0].sum(-1)
-        recent = torch.minimum(self.recent_count.to(filled.device), filled)
+        counts = self._inplace.recent_count if self._inplace is not None else self.recent_count
+        recent = torch.minimum(counts.to(filled.device), filled)
         valid = self.logical_len - self.offsets
         return {"recent": recent, "candidate": filled - recent, "vague": valid - filled}
 

@@ -1,0 +1,86 @@
+"""Decode steps replayed from CUDA graphs (kvreviver_core/graphs.py) against the same steps run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvreviver_core import make_cache
+from kvreviver_core.generation import cache_kwargs, greedy_next
+from kvreviver_core.graphs import GraphedDecode
+from kvreviver_core.kernels import triton_available
+from kvreviver_core.methods.full import STATIC_CHUNK
+from tests.conftest import tiny_llama
+
+
+@torch.no_grad()
+def test_static_full_cache_gives_the_concatenating_caches_logits():
+    """The static layout (fixed capacity, a device-kept length, the slots past it masked) computes what the full
+    cache computes, across a growth of its buffers; its graph key changes exactly when they grow."""
+    model = tiny_llama()
+    prompt = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    caches = {static: make_cache("full", model=model, static=static) for static in (False, True)}
+    forwards = {static: cache_kwargs(model, cache) for static, cache in caches.items()}
+    logits = {static: model(input_ids=prompt, use_cache=True, **forwards[static]).logits[:, -1] for static in caches}
+    token = logits[False].argmax(-1, keepdim=True)
+    keys, growths = set(), 0
+    for step in range(STATIC_CHUNK + 20):
+        torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
+        for static, cache in caches.items():  # both read the concatenating cache's greedy token
+            logits[static] = model(input_ids=token, use_cache=True, **forwards[static]).logits[:, -1]
+        key = caches[True].decode_graph_key()
+        growths += key not in keys and bool(keys)
+        keys.add(key)
+        token = logits[False].argmax(-1, keepdim=True)
+    assert caches[False].decode_graph_key() is None
+    layer = caches[True].layers[0]
+    assert layer.keys.shape[-2] % STATIC_CHUNK == 0 and layer.keys.shape[-2] > layer.logical_len
+    assert growths == 1 and caches[True].get_seq_length() == caches[False].get_seq_length()
+
+
+def test_graphed_decode_refuses_a_model_off_cuda():
+    model = tiny_llama()
+    cache = make_cache("full", model=model, static=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedDecode(model, cache, cache_kwargs(model, cache))
+
+
+def decode(model, method: str, graphs: bool, steps: int, **options):
+    """Prefill two unpadded prompts, then ``steps`` greedy tokens eagerly or through :class:`GraphedDecode`."""
+    prompt = torch.randint(3, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
+    cache = make_cache(method, 0.1, model=model, **options)
+    forward = cache_kwargs(model, cache)
+    token = greedy_next(model, prompt.cuda(), forward, logits_to_keep=1)
+    runner = GraphedDecode(model, cache, forward) if graphs else None
+    tokens = []
+    for _ in range(steps):
+        token = runner.step(token) if runner else greedy_next(model, token, forward)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1), cache, runner
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("method, options", [("kvreviver", {"estimator": "sum"}), ("kvreviver", {"estimator": "mean"}),
+                                             ("full", {"static": True})], ids=["kvreviver-sum", "kvreviver-mean", "full-static"])
+@torch.no_grad()
+def test_replayed_steps_equal_the_eager_steps(method, options):
+    """A replay runs the recorded kernels on the same buffers: the tokens and, for KVReviver, every score, exact
+    token and bucket equal those of the eager steps, over steps that grow the buffers (new captures)."""
+    model = tiny_llama(layers=2, heads=8, kv_heads=2, hidden=256).cuda()
+    steps = 150
+    eager_tokens, eager, _ = decode(model, method, False, steps, **options)
+    graph_tokens, graphed, runner = decode(model, method, True, steps, **options)
+    print(method, options, runner.steps)
+    assert torch.equal(graph_tokens, eager_tokens)
+    assert runner.steps["captured"] >= 2 and runner.steps["replayed"] >= steps - 10
+    assert graphed.get_seq_length() == eager.get_seq_length()
+    for ours, theirs in zip(graphed.layers, eager.layers):
+        if method == "full":
+            length = theirs.logical_len
+            assert torch.equal(ours.keys[:, :, :length], theirs.keys) and torch.equal(ours.values[:, :, :length], theirs.values)
+            continue
+        assert torch.equal(ours.scores, theirs.scores)
+        assert torch.equal(ours.exact_map(), theirs.exact_map())
+        assert torch.equal(ours.sketch.keys, theirs.sketch.keys) and torch.equal(ours.sketch.values, theirs.sketch.values)
+        assert {k: v.tolist() for k, v in ours.parts().items()} == {k: v.tolist() for k, v in theirs.parts().items()}
