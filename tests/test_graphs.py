@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from kvreviver_core import make_cache
+from kvreviver_core.budget import Budget
 from kvreviver_core.generation import cache_kwargs, greedy_next
 from kvreviver_core.graphs import GraphedDecode
 from kvreviver_core.kernels import triton_available
 from kvreviver_core.methods.full import STATIC_CHUNK
 from tests.conftest import tiny_llama
+from tests.test_kernel import SPLITS
 
 
 @torch.no_grad()
@@ -48,7 +50,7 @@ def test_graphed_decode_refuses_a_model_off_cuda():
 def decode(model, method: str, graphs: bool, steps: int, **options):
     """Prefill two unpadded prompts, then ``steps`` greedy tokens eagerly or through :class:`GraphedDecode`."""
     prompt = torch.randint(3, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
-    cache = make_cache(method, 0.1, model=model, **options)
+    cache = make_cache(method, Budget(0.25, split=SPLITS["wide-vague"]), model=model, **options)
     forward = cache_kwargs(model, cache)
     token = greedy_next(model, prompt.cuda(), forward, logits_to_keep=1)
     runner = GraphedDecode(model, cache, forward) if graphs else None
@@ -80,6 +82,7 @@ def test_replayed_steps_equal_the_eager_steps(method, options):
             length = theirs.logical_len
             assert torch.equal(ours.keys[:, :, :length], theirs.keys) and torch.equal(ours.values[:, :, :length], theirs.values)
             continue
+        assert bool(ours.sketch.enabled.all()) and int(ours.parts()["vague"].min()) > 0  # Vague part in use
         assert torch.equal(ours.scores, theirs.scores)
         assert torch.equal(ours.exact_map(), theirs.exact_map())
         assert torch.equal(ours.sketch.keys, theirs.sketch.keys) and torch.equal(ours.sketch.values, theirs.sketch.values)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvreviver_core.attention import _sdpa
 from kvreviver_core.budget import Budget
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
 
@@ -61,10 +62,13 @@ class FullLayer(CompressedLayer):
             self.keys = pad(self.keys[:, :, : self.logical_len], (0, 0, 0, room))
             self.values = pad(self.values[:, :, : self.logical_len], (0, 0, 0, room))
 
-    def slot_mask(self) -> torch.Tensor | None:
-        if self._length is None:
+    def fused_attention(self, query, key, value, mask, scaling) -> torch.Tensor | None:
+        # transformers builds its mask from host-side lengths, which a replayed graph would keep from its capture;
+        # the static decode masks the slots past the device's length instead (the sequences are unpadded).
+        if self._length is None or query.shape[2] != 1:
             return None
-        return (torch.arange(self.keys.shape[-2], device=self.device) < self._length).expand(self.batch, -1)
+        attend = (torch.arange(key.shape[2], device=self.device) < self._length).view(1, 1, 1, -1)
+        return _sdpa(query, key, value, attend, scaling)
 
     def decode_graph_key(self) -> tuple | None:
         if self._length is None:
