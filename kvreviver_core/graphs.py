@@ -54,7 +54,6 @@ class GraphedDecode:
         self.position: torch.Tensor | None = None  # (B, 1) next position, advanced by each step on the device
         self._captured: _Captured | None = None
         self._seen: Hashable | None = None
-        self._pool = None
         self.steps = {"eager": 0, "captured": 0, "replayed": 0}
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -84,11 +83,9 @@ class GraphedDecode:
         return out
 
     def _capture(self, key: Hashable, token: torch.Tensor) -> _Captured:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         token_in = token.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):  # a pool of its own: the previous capture's went with it
             token_out = self._forward(token_in)
         return _Captured(key, graph, token_in, token_out)
 

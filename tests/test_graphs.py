@@ -16,18 +16,18 @@ from tests.test_kernel import SPLITS
 
 
 @torch.no_grad()
-def test_static_full_cache_gives_the_concatenating_caches_logits():
+def check_static_full_cache(device: str, dtype: torch.dtype, tolerance: dict) -> None:
     """The static layout (fixed capacity, a device-kept length, the slots past it masked) computes what the full
     cache computes, across a growth of its buffers; its graph key changes exactly when they grow."""
-    model = tiny_llama()
-    prompt = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama().to(device, dtype)
+    prompt = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0)).to(device)
     caches = {static: make_cache("full", model=model, static=static) for static in (False, True)}
     forwards = {static: cache_kwargs(model, cache) for static, cache in caches.items()}
     logits = {static: model(input_ids=prompt, use_cache=True, **forwards[static]).logits[:, -1] for static in caches}
     token = logits[False].argmax(-1, keepdim=True)
     keys, growths = set(), 0
     for step in range(STATIC_CHUNK + 20):
-        torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits[True], logits[False], **tolerance)
         for static, cache in caches.items():  # both read the concatenating cache's greedy token
             logits[static] = model(input_ids=token, use_cache=True, **forwards[static]).logits[:, -1]
         key = caches[True].decode_graph_key()
@@ -38,6 +38,18 @@ def test_static_full_cache_gives_the_concatenating_caches_logits():
     layer = caches[True].layers[0]
     assert layer.keys.shape[-2] % STATIC_CHUNK == 0 and layer.keys.shape[-2] > layer.logical_len
     assert growths == 1 and caches[True].get_seq_length() == caches[False].get_seq_length()
+
+
+def test_static_full_cache_gives_the_concatenating_caches_logits():
+    check_static_full_cache("cpu", torch.float32, dict(rtol=1e-4, atol=1e-5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_full_cache_with_flash_attention_on_cuda():
+    """bf16 on CUDA: the filled slots go through flash attention, merged with the masked tail by log-sum-exp.
+    Both sides round to bf16 in different places (the concatenating cache runs SDPA over all slots)."""
+    check_static_full_cache("cuda", torch.bfloat16, dict(rtol=2e-2, atol=2e-2))
 
 
 def test_graphed_decode_refuses_a_model_off_cuda():
@@ -70,7 +82,7 @@ def test_replayed_steps_equal_the_eager_steps(method, options):
     """A replay runs the recorded kernels on the same buffers: the tokens and, for KVReviver, every score, exact
     token and bucket equal those of the eager steps, over steps that grow the buffers (new captures)."""
     model = tiny_llama(layers=2, heads=8, kv_heads=2, hidden=256).cuda()
-    steps = 150
+    steps = 250
     eager_tokens, eager, _ = decode(model, method, False, steps, **options)
     graph_tokens, graphed, runner = decode(model, method, True, steps, **options)
     print(method, options, runner.steps)

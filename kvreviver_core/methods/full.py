@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvreviver_core.attention import _sdpa
 from kvreviver_core.budget import Budget
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
 
@@ -18,7 +17,7 @@ class FullLayer(CompressedLayer):
 
     With ``static``, the decode steps write into buffers of fixed capacity (grown by ``STATIC_CHUNK`` slots) at a
     position the device keeps, and attention masks the slots past the length: transformers' StaticCache layout, whose
-    steps a CUDA graph can replay (:mod:`kvreviver_core.graphs`). Its attention reads the whole capacity.
+    steps a CUDA graph can replay (:mod:`kvreviver_core.graphs`).
     """
 
     def __init__(self, layer_idx: int, budget: Budget, static: bool = False) -> None:
@@ -63,12 +62,22 @@ class FullLayer(CompressedLayer):
             self.values = pad(self.values[:, :, : self.logical_len], (0, 0, 0, room))
 
     def fused_attention(self, query, key, value, mask, scaling) -> torch.Tensor | None:
-        # transformers builds its mask from host-side lengths, which a replayed graph would keep from its capture;
-        # the static decode masks the slots past the device's length instead (the sequences are unpadded).
+        """The static decode step's attention. transformers builds its mask from host-side lengths, which a replayed
+        graph would keep from its capture, so the slots past the device's length are masked here. All slots before
+        the last ``STATIC_CHUNK`` are always filled (the buffers grow by that much when full): flash attention takes
+        them without a mask, the masked tail goes through the plain math, and the two merge by log-sum-exp."""
         if self._length is None or query.shape[2] != 1:
             return None
-        attend = (torch.arange(key.shape[2], device=self.device) < self._length).view(1, 1, 1, -1)
-        return _sdpa(query, key, value, attend, scaling)
+        prefix = self.keys.shape[-2] - STATIC_CHUNK
+        tail = torch.arange(prefix, self.keys.shape[-2], device=self.device) < self._length
+        out, lse = _attention_with_lse(query, self.keys[:, :, prefix:], self.values[:, :, prefix:], scaling, tail)
+        if prefix > 0:
+            head_out, head_lse = _attention_with_lse(query, self.keys[:, :, :prefix], self.values[:, :, :prefix],
+                                                     scaling)
+            top = torch.maximum(lse, head_lse)
+            weight, head_weight = torch.exp(lse - top), torch.exp(head_lse - top)
+            out = (out * weight + head_out * head_weight) / (weight + head_weight)
+        return out.to(query.dtype).transpose(1, 2)
 
     def decode_graph_key(self) -> tuple | None:
         if self._length is None:
@@ -84,6 +93,23 @@ class FullLayer(CompressedLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.keys, self.values = self.keys[indices], self.values[indices]
+
+
+def _attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` ``(B, Hq, 1, D)`` over ``keys``/``values`` ``(B, Hkv, N, D)`` (``valid`` ``(N,)``:
+    the slots to attend, default all): the output ``(B, Hq, 1, D)`` fp32 and its log-sum-exp ``(B, Hq, 1, 1)``.
+    Flash attention on CUDA in 16-bit dtypes without a mask, the math otherwise."""
+    group = query.shape[1] // keys.shape[1]
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    if valid is None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, keys, values, scale=scaling)[:2]
+        return out.float(), lse.unsqueeze(-1)
+    logits = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    return torch.matmul(logits.softmax(dim=-1), values.float()), logits.logsumexp(dim=-1, keepdim=True)
 
 
 @register("full")
