@@ -45,9 +45,10 @@ from kvreviver_core.results import ResultStore
 # Datasheet HBM bandwidth (bytes/s) by device-name substring, most specific first.
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
 # (BLOCK_VAGUE, num_warps, SKIP_EMPTY, PROGRAMS_PER_SM, NUM_STAGES, SPLITS_FIRST) swept per context
-CONFIGS = [(32, 4, True, 4, 3, False), (32, 4, False, 4, 3, False), (32, 4, False, 4, 1, False),
-           (32, 4, False, 4, 4, False), (32, 4, True, 4, 3, True), (32, 4, False, 8, 2, True),
-           (16, 4, True, 8, 3, False), (64, 8, False, 4, 3, False)]
+CONFIGS = [(32, 4, False, 8, 2, True), (32, 4, True, 4, 3, False), (32, 4, False, 4, 3, False),
+           (32, 4, False, 8, 2, False), (32, 4, False, 8, 3, True), (32, 4, False, 8, 1, True),
+           (32, 4, True, 8, 2, True), (32, 4, False, 16, 2, True), (32, 2, False, 16, 2, True),
+           (64, 4, False, 8, 2, True)]
 FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of an H100 (50 MB) or H200 (60 MB)
 
 

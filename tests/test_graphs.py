@@ -87,12 +87,17 @@ def test_replayed_steps_equal_the_eager_steps(method, options):
     graph_tokens, graphed, runner = decode(model, method, True, steps, **options)
     print(method, options, runner.steps)
     assert torch.equal(graph_tokens, eager_tokens)
-    assert runner.steps["captured"] >= 2 and runner.steps["replayed"] >= steps - 10
+    # The first step (the store not yet fixed) and each key's first step run eagerly, its second is captured, and
+    # the others replay.
+    captured = runner.steps["captured"]
+    assert captured >= 2 and runner.steps == {"eager": captured + 1, "captured": captured,
+                                              "replayed": steps - 2 * captured - 1}
     assert graphed.get_seq_length() == eager.get_seq_length()
     for ours, theirs in zip(graphed.layers, eager.layers):
         if method == "full":
-            length = theirs.logical_len
-            assert torch.equal(ours.keys[:, :, :length], theirs.keys) and torch.equal(ours.values[:, :, :length], theirs.values)
+            length = theirs.logical_len  # both static: their capacities hold zeros past the length
+            for mine, eagers in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+                assert torch.equal(mine[:, :, :length], eagers[:, :, :length])
             continue
         assert bool(ours.sketch.enabled.all()) and int(ours.parts()["vague"].min()) > 0  # Vague part in use
         assert torch.equal(ours.scores, theirs.scores)
