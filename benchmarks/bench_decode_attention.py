@@ -44,11 +44,10 @@ from kvreviver_core.results import ResultStore
 
 # Datasheet HBM bandwidth (bytes/s) by device-name substring, most specific first.
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
-# (BLOCK_VAGUE, num_warps, SKIP_EMPTY, PROGRAMS_PER_SM, NUM_STAGES, SPLITS_FIRST) swept per context
-CONFIGS = [(32, 4, False, 8, 2, True), (32, 4, True, 4, 3, False), (32, 4, False, 4, 3, False),
-           (32, 4, False, 8, 2, False), (32, 4, False, 8, 3, True), (32, 4, False, 8, 1, True),
-           (32, 4, True, 8, 2, True), (32, 4, False, 16, 2, True), (32, 2, False, 16, 2, True),
-           (64, 4, False, 8, 2, True)]
+# (BLOCK_VAGUE, num_warps, SKIP_EMPTY, PROGRAMS_PER_SM, NUM_STAGES) swept per context
+CONFIGS = [(32, 4, False, 8, 2), (32, 4, False, 8, 1), (32, 4, False, 8, 3), (32, 4, True, 8, 2),
+           (32, 4, False, 16, 2), (32, 2, False, 16, 2), (64, 4, False, 8, 2), (32, 4, True, 4, 3),
+           (32, 4, False, 4, 3)]
 FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of an H100 (50 MB) or H200 (60 MB)
 
 
@@ -181,7 +180,7 @@ def run_context(context: int, args, do_bench, backends) -> dict:
 
     flush_buffer = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     flush = flush_buffer.zero_
-    knobs = ("BLOCK_VAGUE", "NUM_WARPS", "SKIP_EMPTY", "PROGRAMS_PER_SM", "NUM_STAGES", "SPLITS_FIRST")
+    knobs = ("BLOCK_VAGUE", "NUM_WARPS", "SKIP_EMPTY", "PROGRAMS_PER_SM", "NUM_STAGES")
     defaults = tuple(getattr(reviver_decode, k) for k in knobs)
     sweep = {}
     for config in CONFIGS:

@@ -3,8 +3,8 @@
 A decode step on the GPU is host-bound (``profile_decode_e2e.py``): its time follows the number of ops the layer's
 bookkeeping issues (update, cumulative scores, hand-over, fold, swap test and swap), each a kernel launch on CUDA.
 This counts them without a GPU, on the torch path. On CUDA with the Triton decode kernel, every step is three
-Triton launches instead, with no host read (``kernels/inplace_step.py``: append, the kernel's split-K pass, and its
-combine with Algorithm 3); the torch path still runs on the CPU, with ``fused="reference"`` or ``False``. A ``ReviverLayer`` on the CPU gets
+Triton launches and the length's increment instead, with no host read (``kernels/inplace_step.py``: append, the
+kernel's split-K pass, and its combine with Algorithm 3); the torch path still runs on the CPU, with ``fused="reference"`` or ``False``. A ``ReviverLayer`` on the CPU gets
 a random prefill and random cumulative scores, then decode steps of random q/k/v through the registered attention
 function, with the decode attention itself (the reference here, the Triton kernel on CUDA) left out of the count;
 the key-validity mask built for it counts.

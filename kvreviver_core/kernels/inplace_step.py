@@ -9,8 +9,12 @@ for any fraction below 1). :class:`InplaceStore` then holds the layer's step-to-
   the part map ``(B, H, capacity)`` int8 (MASKED / VAGUE / EXACT, :mod:`.reviver_decode`) and the positions' bucket
   codes ``(B, r, capacity)`` int32; ``capacity`` grows by ``LENGTH_CHUNK``.
 
-A step is three launches: :func:`append` (``_append``) before attention, the decode kernel's split-K pass
-(:func:`attend`), and :func:`compress` (``_compress``). ``_compress`` runs with one program per (sequence, KV head):
+The length, the Recent count and the first Recent position live on the device too, and every kernel reads them
+there, so one step's launches and arguments are those of the next until a buffer grows: a CUDA graph can replay
+it (:mod:`kvreviver_core.graphs`). A step is the length's increment and three Triton launches: :func:`append`
+(``_append``, which also does the Recent bookkeeping) before attention, the decode kernel's split-K pass
+(:func:`attend`, whose grid covers the capacity), and :func:`compress` (``_compress``). ``_compress`` runs with one
+program per (sequence, KV head):
 
 0. the decode kernel's combine: the attention output, and each position's attention mass from the logits;
 1. add the step's attention mass to the scores;

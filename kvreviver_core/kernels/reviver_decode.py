@@ -58,7 +58,6 @@ MAX_SPLITS = 128
 PROGRAMS_PER_SM = 8  # split-K target: programs of the main kernel per multiprocessor
 NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
-SPLITS_FIRST = True  # grid order of the main kernel: (splits, heads) rather than (heads, splits)
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
 MASKED, VAGUE, EXACT = 0, 1, 2  # the part map's codes
@@ -207,12 +206,11 @@ def _decode_split(
     scaling, Hkv, E, span, width, slots_per_split, pos_per_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
     HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, SPLITS_FIRST: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    if SPLITS_FIRST:
-        split, bh, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
-    else:
-        bh, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     b = bh // Hkv
     h = bh % Hkv
     bh64 = bh.to(tl.int64)
@@ -498,15 +496,14 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     part_acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
     part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
     part_l = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
-    _decode_split[(splits, b * hkv) if SPLITS_FIRST else (b * hkv, splits)](
+    _decode_split[(b * hkv, splits)](
         q, q.stride(0), q.stride(1),
         exact_keys, exact_values, exact_pos, part, part.stride(1),
         sk, sv, counts, buckets, slots, slots.stride(1) if has_sketch else 0,
         logits, part_acc, part_m, part_l, length,
         float(scaling), hkv, e, span, width, slots_per_split, pos_per_split,
         G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=mean, SIGNED_KEYS=signed_keys,
-        SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT, BLOCK_V=BLOCK_VAGUE, SPLITS_FIRST=SPLITS_FIRST,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT, BLOCK_V=BLOCK_VAGUE, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
