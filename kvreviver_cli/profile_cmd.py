@@ -125,6 +125,14 @@ def render_table(rows: list[ProfileRow], methods: list[str], batches: list[int],
     return table
 
 
+def eager_under_graphs(rows: list[ProfileRow]) -> list[str]:
+    """With --cuda-graphs: the methods none of whose decode steps replayed a graph (their caches change shape or
+    read the device from the host at every step), so that their rates are not read as graphed ones."""
+    eager = sorted({r.method for r in rows if r.ok and r.decode_graph_replays == 0})
+    return [f"{method}: no decode step replayed a CUDA graph (its cache cannot be captured); measured eagerly"
+            for method in eager]
+
+
 def memory_savings(rows: list[ProfileRow], methods: list[str]) -> list[str]:
     """One line per batch: each method's NVML peak above the pre-run baseline, as a fraction of full's."""
     if "full" not in methods:
@@ -244,7 +252,7 @@ def profile_command(
         split = ", ".join(f"{where} {count}" for where, count in _layers_per_device(net).items())
         console.print(f"model spread over {len(devices)} GPUs (decoder layers: {split}); peak memory is the sum "
                       "of each GPU's own peak, which is in brackets, GPU by GPU", highlight=False)
-    for line in memory_savings(grid, method_names):
+    for line in eager_under_graphs(grid) + memory_savings(grid, method_names):
         console.print(line, highlight=False)
     probes = {(r["method"], r["batch"]): r for r in store.rows if r["setup"] == setup}
     for method, found in max_batch.items():

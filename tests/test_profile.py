@@ -244,6 +244,13 @@ def test_profile_bad_input_exits_2_with_one_line(extra, message):
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 
+def test_profile_names_the_methods_that_stayed_eager_under_cuda_graphs():
+    rows = [ProfileRow("kvreviver", 1, "ok", decode_graph_replays=29), ProfileRow("h2o", 1, "ok", decode_graph_replays=0),
+            ProfileRow("h2o", 4, "oom"), ProfileRow("full", 1, "ok")]  # full: run without --cuda-graphs (None)
+    lines = profile_cmd.eager_under_graphs(rows)
+    assert len(lines) == 1 and lines[0].startswith("h2o:")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
 def test_profile_without_a_gpu_asks_for_device_cpu():
     result = _invoke(["--arch", "tiny", "--random-weights"])
