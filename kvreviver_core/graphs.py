@@ -28,7 +28,6 @@ from kvreviver_core.generation import greedy_next
 
 @dataclass
 class _Captured:
-    key: Hashable
     graph: torch.cuda.CUDAGraph
     token_in: torch.Tensor  # (B, 1) the step's input token, copied in before each replay
     token_out: torch.Tensor  # (B, 1) its greedy next token, written by the replay
@@ -67,7 +66,7 @@ class GraphedDecode:
             return self._forward(token)
         captured = self._captured
         if captured is None:
-            captured = self._captured = self._capture(key, token)  # the capture ran the step's host part
+            captured = self._captured = self._capture(token)  # the capture ran the step's host part
             self.steps["captured"] += 1
         else:
             self.cache.advance_replayed_step()
@@ -78,14 +77,14 @@ class GraphedDecode:
 
     def _forward(self, token: torch.Tensor) -> torch.Tensor:
         positions = self.position
-        out = greedy_next(self.model, token, self.forward, position_ids=positions, cache_position=positions[0])
+        out = greedy_next(self.model, token, self.forward, position_ids=positions)
         positions.add_(1)
         return out
 
-    def _capture(self, key: Hashable, token: torch.Tensor) -> _Captured:
+    def _capture(self, token: torch.Tensor) -> _Captured:
         token_in = token.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # a pool of its own: the previous capture's went with it
             token_out = self._forward(token_in)
-        return _Captured(key, graph, token_in, token_out)
+        return _Captured(graph, token_in, token_out)
 
