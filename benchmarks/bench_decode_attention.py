@@ -4,13 +4,19 @@ Llama-2-7B shapes by default (32 heads, head_dim 128, bf16), budget 10%, context
 ``ReviverLayer`` per context: a prefill of random keys and values with random cumulative scores goes through its
 compress step (Algorithm 3), then one decode token is appended. Then, on the same GPU and in the same run:
 
-* ``kernel``: the fused Triton decode attention over the compressed store (exact slots + sketch), every launch of
-  it included (exact-position map, split-K kernel, combine); a few block/warp configurations are swept;
+* ``kernel``: the fused Triton decode attention over the compressed store (exact slots + sketch), over the part
+  map and bucket codes that the in-place decode step keeps (every launch of the attention included: under the
+  linear combine the bucket logits, split-K pass, bucket weights and combine; else split-K pass and combine); a few
+  block/warp configurations are swept. ``kernel_with_maps_us`` also builds the maps, as a step off the in-place
+  path does;
 * ``exact only``: the same kernel without the sketch, i.e. what the Vague reconstruction costs on top;
 * ``sdpa full``: ``F.scaled_dot_product_attention`` over the full cache (what the full cache pays per layer);
 * ``revive+sdpa``: the unfused path's attention, ``revive()`` (Algorithm 4) then SDPA over the revived K/V;
 * ``step fused / unfused / full``: one whole layer decode step through the real attention function (``update``,
   attention, and for KVReviver the cumulative scores and compression in ``observe``), timed with CUDA events.
+
+Each row is one context and one row combine of the sketch (``--combines median,mean``: the paper's median, and the
+linear mean whose Vague tokens the kernel attends through the buckets' logits).
 
 Kernel and SDPA times come from CUDA-graph replays (so Python launch overhead is excluded), each call preceded
 by an L2 flush whose own time is measured alone and subtracted; ``revive+sdpa`` uses ``triton.testing.do_bench``
@@ -44,10 +50,12 @@ from kvreviver_core.results import ResultStore
 
 # Datasheet HBM bandwidth (bytes/s) by device-name substring, most specific first.
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
-# (BLOCK_VAGUE, num_warps, SKIP_EMPTY, PROGRAMS_PER_SM, NUM_STAGES) swept per context
-CONFIGS = [(32, 4, False, 8, 2), (32, 4, False, 8, 1), (32, 4, False, 8, 3), (32, 4, True, 8, 2),
-           (32, 4, False, 16, 2), (32, 2, False, 16, 2), (64, 4, False, 8, 2), (32, 4, True, 4, 3),
-           (32, 4, False, 4, 3)]
+# Knobs of reviver_decode swept per context and combine, the defaults first
+KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES"),
+         "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES")}
+CONFIGS = {"median": [(32, 4, 8, 2), (32, 4, 16, 2), (64, 4, 8, 2)],
+           "mean": [(256, 4, 8, 2), (128, 4, 8, 2), (512, 4, 8, 2), (256, 4, 4, 2), (256, 4, 16, 2),
+                    (256, 8, 8, 2), (256, 4, 8, 3)]}
 FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of an H100 (50 MB) or H200 (60 MB)
 
 
@@ -66,7 +74,8 @@ def copy_bandwidth() -> float:
 
 
 def kernel_bytes(layer: ReviverLayer, query_heads: int) -> dict[str, int]:
-    """The fewest bytes one fused decode step moves: each input read once, each output written once."""
+    """The fewest bytes one fused decode attention over the kept maps moves: each input read once, each output
+    written once."""
     b, h, e = layer.exact_pos.shape
     length, elt = layer.logical_len, layer.exact_keys.element_size()
     filled = int((layer.exact_pos >= 0).sum())
@@ -74,9 +83,8 @@ def kernel_bytes(layer: ReviverLayer, query_heads: int) -> dict[str, int]:
         "exact_kv": filled * 2 * layer.head_dim * elt,
         "exact_pos": b * h * e * 4,
         "sketch": layer.sketch.nbytes(),
-        # exact-position map: memset + read; validity; marks; the slot map of the sketch rows: written + read
-        "maps": b * h * length * 2 + b * length + filled + b * layer.sketch.rows * length * 4 * 2,
-        "logits": b * query_heads * length * 4 * 2,  # written by the split kernel, read by the combine
+        "maps": b * h * length + b * layer.sketch.rows * length * 4,  # the part map and the bucket codes, read
+        "logits": b * query_heads * length * 4 * 2,  # written by the split kernel, read for the mass
         "mass": b * h * length * 4,
     }
 
@@ -154,13 +162,13 @@ def layer_step(layer, heads: int, head_dim: int, batch: int, scaling: float):
     return step
 
 
-def run_context(context: int, args, do_bench, backends) -> dict:
+def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
     b, h, d = args.batch, args.heads, args.head_dim
     scaling = d**-0.5
     gen = torch.Generator(device="cuda").manual_seed(context)
     rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
     keys, values = rand(b, h, context, d), rand(b, h, context, d)
-    layer = ReviverLayer(0, Budget(args.budget), fused=True)
+    layer = ReviverLayer(0, Budget(args.budget), fused=True, combine=combine)
     layer.update(keys, values)
     scores = torch.rand(b, h, context, device="cuda", generator=gen)
     layer.observe(scores, torch.ones(b, context, dtype=torch.bool, device="cuda"))
@@ -180,20 +188,27 @@ def run_context(context: int, args, do_bench, backends) -> dict:
 
     flush_buffer = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     flush = flush_buffer.zero_
-    knobs = ("BLOCK_VAGUE", "NUM_WARPS", "SKIP_EMPTY", "PROGRAMS_PER_SM", "NUM_STAGES")
+    length = layer.logical_len
+    part = reviver_decode.part_map(layer.exact_pos, key_valid)
+    codes = reviver_decode.slot_codes(layer.sketch, length)
+    length_tensor = torch.full((1,), length, dtype=torch.long, device="cuda")
+    attend = lambda sketch: reviver_decode.decode_attention(query, *store, sketch, part, codes, length_tensor,  # noqa: E731
+                                                            length, scaling)
+    knobs, configs = KNOBS[combine], CONFIGS[combine]
     defaults = tuple(getattr(reviver_decode, k) for k in knobs)
     sweep = {}
-    for config in CONFIGS:
+    for config in configs:
         for knob, value in zip(knobs, config):
             setattr(reviver_decode, knob, value)
-        run = lambda: reviver_decode.reviver_decode_triton(query, *store, layer.sketch, key_valid, scaling)  # noqa: E731
-        sweep["/".join(map(str, config))] = graph_us(run, flush)
+        sweep["/".join(map(str, config))] = graph_us(lambda: attend(layer.sketch), flush)
     best = min(sweep, key=sweep.get)
-    for knob, value in zip(knobs, CONFIGS[list(sweep).index(best)]):
+    for knob, value in zip(knobs, configs[list(sweep).index(best)]):
         setattr(reviver_decode, knob, value)
-    exact_only = graph_us(lambda: reviver_decode.reviver_decode_triton(query, *store, None, key_valid, scaling), flush)
+    exact_only = graph_us(lambda: attend(None), flush)
     for knob, value in zip(knobs, defaults):
         setattr(reviver_decode, knob, value)
+    with_maps = graph_us(lambda: reviver_decode.reviver_decode_triton(query, *store, layer.sketch, key_valid, scaling),
+                         flush)
     with sdpa_kernel(backends):
         sdpa = graph_us(lambda: F.scaled_dot_product_attention(query, full_k, full_v, scale=scaling), flush)
     del flush_buffer
@@ -223,9 +238,8 @@ def run_context(context: int, args, do_bench, backends) -> dict:
     full_bytes = 2 * b * h * (context + 1) * d * 2
     kernel_us = sweep[best]
     return {
-        "context": context, "batch": b, "heads": h, "head_dim": d, "budget": args.budget,
-        "exact_tokens_per_head": exact_tokens, "kernel_us": kernel_us, "kernel_config": best, "sweep_us": sweep,
-        "exact_only_us": exact_only, "sdpa_full_us": sdpa, "revive_sdpa_us": revive,
+        "exact_tokens_per_head": exact_tokens, "kernel_us": kernel_us, "kernel_config": best,
+        "kernel_knobs": "/".join(knobs), "sweep_us": sweep, "kernel_with_maps_us": with_maps, "exact_only_us": exact_only, "sdpa_full_us": sdpa, "revive_sdpa_us": revive,
         "step_fused_us": step_fused, "step_unfused_us": step_unfused, "step_full_us": step_full,
         "step_full_default_sdpa_us": step_full_default, "compiled": compiled_resources(),
         "kernel_bytes": total, "kernel_bytes_parts": moved, "sdpa_bytes": full_bytes,
@@ -241,6 +255,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--combines", default="median,mean", help="the sketch's row combines, one row each")
     parser.add_argument("--sdpa-backends", default="flash,efficient,math",
                         help="SDPA backends of the full-cache baseline (flash, efficient, math, cudnn)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_decode_attention.jsonl"))
@@ -257,26 +272,27 @@ def main() -> None:
     copy = copy_bandwidth()
     print(f"device: {device}; datasheet HBM {peak / 1e12 if peak else float('nan'):.2f} TB/s; "
           f"measured copy {copy / 1e12:.2f} TB/s (read + write)", flush=True)
-    store = ResultStore(args.out, ("device", "context", "batch", "heads", "head_dim", "budget"))
+    store = ResultStore(args.out, ("device", "context", "combine", "batch", "heads", "head_dim", "budget"))
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):
-        key = {"device": device, "context": context, "batch": args.batch, "heads": args.heads,
-               "head_dim": args.head_dim, "budget": args.budget}
-        done = [r for r in store.rows if all(r.get(k) == v for k, v in key.items())]
-        row = done[0] if done else {**key, "copy_TBps": copy / 1e12, "sdpa_backends": args.sdpa_backends,
-                                    **run_context(context, args, do_bench, backends)}
-        if not done:
-            store.append(row)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for combine in args.combines.split(","):
+            key = {"device": device, "context": context, "combine": combine, "batch": args.batch,
+                   "heads": args.heads, "head_dim": args.head_dim, "budget": args.budget}
+            done = [r for r in store.rows if all(r.get(k) == v for k, v in key.items())]
+            row = done[0] if done else {**key, "copy_TBps": copy / 1e12, "sdpa_backends": args.sdpa_backends,
+                                        **run_context(context, combine, args, do_bench, backends)}
+            if not done:
+                store.append(row)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
     print(f"\n{device}, batch {args.batch}, {args.heads} heads x {args.head_dim}, bf16, budget {args.budget:g}")
-    print("| context | kernel µs | exact-only µs | SDPA full µs | speed-up | revive+SDPA µs | kernel MB | GB/s | "
-          "% HBM peak | % copy | step fused / unfused / full (default SDPA) µs |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| context | combine | kernel µs | exact-only µs | SDPA full µs | speed-up | revive+SDPA µs | kernel MB | "
+          "GB/s | % HBM peak | % copy | step fused / unfused / full (default SDPA) µs |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         share = f"{100 * r['kernel_GBps'] * 1e9 / peak:.0f}%" if peak else "n/a"
-        print(f"| {r['context']} | {r['kernel_us']:.1f} ({r['kernel_config']}) | {r['exact_only_us']:.1f} | "
+        print(f"| {r['context']} | {r['combine']} | {r['kernel_us']:.1f} ({r['kernel_config']}) | {r['exact_only_us']:.1f} | "
               f"{r['sdpa_full_us']:.1f} | {r['speedup_vs_sdpa']:.2f}x | {r['revive_sdpa_us']:.0f} | "
               f"{r['kernel_bytes'] / 1e6:.1f} | {r['kernel_GBps']:.0f} | {share} | "
               f"{100 * r['kernel_GBps'] / (r['copy_TBps'] * 1e3):.0f}% | "

@@ -15,7 +15,7 @@ replayed from CUDA graphs; the full cache in its static layout). Each context's 
 summary in ``--out/decode_e2e.json``.
 
 Usage: python benchmarks/bench_decode_e2e.py [--contexts 8192,32768] [--batches 1,4,16] [--new-tokens 32]
-       [--budget 0.1] [--modes eager,graphs] [--out runs/decode_e2e] [--batches-32768 1,4] [--sdpa-backends flash,efficient,math]
+       [--budget 0.1] [--methods full,kvreviver,kvreviver:combine=mean] [--modes eager,graphs] [--out runs/decode_e2e] [--batches-32768 1,4] [--sdpa-backends flash,efficient,math]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIE
 
 
 def profile(context: int, batches: str, mode: str, args, out: Path) -> dict:
-    command = ["profile", "--arch", args.arch, "--random-weights", "--methods", "full,kvreviver",
+    command = ["profile", "--arch", args.arch, "--random-weights", "--methods", args.methods,
                "--budget", str(args.budget), "--batch", batches, "--context", str(context),
                "--new-tokens", str(args.new_tokens), "--decode-warmup", str(args.decode_warmup), "--out", str(out)]
     if mode == "graphs":
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--decode-warmup", type=int, default=4)
     parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--methods", default="full,kvreviver",
+                        help="methods or specs (kvreviver:combine=mean), full first: each is divided by full")
     parser.add_argument("--sdpa-backends", default="flash,efficient,math", help=", ".join(BACKENDS))
     parser.add_argument("--modes", default="eager", help="eager, graphs (profile --cuda-graphs) or eager,graphs")
     parser.add_argument("--out", type=Path, default=Path("runs/decode_e2e"))
@@ -65,25 +67,28 @@ def main() -> None:
         for mode in args.modes.split(","):
             report = profile(context, batches, mode, args, args.out / mode / f"ctx{context}")
             rows = {(r["method"], r["batch"]): r for r in report["rows"]}
+            speed = lambda r: r["decode_tokens_per_s"] if r and r["status"] == "ok" else None  # noqa: E731
             for batch in sorted({r["batch"] for r in report["rows"]}):
-                full, rev = rows.get(("full", batch)), rows.get(("kvreviver", batch))
-                speed = lambda r: r["decode_tokens_per_s"] if r and r["status"] == "ok" else None  # noqa: E731
-                ratio = speed(rev) / speed(full) if speed(rev) and speed(full) else None
-                summary.append({"device": report["setup"]["device"], "context": context, "mode": mode, "batch": batch,
-                                "full_tok_s": speed(full), "kvreviver_tok_s": speed(rev), "ratio": ratio,
-                                "full_status": full and full["status"], "kvreviver_status": rev and rev["status"]})
+                full = rows.get(("full", batch))
+                for method in (m for m in args.methods.split(",") if m != "full"):
+                    rev = rows.get((method, batch))
+                    ratio = speed(rev) / speed(full) if speed(rev) and speed(full) else None
+                    summary.append({"device": report["setup"]["device"], "context": context, "mode": mode,
+                                    "batch": batch, "method": method, "full_tok_s": speed(full),
+                                    "method_tok_s": speed(rev), "ratio": ratio, "full_status": full and full["status"],
+                                    "method_status": rev and rev["status"]})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_e2e.json").write_text(json.dumps(summary, indent=2))
 
     show = lambda x, fmt: "OOM" if x is None else format(x, fmt)  # noqa: E731
     print(f"\n{summary[0]['device'] if summary else ''}: decode tok/s, {args.arch} random weights, bf16, "
           f"budget {args.budget:g}, {args.new_tokens} new tokens ({args.decode_warmup} untimed)")
-    print("| context | mode | batch | full tok/s | kvreviver tok/s | kvreviver / full |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| context | mode | batch | method | full tok/s | method tok/s | method / full |")
+    print("|---:|---|---:|---|---:|---:|---:|")
     for s in summary:
-        ratio = "n/a (full OOM)" if s["ratio"] is None and s["kvreviver_tok_s"] else show(s["ratio"], ".2f")
-        print(f"| {s['context']} | {s['mode']} | {s['batch']} | {show(s['full_tok_s'], '.1f')} | "
-              f"{show(s['kvreviver_tok_s'], '.1f')} | {ratio} |")
+        ratio = "n/a (full OOM)" if s["ratio"] is None and s["method_tok_s"] else show(s["ratio"], ".2f")
+        print(f"| {s['context']} | {s['mode']} | {s['batch']} | {s['method']} | {show(s['full_tok_s'], '.1f')} | "
+              f"{show(s['method_tok_s'], '.1f')} | {ratio} |")
 
 
 if __name__ == "__main__":

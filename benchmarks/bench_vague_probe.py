@@ -7,6 +7,8 @@ error of that attention output against the full cache's is compared for:
 * ``sum``: the paper's sketch (summed keys, signed values);
 * ``mean``: buckets averaged (an option);
 * ``signed-keys``: keys get the values' +-1 signs (an option);
+* ``rows' mean``: the sketch rows averaged instead of their median (``combine="mean"``, the linear combine that the
+  decode kernel attends without rebuilding tokens), with the paper's sum and with signed keys;
 * ``evict-same-set``: the same exact set as ``sum`` with the Vague tokens masked out, which isolates the sketch;
 * ``vague=0``: the ablation, the split (0, 0.5, 0.5), whose exact parts take the Vague share.
 
@@ -69,8 +71,8 @@ def column_scores(q, k):
     return probs.sum(2).view(1, k.shape[1], group, n).sum(2)
 
 
-def compressed(k, v, scores, budget, estimator, signed_keys=False):
-    layer = ReviverLayer(0, budget, estimator=estimator, signed_keys=signed_keys)
+def compressed(k, v, scores, budget, estimator, signed_keys=False, combine="median"):
+    layer = ReviverLayer(0, budget, estimator=estimator, signed_keys=signed_keys, combine=combine)
     layer.update(k, v)
     layer.observe(scores, torch.ones(1, k.shape[2], dtype=torch.bool))
     return layer
@@ -90,8 +92,9 @@ def main() -> None:
     queries, kv = capture(model, ids, layers)
     print(f"device: CPU ({platform.processor() or platform.machine()}), SmolLM2-135M-Instruct fp32, "
           f"{ids.shape[1]} tokens of pydoc prose, budget {args.budget}, last {args.queries} queries")
-    print("| layer | sum (paper) | mean | signed-keys | evict-same-set | vague=0 ablation |")
-    print("|---|---|---|---|---|---|")
+    print("| layer | sum (paper) | mean | signed-keys | sum, rows' mean | signed-keys, rows' mean | evict-same-set | "
+          "vague=0 ablation |")
+    print("|---|---|---|---|---|---|---|---|")
     for i in layers:
         q, (k, v) = queries[i], kv[i]
         scores = column_scores(q, k)
@@ -106,6 +109,9 @@ def main() -> None:
                 same_set = error(attend(last, *layer.revive(), key_mask=layer.exact_map()[0]))
         signed = compressed(k, v, scores, Budget(args.budget), "sum", signed_keys=True)
         row.append(error(attend(last, *signed.revive())))
+        for signed_keys in (False, True):
+            linear = compressed(k, v, scores, Budget(args.budget), "sum", signed_keys=signed_keys, combine="mean")
+            row.append(error(attend(last, *linear.revive())))
         row.append(same_set)
         ablation = compressed(k, v, scores, Budget(args.budget, split=(0.0, 0.5, 0.5)), "sum")
         row.append(error(attend(last, *ablation.revive(), key_mask=ablation.exact_map()[0])))

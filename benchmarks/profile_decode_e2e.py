@@ -36,6 +36,7 @@ from kvreviver_core.generation import greedy_next
 from kvreviver_core.graphs import GraphedDecode
 from kvreviver_core.methods import METHODS
 from kvreviver_core.profiling import synthetic_ids
+from kvreviver_core.specs import method_spec
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
@@ -52,8 +53,10 @@ def swapped_back_per_head(cache, step) -> float:
 @torch.no_grad()
 def measure(model, method: str, context: int, mode: str, args) -> dict:
     ids = synthetic_ids(model.config.vocab_size, 1, context, 0, torch.device("cuda"))
-    options = METHODS[method].graph_options() if mode == "graphs" else {}
-    cache = make_cache(method, args.budget if method != "full" else 1.0, model=model, **options)
+    name, options = method_spec(method)
+    if mode == "graphs":
+        options = {**METHODS[name].graph_options(), **options}
+    cache = make_cache(name, args.budget if name != "full" else 1.0, model=model, **options)
     forward = cache_kwargs(model, cache)
     token = greedy_next(model, ids, forward, logits_to_keep=1)
     runner = GraphedDecode(model, cache, forward) if mode == "graphs" else None

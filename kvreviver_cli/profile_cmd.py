@@ -28,6 +28,7 @@ from kvreviver_cli.common import (
 )
 from kvreviver_cli.config import apply_config
 from kvreviver_core import list_methods
+from kvreviver_core.specs import method_spec
 from kvreviver_core.models import load_model
 from kvreviver_core.profiling import find_max_batch as search_max_batch
 from kvreviver_core.profiling import (
@@ -45,9 +46,13 @@ WARMUP_RUN_STEPS = 24
 
 def _validate(methods: list[str], batches: list[int], budget: float, context: int, new_tokens: int,
               max_batch_limit: int, sample_interval_ms: float) -> None:
-    unknown = [m for m in methods if m not in list_methods()]
-    if not methods or unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: {', '.join(list_methods())}")
+    if not methods:
+        raise UsageError(f"unknown method(s) (none given); available: {', '.join(list_methods())}")
+    for method in methods:
+        try:
+            method_spec(method)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     if not batches or min(batches) < 1:
         raise UsageError(f"--batch sizes must be integers >= 1, got {','.join(map(str, batches)) or '(none)'}")
     if not (0 < budget <= 1):

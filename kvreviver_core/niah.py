@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kvreviver_core.budget import TUNABLE_FIELDS, Budget
+from kvreviver_core.budget import Budget
 from kvreviver_core.generation import Generation, format_prompt, generate_after_context, generate_batch, split_prompts
 from kvreviver_core.metrics import rouge1_recall
 from kvreviver_core.results import ResultStore
+from kvreviver_core.specs import method_spec
 
 PYDOC_HAYSTACK = "pydoc_data.topics"
 # Where a sentence ends: terminal punctuation, closing quotes or brackets, then whitespace.
@@ -315,48 +316,9 @@ def answer_questions(model, tokenizer, grid: NiahGrid, method: str, document: Do
     return generate_batch(model, tokenizer, prompts, name, grid.budget, grid.max_new_tokens, **options)
 
 
-def method_spec(spec: str) -> tuple[str, dict]:
-    """``"kvreviver:estimator=mean:split=0.2/0.4/0.4"`` -> ``("kvreviver", {"estimator": "mean", "split": (0.2,
-    0.4, 0.4)})``, checked: the method's own options and the Budget fields of ``TUNABLE_FIELDS``."""
-    from kvreviver_core.methods import METHODS, list_methods
-
-    name, *pairs = spec.split(":")
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
-    options = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise ValueError(f"method option {pair!r} in {spec!r} is not key=value")
-        options[key] = _option_value(value)
-    allowed = [*METHODS[name].option_names(), *TUNABLE_FIELDS]
-    unknown = set(options) - set(allowed)
-    if unknown:
-        raise ValueError(f"method {name!r} has no option {', '.join(sorted(unknown))}; its options: "
-                         f"{', '.join(allowed)}")
-    # Bad values fail now, not after an hour of grid.
-    Budget.coerce(1.0, **{k: v for k, v in options.items() if k in TUNABLE_FIELDS})
-    METHODS[name](**{k: v for k, v in options.items() if k not in TUNABLE_FIELDS})
-    return name, options
-
-
 def split_spec(method: str, split: tuple[float, float, float]) -> str:
     """The spec of ``method`` at a Vague/Candidate/Recent split, as :func:`method_spec` reads it back."""
     return f"{method}:split={'/'.join(f'{s:g}' for s in split)}"
-
-
-def _option_value(text: str):
-    if "/" in text:  # a tuple such as a split, V/C/R (commas and colons already separate methods and options)
-        try:
-            return tuple(float(part) for part in text.split("/"))
-        except ValueError:
-            raise ValueError(f"option value {text!r} is not numbers separated by /") from None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _row_key(grid: NiahGrid, model_name: str, haystack_name: str, method: str, length: int, depth: float,

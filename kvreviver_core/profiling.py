@@ -29,6 +29,7 @@ from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs, greedy_next
 from kvreviver_core.graphs import GraphedDecode
 from kvreviver_core.methods import METHODS
+from kvreviver_core.specs import method_spec
 
 MemoryReader = Callable[[], Union[int, Sequence[int]]]
 """Returns the device memory in use now, in bytes: one number, or one per device (a model on several GPUs)."""
@@ -198,7 +199,7 @@ def release_memory(devices: Devices) -> None:
 class RunSpec:
     """What one measured run does. ``decode_warmup`` first decode steps are run but not timed."""
 
-    method: str
+    method: str  # a method spec, ``name[:key=value...]`` (kvreviver_core.specs)
     budget: float
     context: int
     new_tokens: int
@@ -275,8 +276,10 @@ def measure_run(model: torch.nn.Module, spec: RunSpec, batch: int, memory: Memor
     ids = synthetic_ids(model.config.vocab_size, batch, spec.context, spec.seed, device)
     sampler = PeakSampler(memory, spec.sample_interval_s) if memory is not None else None
     with sampler if sampler is not None else nullcontext():
-        options = METHODS[spec.method].graph_options() if spec.cuda_graphs else {}
-        cache = make_cache(spec.method, spec.budget, model=model, **options)
+        name, options = method_spec(spec.method)
+        if spec.cuda_graphs:
+            options = {**METHODS[name].graph_options(), **options}
+        cache = make_cache(name, spec.budget, model=model, **options)
         forward = cache_kwargs(model, cache)
         with Timer(devices) as prefill:
             logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward).logits

@@ -14,6 +14,12 @@ Estimators:
 Keys are summed without signs in the paper. ``signed_keys=True`` gives keys the same +-1 signs as values, which
 makes the key estimate unbiased too: colliding keys no longer add up coherently. Both are options measured beside
 the faithful sketch, never silent replacements.
+
+Row combines:
+* ``"median"`` is the paper's (and Count-Sketch's): the element-wise median of the r row estimates.
+* ``"mean"`` averages them. The estimate is then linear in the buckets, so a decode step can attend the Vague
+  tokens through the r x b buckets' logits, without rebuilding any token (``kernels/reviver_decode.py``). An option
+  measured beside the median, like the two above.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from kvreviver_core.ops import add_at
 
 Estimator = Literal["sum", "mean"]
 ESTIMATORS: tuple[str, ...] = ("sum", "mean")
+Combine = Literal["median", "mean"]
+COMBINES: tuple[str, ...] = ("median", "mean")
 
 _MIX_1 = 0x5851F42D4C957F2D  # odd 64-bit multipliers (PCG / splitmix family)
 _MIX_2 = 0x14057B7EF767814F
@@ -55,6 +63,18 @@ def median_of_rows(stacked: torch.Tensor) -> torch.Tensor:
     return stacked.median(dim=2).values
 
 
+def combine_rows(stacked: torch.Tensor, combine: Combine) -> torch.Tensor:
+    """The r row estimates ``(B, H, r, M, D)`` combined over dim 2: their median, or their mean (summed in fp32,
+    or the storage dtype if wider, in row order and divided once, as the kernels do)."""
+    if combine == "median":
+        return median_of_rows(stacked)
+    wide = torch.promote_types(stacked.dtype, torch.float32)
+    total = stacked[:, :, 0].to(wide)
+    for row in range(1, stacked.shape[2]):
+        total = total + stacked[:, :, row].to(wide)
+    return (total / stacked.shape[2]).to(stacked.dtype)
+
+
 class VagueSketch:
     """Batched Count-Sketch of K/V for one layer.
 
@@ -64,6 +84,7 @@ class VagueSketch:
         buckets: per-sequence bucket count b, a ``(batch,)`` long tensor (sequences may have different budgets).
         offsets: per-sequence position offset ``(batch,)`` (left padding), so hashes use logical positions.
         seed: hash seed; a different seed gives independent hash and sign functions.
+        estimator, signed_keys, combine: the variants of the module docstring.
     """
 
     def __init__(
@@ -79,9 +100,12 @@ class VagueSketch:
         seed: int = 0,
         estimator: Estimator = "sum",
         signed_keys: bool = False,
+        combine: Combine = "median",
     ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown sketch estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        if combine not in COMBINES:
+            raise ValueError(f"unknown row combine {combine!r}; choose from {', '.join(COMBINES)}")
         self.rows = rows
         self.buckets = buckets.to(device=device, dtype=torch.long)
         # Zero when no sequence of the batch has a bucket (a Vague share too small for r slots): nothing is held.
@@ -90,6 +114,7 @@ class VagueSketch:
         self.seed = seed
         self.estimator = estimator
         self.signed_keys = signed_keys
+        self.combine = combine
         # The parts of the hash that do not depend on the position, built once: a decode step's cost is its op count.
         # (1, 1, r, 1) int64, contiguous: the Triton kernels read the same r terms.
         row = torch.arange(rows, device=device, dtype=torch.long).view(1, 1, -1, 1)
@@ -158,7 +183,7 @@ class VagueSketch:
         self._scatter(*self.slots(positions), keys, values, -weight)
 
     def query(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Algorithm 2, batched: the median over rows. ``positions`` ``(B, H, M)`` -> keys, values ``(B, H, M, D)``."""
+        """Algorithm 2, batched: the rows' median (or mean, ``combine``). ``positions`` ``(B, H, M)`` -> keys, values ``(B, H, M, D)``."""
         if self.width == 0:
             empty = positions.new_zeros(*positions.shape, self.keys.shape[-1], dtype=self.keys.dtype)
             return empty, empty.clone()
@@ -177,7 +202,7 @@ class VagueSketch:
             count = self.counts.gather(2, slot.reshape(b, h, r * m)).view(b, h, r, m, 1).clamp(min=1)
             keys = keys / count.to(keys.dtype)
             values = values / count.to(values.dtype)
-        return median_of_rows(keys), median_of_rows(values)
+        return combine_rows(keys, self.combine), combine_rows(values, self.combine)
 
     def swap(self, leaving: torch.Tensor, entering: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
              weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

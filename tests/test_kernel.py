@@ -23,12 +23,13 @@ SPLITS = {"paper": (0.1, 0.45, 0.45), "wide-vague": (0.4, 0.3, 0.3), "no-vague":
 
 def compressed_layer(estimator: str, split, fraction: float = 0.2, batch: int = 3, heads: int = 2, head_dim: int = 16,
                      prompt: int = 160, pads=(0, 13, 40), steps: int = 3, seed: int = 0, device="cpu",
-                     dtype=torch.float32, rows: int = 3, signed_keys: bool = False) -> tuple[ReviverLayer, torch.Tensor]:
+                     dtype=torch.float32, rows: int = 3, signed_keys: bool = False,
+                     combine: str = "median") -> tuple[ReviverLayer, torch.Tensor]:
     """A real ReviverLayer after a left-padded prefill and ``steps`` unfused decode steps; and its padding mask."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
     layer = ReviverLayer(0, Budget(fraction, split=split, sketch_rows=rows), estimator=estimator, seed=seed, fused=False,
-                         signed_keys=signed_keys)
+                         signed_keys=signed_keys, combine=combine)
     layer.update(rand(batch, heads, prompt, head_dim), rand(batch, heads, prompt, head_dim))
     valid = torch.arange(prompt).view(1, -1) >= torch.tensor(pads[:batch]).view(-1, 1)
     scores = torch.rand(batch, heads, prompt, generator=gen).to(device) * valid.to(device).unsqueeze(1)
@@ -49,9 +50,10 @@ def unfused_step(layer: ReviverLayer, query, new_k, new_v, valid, scaling):
     return out, scores, mask[:, 0, -1, :]
 
 
-@pytest.mark.parametrize("estimator,split", [("sum", "paper"), ("mean", "paper"), ("sum", "wide-vague")])
-def test_reference_equals_revive_then_exact_attention(estimator, split):
-    layer, valid = compressed_layer(estimator, SPLITS[split], fraction=0.3, prompt=400)
+@pytest.mark.parametrize("estimator,split,combine", [("sum", "paper", "median"), ("mean", "paper", "median"),
+                                                     ("sum", "wide-vague", "median"), ("sum", "paper", "mean")])
+def test_reference_equals_revive_then_exact_attention(estimator, split, combine):
+    layer, valid = compressed_layer(estimator, SPLITS[split], fraction=0.3, prompt=400, combine=combine)
     parts = layer.parts()
     assert int(parts["candidate"].min()) > 0 and int(parts["recent"].min()) > 0 and int(parts["vague"].min()) > 0
     assert bool(layer.sketch.enabled.all())
@@ -145,14 +147,14 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()),
 
 
 def random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, seed, buckets, pads,
-                 signed_keys=False):
+                 signed_keys=False, combine="median"):
     """Random exact store and sketch (filled through VagueSketch.insert) on the GPU, with padding and empty slots."""
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device("cuda")
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(dev, dtype)  # noqa: E731
     offsets = torch.tensor(pads, device=dev)
     sketch = VagueSketch(batch, kv_heads, head_dim, rows, torch.tensor(buckets), offsets, dtype, dev, seed=seed,
-                         estimator=estimator, signed_keys=signed_keys)
+                         estimator=estimator, signed_keys=signed_keys, combine=combine)
     folded = torch.randint(0, length, (batch, kv_heads, 4 * length), generator=gen).to(dev)
     sketch.insert(folded, rand(batch, kv_heads, 4 * length, head_dim) * 0.3,
                   rand(batch, kv_heads, 4 * length, head_dim) * 0.3, torch.ones(folded.shape, device=dev))
@@ -165,27 +167,37 @@ def random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimato
 
 
 KERNEL_CASES = [
-    # batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads[, signed_keys]
+    # batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads[, sketch options]
     (1, 32, 1, 128, 8193, 760, 3, "sum", torch.bfloat16, (25,), (0,)),
     (3, 4, 4, 64, 5000, 300, 3, "sum", torch.bfloat16, (40, 0, 7), (0, 900, 4000)),
     (3, 4, 4, 64, 5000, 300, 3, "mean", torch.bfloat16, (40, 3, 7), (0, 900, 4000)),
     (2, 3, 3, 64, 1500, 200, 1, "sum", torch.float32, (30, 11), (0, 100)),
     (2, 8, 2, 128, 3000, 2999, 3, "mean", torch.float32, (5, 9), (10, 0)),
-    (2, 4, 2, 128, 4000, 400, 3, "sum", torch.bfloat16, (30, 12), (0, 333), True),
-    (2, 4, 2, 64, 2000, 100, 3, "mean", torch.float32, (20, 6), (50, 0), True),
+    (2, 4, 2, 128, 4000, 400, 3, "sum", torch.bfloat16, (30, 12), (0, 333), {"signed_keys": True}),
+    (2, 4, 2, 64, 2000, 100, 3, "mean", torch.float32, (20, 6), (50, 0), {"signed_keys": True}),
+    # The linear combine: Vague tokens through the buckets' logits and weights.
+    (1, 32, 1, 128, 8193, 760, 3, "sum", torch.bfloat16, (25,), (0,), {"combine": "mean"}),
+    (3, 4, 4, 64, 5000, 300, 3, "mean", torch.float32, (40, 0, 7), (0, 900, 4000), {"combine": "mean"}),
+    (2, 3, 3, 64, 1500, 200, 1, "sum", torch.float32, (30, 11), (0, 100), {"combine": "mean"}),
+    (2, 4, 2, 128, 4000, 400, 3, "sum", torch.float32, (30, 12), (0, 333), {"combine": "mean", "signed_keys": True}),
 ]
+
+
+def case_id(c) -> str:
+    options = "".join(f"-{k}={v}" for k, v in (c[11] if len(c) > 11 else {}).items())
+    return f"B{c[0]}-Hkv{c[1]}-G{c[2]}-D{c[3]}-L{c[4]}-r{c[6]}-{c[7]}-{str(c[8])[6:]}{options}"
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"B{c[0]}-Hkv{c[1]}-G{c[2]}-D{c[3]}-L{c[4]}-r{c[6]}-{c[7]}-{str(c[8])[6:]}{'-signed' * (len(c) > 11)}")
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_id)
 def test_kernel_matches_reference(case):
     from kvreviver_core.kernels.reviver_decode import reviver_decode_triton
 
     batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads = case[:11]
     for seed in range(3):  # fresh inputs each time: the kernel must compute the same function on any input
         args = random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, seed, buckets, pads,
-                            signed_keys=len(case) > 11)
+                            **(case[11] if len(case) > 11 else {}))
         out, mass = reviver_decode_triton(*args, head_dim**-0.5)
         assert torch.isfinite(out).all() and torch.isfinite(mass).all()
         # Reference in fp32 on the same (upcast) store; the bf16 reference itself rounds its logits to bf16.
@@ -194,7 +206,7 @@ def test_kernel_matches_reference(case):
         mass_err = float((mass - gold_mass).abs().max())
         same_dtype_out, _ = reviver_decode_reference(*args, head_dim**-0.5)
         ref_rel = float((same_dtype_out.float() - gold_out).norm() / gold_out.norm())
-        print(f"{case[:8]} {str(dtype)[6:]} seed {seed}: kernel vs fp32 reference: output rel err {rel:.2e}, mass max "
+        print(f"{case_id(case)} seed {seed}: kernel vs fp32 reference: output rel err {rel:.2e}, mass max "
               f"abs err {mass_err:.2e}, mass total {float(mass.sum()):.3f} (expected {batch * kv_heads * group}); "
               f"{str(dtype)[6:]} reference vs fp32 reference: output rel err {ref_rel:.2e}")
         tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
@@ -233,20 +245,22 @@ def test_kernel_on_a_real_layer_matches_revive_then_exact_attention():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("estimator", ["sum", "mean"])
-def test_kernel_in_generate_matches_reference(estimator):
+@pytest.mark.parametrize("estimator,combine", [("sum", "median"), ("mean", "median"), ("sum", "mean")])
+def test_kernel_in_generate_matches_reference(estimator, combine):
     model = tiny_llama(layers=2, heads=8, kv_heads=2, hidden=256).to("cuda")  # head_dim 32, GQA 4
-    assert_same_generation(model, True, "reference", "cuda", lengths=(700, 400), estimator=estimator)
+    assert_same_generation(model, True, "reference", "cuda", lengths=(700, 400), estimator=estimator, combine=combine)
 
 
 TRADE_CASES = [
-    # estimator, rows, signed_keys, dtype
+    # estimator, rows, signed_keys, dtype[, combine]
     ("sum", 3, False, torch.float32),
     ("mean", 3, False, torch.float32),
     ("sum", 1, False, torch.float32),
     ("mean", 3, True, torch.float32),
     ("sum", 3, False, torch.bfloat16),
     ("mean", 3, True, torch.bfloat16),
+    ("sum", 3, False, torch.float32, "mean"),
+    ("mean", 3, True, torch.bfloat16, "mean"),
 ]
 
 
@@ -258,7 +272,7 @@ def drop_buckets(layer: ReviverLayer, row: int) -> None:
 
 
 def inplace_steps_both_ways(estimator, rows, signed_keys, dtype, device, steps: int = 20, seed: int = 0,
-                            dropped_row: int | None = None):
+                            dropped_row: int | None = None, combine: str = "median"):
     """``steps`` decode steps of one layer's bookkeeping (update, then observe with a random mass that lifts two
     tokens per head far up, and 40 at one step), once through the torch compress step and once through the in-place
     step's kernels.
@@ -268,7 +282,7 @@ def inplace_steps_both_ways(estimator, rows, signed_keys, dtype, device, steps: 
     """
     torch_layer, valid = compressed_layer(estimator, SPLITS["wide-vague"], fraction=0.2, batch=3, heads=4,
                                           head_dim=64, prompt=400, seed=seed, device=device, dtype=dtype, rows=rows,
-                                          signed_keys=signed_keys)
+                                          signed_keys=signed_keys, combine=combine)
     if dropped_row is not None:
         drop_buckets(torch_layer, dropped_row)
     inplace_layer = copy.deepcopy(torch_layer)
@@ -311,9 +325,10 @@ def assert_vectors_close(kernel: torch.Tensor, torch_path: torch.Tensor) -> None
 
 
 def check_inplace_steps(case, dropped_row, device) -> str:
-    estimator, rows, signed_keys, dtype = case
+    estimator, rows, signed_keys, dtype = case[:4]
     torch_layer, inplace_layer, before = inplace_steps_both_ways(estimator, rows, signed_keys, dtype, device,
-                                                                 dropped_row=dropped_row)
+                                                                 dropped_row=dropped_row,
+                                                                 combine=case[4] if len(case) > 4 else "median")
     # Every decision follows the scores, which both paths add up alike: the same tokens end up exact.
     assert torch.equal(inplace_layer.scores, torch_layer.scores)
     held = torch_layer.exact_map()
@@ -343,7 +358,8 @@ def check_inplace_steps(case, dropped_row, device) -> str:
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dropped_row", [None, 1], ids=["buckets-everywhere", "row-without-buckets"])
-@pytest.mark.parametrize("case", TRADE_CASES, ids=lambda c: f"{c[0]}-r{c[1]}{'-signed' * c[2]}-{str(c[3])[6:]}")
+@pytest.mark.parametrize("case", TRADE_CASES,
+                         ids=lambda c: f"{c[0]}-r{c[1]}{'-signed' * c[2]}-{str(c[3])[6:]}{'-' + c[4] if len(c) > 4 else ''}")
 def test_inplace_steps_match_the_torch_steps(case, dropped_row):
     print(case, dropped_row, check_inplace_steps(case, dropped_row, "cuda"))
 

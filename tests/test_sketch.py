@@ -11,9 +11,11 @@ from kvreviver_core.sketch import VagueSketch
 
 
 def make_sketch(buckets: int, batch: int = 1, heads: int = 1, dim: int = 8, seed: int = 0, rows: int = 3,
-                estimator: str = "sum", dtype=torch.float64, signed_keys: bool = False) -> VagueSketch:
+                estimator: str = "sum", dtype=torch.float64, signed_keys: bool = False,
+                combine: str = "median") -> VagueSketch:
     return VagueSketch(batch, heads, dim, rows, torch.full((batch,), buckets), torch.zeros(batch, dtype=torch.long),
-                       dtype, torch.device("cpu"), seed=seed, estimator=estimator, signed_keys=signed_keys)
+                       dtype, torch.device("cpu"), seed=seed, estimator=estimator, signed_keys=signed_keys,
+                       combine=combine)
 
 
 def naive_query(sketch: VagueSketch, inserted: dict[int, tuple[torch.Tensor, torch.Tensor]], position: int):
@@ -32,6 +34,8 @@ def naive_query(sketch: VagueSketch, inserted: dict[int, tuple[torch.Tensor, tor
                 value_sum = value_sum + v * int(g[0, 0, row, 0])
         keys.append(key_sum)
         values.append(value_sum * int(sign[0, 0, row, 0]))
+    if sketch.combine == "mean":
+        return torch.stack(keys).mean(dim=0), torch.stack(values).mean(dim=0)
     return torch.stack(keys).median(dim=0).values, torch.stack(values).median(dim=0).values
 
 
@@ -49,9 +53,10 @@ def test_hashes_are_deterministic_rows_differ_and_signs_are_balanced():
     assert set(sign_a.unique().tolist()) == {-1, 1}
 
 
-def test_vectorised_insert_and_query_match_the_naive_algorithm():
+@pytest.mark.parametrize("combine", ["median", "mean"])
+def test_vectorised_insert_and_query_match_the_naive_algorithm(combine):
     torch.manual_seed(0)
-    sketch = make_sketch(5)
+    sketch = make_sketch(5, combine=combine)
     positions = list(range(3, 40, 2))
     keys, values = torch.randn(len(positions), 8, dtype=torch.float64), torch.randn(len(positions), 8, dtype=torch.float64)
     pos = torch.tensor(positions).view(1, 1, -1)
@@ -64,9 +69,10 @@ def test_vectorised_insert_and_query_match_the_naive_algorithm():
         torch.testing.assert_close(got_v[0, 0, i], want_v)
 
 
-def test_without_collisions_query_is_exact_and_delete_restores_the_previous_state():
+@pytest.mark.parametrize("combine", ["median", "mean"])
+def test_without_collisions_query_is_exact_and_delete_restores_the_previous_state(combine):
     torch.manual_seed(1)
-    sketch = make_sketch(4096, batch=2, heads=3)
+    sketch = make_sketch(4096, batch=2, heads=3, combine=combine)
     pos = torch.tensor([5, 77, 901, 1500]).expand(2, 3, 4)
     slot, _ = sketch.slots(pos)
     assert all(len(set(slot[b, h, r].tolist())) == 4 for b in range(2) for h in range(3) for r in range(3))

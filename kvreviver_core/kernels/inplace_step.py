@@ -34,14 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, EXACT, VAGUE, DecodeSplits, _bucket, _combine_output,
-                                                   _median_rows, _position_mass, _row_slots, _slot_code,
-                                                   _split_totals, attend_splits, slot_codes)
+from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, CHUNK_POSITIONS, EXACT, VAGUE, DecodeSplits, _bucket,
+                                                   _combine_output, _estimate_rows, _row_slots, _slot_code,
+                                                   _split_totals, attend_splits, position_pass, slot_codes)
 
 LENGTH_CHUNK = 64  # positions the scores, part map and codes grow by
 PAIRS_PER_ROUND = 16  # swaps whose estimates are read together
-BLOCK_POSITIONS = 1024
 BLOCK_SLOTS = 256
+BLOCK_CHUNKS = 256  # chunks' highest Vague scores per loop step of _compress
 
 
 @triton.jit
@@ -117,46 +117,60 @@ def _lowest_candidate(epos, scores, recent_start, E, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top, inv, N, stride, ADD_MASS: tl.constexpr,
-                   FROM_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The highest Vague score and its position (-inf and -1 without one). With ADD_MASS, first adds the step's
-    mass to the scores: read from MASS, or FROM_LOGITS summed over the query heads ``rows`` as ``_combine`` does
-    (logit rows ``stride`` apart)."""
+def _highest_of_chunks(chunk_top, chunk_pos, chunks, BLOCK_C: tl.constexpr):
+    """The highest Vague score over the chunks' highest and its position (the first of equal ones; -inf and -1
+    without one)."""
     best = tl.full((), float("-inf"), tl.float32)
     best_pos = tl.full((), -1, tl.int32)
-    for start in range(0, N, BLOCK_N):
-        p = start + tl.arange(0, BLOCK_N)
-        inside = p < N
-        score = tl.load(scores + p, mask=inside, other=0.0)
-        if ADD_MASS:
-            if FROM_LOGITS:
-                score += _position_mass(LOGITS, rows, gmask, p, inside, top, inv, stride)
-            else:
-                score += tl.load(MASS + p, mask=inside, other=0.0)
-            tl.store(scores + p, score, mask=inside)
-        score = tl.where(inside & (tl.load(part + p, mask=inside, other=0) == _VAGUE), score, float("-inf"))
-        high = tl.max(score, 0)
-        best_pos = tl.where(high > best, start + tl.argmax(score, 0), best_pos)
+    for start in range(0, chunks, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        top = tl.load(chunk_top + c, mask=c < chunks, other=float("-inf"))
+        high = tl.max(top, 0)
+        best_pos = tl.where(high > best, tl.load(chunk_pos + start + tl.argmax(top, 0)), best_pos)
         best = tl.maximum(best, high)
     return best, best_pos
+
+
+@triton.jit
+def _rescan_chunk(scores, part, chunk_top, chunk_pos, position, N, CHUNK: tl.constexpr):
+    """Recompute the highest Vague score of the chunk holding ``position`` (a Vague token left it)."""
+    chunk = position // CHUNK
+    p = chunk * CHUNK + tl.arange(0, CHUNK)
+    inside = p < N
+    vague = inside & (tl.load(part + p, mask=inside, other=0) == _VAGUE)
+    score = tl.where(vague, tl.load(scores + p, mask=inside, other=0.0), float("-inf"))
+    high = tl.max(score, 0)
+    tl.store(chunk_top + chunk, high)
+    tl.store(chunk_pos + chunk, tl.where(high > float("-inf"), chunk * CHUNK + tl.argmax(score, 0), -1).to(tl.int32))
+
+
+@triton.jit
+def _raise_chunk(chunk_top, chunk_pos, position, score, CHUNK: tl.constexpr):
+    """A token at ``position`` with ``score`` turned Vague: its chunk's highest, if it is above (or level and
+    first)."""
+    chunk = position // CHUNK
+    top = tl.load(chunk_top + chunk)
+    top_pos = tl.load(chunk_pos + chunk)
+    above = (score > top) | ((score == top) & (position < top_pos))
+    tl.store(chunk_top + chunk, tl.where(above, score, top))
+    tl.store(chunk_pos + chunk, tl.where(above, position, top_pos).to(tl.int32))
 
 
 @triton.jit
 def _apply_swaps(EK, EV, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out, est_k_row,
                  est_v_row, count, bhE, offset, nb, width, ROW_TERMS, code_rows, code_stride, di, dmask,
                  D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
-                 PAIRS: tl.constexpr):
+                 LINEAR: tl.constexpr, PAIRS: tl.constexpr):
     """Trade the round's ``count`` pairs: every estimate first, then per pair delete it, store it, insert the
     Candidate that leaves."""
     pi = tl.arange(0, PAIRS)
     moving = pi < count
     entering = tl.load(pairs_in + pi, mask=moving, other=0)
     slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(code_rows, entering, moving, code_stride, ROWS)
-    # The median picks one of the stored values, so the estimate is exact in the storage dtype.
-    est_k = _median_rows(head_keys, head_counts, slot0, slot1, slot2, sign0, sign1, sign2, moving, di, dmask,
-                         D, ROWS, MEAN, SIGNED_KEYS)
-    est_v = _median_rows(head_values, head_counts, slot0, slot1, slot2, sign0, sign1, sign2, moving, di, dmask,
-                         D, ROWS, MEAN, True)
+    est_k = _estimate_rows(head_keys, head_counts, slot0, slot1, slot2, sign0, sign1, sign2, moving, di, dmask,
+                           D, ROWS, MEAN, SIGNED_KEYS, LINEAR)
+    est_v = _estimate_rows(head_values, head_counts, slot0, slot1, slot2, sign0, sign1, sign2, moving, di, dmask,
+                           D, ROWS, MEAN, True, LINEAR)
     both = moving[:, None] & dmask[None, :]
     tl.store(est_k_row + pi[:, None] * D + di[None, :], est_k.to(est_k_row.dtype.element_ty), mask=both)
     tl.store(est_v_row + pi[:, None] * D + di[None, :], est_v.to(est_v_row.dtype.element_ty), mask=both)
@@ -182,12 +196,13 @@ def _apply_swaps(EK, EV, head_keys, head_values, head_counts, pairs_slot, pairs_
 
 @triton.jit
 def _compress(
-    SCORES, MASS, LOGITS, PART_ACC, PART_M, PART_L, OUT, PART, CODES, EK, EV, EPOS, SK, SV, SCNT, BUCKETS, OFFSETS,
-    ROW_TERMS, LENGTH, RECENT_START, CANDIDATES, PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K, EST_V,
-    H, E, width, row_stride, code_stride, mass_stride, splits, replace_rate,
-    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    SCORES, CHUNK_TOP, CHUNK_POS, PART_ACC, PART_M, PART_L, OUT, W, SV_STEP, SCNT_STEP, PART, CODES, EK, EV, EPOS,
+    SK, SV, SCNT, BUCKETS, OFFSETS, ROW_TERMS, LENGTH, RECENT_START, CANDIDATES, PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K,
+    EST_V, H, E, width, row_stride, code_stride, chunks, splits, step_slots, replace_rate,
+    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, LINEAR_STEP: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
-    PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    LINEAR: tl.constexpr, PAIRS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
@@ -195,15 +210,16 @@ def _compress(
     di = tl.arange(0, DP)
     dmask = di < D
     scores, part, epos = SCORES + bh * row_stride, PART + bh * row_stride, EPOS + bh * E
+    chunk_top, chunk_pos = CHUNK_TOP + bh * chunks, CHUNK_POS + bh * chunks
     code_rows = CODES + b * ROWS * code_stride
-    gi = tl.arange(0, GP)
-    gmask = gi < G
-    rows = bh * G + gi  # query heads of this KV group
-    top_logit = tl.zeros((GP,), tl.float32)
-    inv = tl.zeros((GP,), tl.float32)
-    if FROM_LOGITS:  # the decode's combine, folded in: the output, then the masses below
+    if COMBINE:  # the decode's combine, folded in, before any bucket changes
+        gi = tl.arange(0, GP)
+        gmask = gi < G
+        rows = bh * G + gi  # query heads of this KV group
         top_logit, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
-        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top_logit, inv, splits, GP, D, DP)
+        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top_logit, inv, splits, W, SV_STEP, SCNT_STEP,
+                        bh * step_slots, step_slots, GP, D, DP, ROWS, MEAN, LINEAR_STEP)
+        tl.debug_barrier()
     has_buckets = tl.load(BUCKETS + b) > 0
     nb = tl.maximum(tl.load(BUCKETS + b), 1)
     offset = tl.load(OFFSETS + b)
@@ -213,9 +229,8 @@ def _compress(
     pairs_slot, pairs_in, pairs_out = PAIR_SLOT + bh * PAIRS, PAIR_IN + bh * PAIRS, PAIR_OUT + bh * PAIRS
     est_k_row, est_v_row = EST_K + bh * PAIRS * D, EST_V + bh * PAIRS * D
 
-    top, top_pos = _highest_vague(scores, part, MASS + bh * mass_stride, LOGITS, rows, gmask, top_logit, inv, N,
-                                  mass_stride, True, FROM_LOGITS, BLOCK_N)
-    tl.debug_barrier()  # the scans below read scores other threads of this program wrote
+    # The scores already hold the step's mass, and the chunks' highest Vague scores are known (_position_pass).
+    top, top_pos = _highest_of_chunks(chunk_top, chunk_pos, chunks, BLOCK_C)
     low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
 
     # Fold: Candidate outgrows its share only after Recent hands tokens over.
@@ -229,6 +244,7 @@ def _compress(
                        SIGNED_KEYS)
         tl.store(epos + low_slot, -1)
         tl.store(part + folded, _VAGUE)
+        _raise_chunk(chunk_top, chunk_pos, folded.to(tl.int32), low, CHUNK)
         top_pos = tl.where(low > top, folded.to(tl.int32), top_pos)
         top = tl.maximum(top, low)
         tl.debug_barrier()
@@ -249,14 +265,17 @@ def _compress(
         pending += 1
         tl.debug_barrier()
         # The choice of the next pair reads positions and scores only, so the round can move after it.
-        top, top_pos = _highest_vague(scores, part, MASS, LOGITS, rows, gmask, top_logit, inv, N, mass_stride,
-                                      False, False, BLOCK_N)
+        _rescan_chunk(scores, part, chunk_top, chunk_pos, top_pos, N, CHUNK)
+        tl.debug_barrier()
+        _raise_chunk(chunk_top, chunk_pos, leaving, low, CHUNK)
+        tl.debug_barrier()
+        top, top_pos = _highest_of_chunks(chunk_top, chunk_pos, chunks, BLOCK_C)
         low, low_slot, candidates = _lowest_candidate(epos, scores, recent_start, E, BLOCK_E)
         swapping = low * replace_rate < top
         if (pending == PAIRS) | (swapping == 0):
             _apply_swaps(EK, EV, head_keys, head_values, head_counts, pairs_slot, pairs_in, pairs_out, est_k_row,
                          est_v_row, pending, bh * E, offset, nb, width, ROW_TERMS, code_rows, code_stride, di, dmask,
-                         D, ROWS, MEAN, SIGNED_KEYS, PAIRS)
+                         D, ROWS, MEAN, SIGNED_KEYS, LINEAR, PAIRS)
             pending = tl.zeros((), tl.int32)
 
 
@@ -364,7 +383,7 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
 
     Args:
         step: the step's attention mass ``(B, H, N)`` fp32 over the store's ``N`` positions, or the decode's
-            :func:`attend` results: then this launch also combines them into ``step.out`` and takes the mass from
+            :func:`attend` results: then these launches also combine them into ``step.out`` and take the mass from
             their logits (``_combine``'s work, without its launch).
         exact store as in ``append``; sketch: the layer's :class:`~kvreviver_core.sketch.VagueSketch` (``width``
             > 0, 1 or 3 rows); candidate_size: ``(B,)`` the Candidate share.
@@ -374,23 +393,27 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
     pairs = torch.empty(3, b * h, PAIRS_PER_ROUND, dtype=torch.int32, device=device)
     estimates = exact_keys.new_empty(2, b * h, PAIRS_PER_ROUND, d)
     counts = sketch.counts if sketch.counts is not None else exact_pos  # not read without MEAN
-    from_logits = isinstance(step, DecodeSplits)
-    if from_logits:
-        stride, splits, mass = step.span, step.splits, step.logits  # MASS is not read FROM_LOGITS
-        combine = (step.logits, step.acc, step.max, step.sum, step.out)
-        shapes = dict(G=step.group, GP=step.group_pad, SP=step.splits_pad)
-    else:
-        stride, splits, mass = step.shape[-1], 1, step.contiguous()
-        combine = (mass,) * 5  # the decode's buffers, not read without FROM_LOGITS
-        shapes = dict(G=1, GP=16, SP=1)
+    combine = isinstance(step, DecodeSplits)
     with torch.cuda.device(device):
+        if combine:
+            chunk_top, chunk_pos = position_pass(step, scores=store.scores_buffer)
+            splits_args = (step.acc, step.max, step.sum, step.out, *step.bucket_tensors())
+            shapes = dict(G=step.group, GP=step.group_pad, SP=step.splits_pad, LINEAR_STEP=step.linear)
+            splits, step_slots = step.splits, step.slots
+        else:
+            chunk_top, chunk_pos = position_pass(None, scores=store.scores_buffer, mass=step.contiguous(),
+                                                 part=store.part, codes=store.codes, length=store.length)
+            splits_args = (chunk_top,) * 7  # the decode's buffers, not read without COMBINE
+            shapes = dict(G=1, GP=16, SP=1, LINEAR_STEP=False)
+            splits, step_slots = 1, 0
         _compress[(b * h,)](
-            store.scores_buffer, mass, *combine, store.part, store.codes, exact_keys, exact_values, exact_pos,
-            sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets, sketch.row_terms, store.length,
-            store.recent_start, candidate_size, pairs[0], pairs[1], pairs[2], estimates[0], estimates[1],
-            h, e, sketch.width, store.part.stride(1), store.codes.stride(1), stride, splits, float(replace_rate),
-            **shapes, FROM_LOGITS=from_logits,
+            store.scores_buffer, chunk_top, chunk_pos, *splits_args, store.part, store.codes, exact_keys,
+            exact_values, exact_pos, sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets,
+            sketch.row_terms, store.length, store.recent_start, candidate_size, pairs[0], pairs[1], pairs[2],
+            estimates[0], estimates[1], h, e, sketch.width, store.part.stride(1), store.codes.stride(1),
+            chunk_top.shape[1], splits, step_slots, float(replace_rate),
+            **shapes, COMBINE=combine,
             D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
-            SIGNED_KEYS=sketch.signed_keys, PAIRS=PAIRS_PER_ROUND, BLOCK_N=BLOCK_POSITIONS, BLOCK_E=BLOCK_SLOTS,
-            num_warps=4,
+            SIGNED_KEYS=sketch.signed_keys, LINEAR=sketch.combine == "mean", PAIRS=PAIRS_PER_ROUND,
+            BLOCK_E=BLOCK_SLOTS, BLOCK_C=BLOCK_CHUNKS, CHUNK=CHUNK_POSITIONS, num_warps=4,
         )

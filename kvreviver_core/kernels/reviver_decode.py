@@ -60,8 +60,13 @@ NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
+BLOCK_LINEAR = 256  # positions per loop step of the main kernel under the linear combine (no vector gathers)
+BLOCK_BUCKETS = 64  # buckets per program of _bucket_logits and per loop step of _bucket_values
+CHUNK_POSITIONS = 1024  # positions per program of _position_pass: Algorithm 3 rescans one such chunk at a swap
+BLOCK_PASS = 256  # positions per loop step of _position_pass
 MASKED, VAGUE, EXACT = 0, 1, 2  # the part map's codes
 _VAGUE = tl.constexpr(VAGUE)
+_BLOCK_BUCKETS = tl.constexpr(BLOCK_BUCKETS)
 _EXACT = tl.constexpr(EXACT)
 
 
@@ -168,15 +173,93 @@ def _median3(a, b, c):
 
 
 @triton.jit
-def _online_softmax(m, l, acc, s, v):
-    """Fold logits ``s`` (GP, BLOCK) and values ``v`` (BLOCK, DP) into the running max, sum and output."""
+def _estimate_rows(S, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
+                   D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED: tl.constexpr,
+                   LINEAR: tl.constexpr):
+    """A token's estimate from the sketch rows (1 or 3): their median, or with LINEAR their mean, summed in fp32 in
+    row order and divided once, as :func:`kvreviver_core.sketch.combine_rows`; rounded to the storage dtype."""
+    if LINEAR:
+        x = _bucket_rows(S, SCNT, slot0, sign0, vague, di, dmask, D, MEAN, SIGNED)
+        if ROWS == 3:
+            x = x + _bucket_rows(S, SCNT, slot1, sign1, vague, di, dmask, D, MEAN, SIGNED)
+            x = x + _bucket_rows(S, SCNT, slot2, sign2, vague, di, dmask, D, MEAN, SIGNED)
+        x = tl.div_rn(x, tl.full(x.shape, ROWS, tl.float32))
+    else:
+        x = _median_rows(S, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask, D, ROWS, MEAN, SIGNED)
+    return x.to(S.dtype.element_ty)
+
+
+@triton.jit
+def _bucket_logit_rows(QK_ROWS, SLOT_ROWS, p, vague, gmask, code_stride, ROWS: tl.constexpr,
+                       SIGNED_KEYS: tl.constexpr):
+    """Vague positions' logits ``(GP, BLOCK)`` under the linear combine: the sum over rows of the (signed) logit
+    of the position's bucket, ``QK_ROWS`` (GP, 1) pointing at each query head's bucket logits."""
+    slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(SLOT_ROWS, p, vague, code_stride, ROWS)
+    lmask = gmask[:, None] & vague[None, :]
+    s = tl.load(QK_ROWS + slot0[None, :], mask=lmask, other=0.0)
+    if SIGNED_KEYS:
+        s = s * sign0.to(tl.float32)[None, :]
+    if ROWS == 3:
+        s1 = tl.load(QK_ROWS + slot1[None, :], mask=lmask, other=0.0)
+        s2 = tl.load(QK_ROWS + slot2[None, :], mask=lmask, other=0.0)
+        if SIGNED_KEYS:
+            s1 = s1 * sign1.to(tl.float32)[None, :]
+            s2 = s2 * sign2.to(tl.float32)[None, :]
+        s = s + s1 + s2
+    return tl.where(vague[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _bucket_logits(Q, stride_qb, stride_qh, SK, SCNT, QK, W, Hkv, slots, scale,
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MEAN: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Linear combine: every bucket's logit ``scale * q . key`` (``scale`` = softmax scale / rows; divided by the
+    bucket's count for MEAN), ``(B, Hq, slots)`` fp32, and zeros in the same place of ``W`` for this step's
+    bucket weights (:func:`_position_pass`)."""
+    bh = tl.program_id(0)
+    b, h = bh // Hkv, bh % Hkv
+    gi, di = tl.arange(0, GP), tl.arange(0, DP)
+    gmask, dmask = gi < G, di < D
+    qh = h * G + gi
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + di[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    jmask = j < slots
+    head = bh.to(tl.int64) * slots
+    k = tl.load(SK + (head + j)[:, None] * D + di[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    if MEAN:
+        qk = qk / tl.maximum(tl.load(SCNT + head + j, mask=jmask, other=1), 1).to(tl.float32)[None, :]
+    rows = (b.to(tl.int64) * Hkv * G + qh)[:, None] * slots + j[None, :]
+    both = gmask[:, None] & jmask[None, :]
+    tl.store(QK + rows, qk, mask=both)
+    tl.store(W + rows, tl.zeros((GP, BLOCK), tl.float32), mask=both)
+
+
+@triton.jit
+def _online_rescale(m, s):
+    """The running max after logits ``s`` (GP, BLOCK), the factor that rescales what was summed before, and the
+    block's exponentials."""
     m_new = tl.maximum(m, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_use)
-    p = tl.exp(s - m_use[:, None])
+    return m_new, tl.exp(m - m_use), tl.exp(s - m_use[:, None])
+
+
+@triton.jit
+def _online_softmax(m, l, acc, s, v):
+    """Fold logits ``s`` (GP, BLOCK) and values ``v`` (BLOCK, DP) into the running max, sum and output."""
+    m_new, alpha, p = _online_rescale(m, s)
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l, acc
+
+
+@triton.jit
+def _online_sum(m, l, acc, s):
+    """Fold logits ``s`` whose values are summed elsewhere (the linear combine's buckets) into the running max and
+    sum; the output so far is rescaled."""
+    m_new, alpha, p = _online_rescale(m, s)
+    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None]
 
 
 @triton.jit
@@ -201,12 +284,12 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
 def _decode_split(
     Q, stride_qb, stride_qh,
     EK, EV, EPOS, PART, part_stride,
-    SK, SV, SCNT, BUCKETS, SLOTS, code_stride,
+    SK, SV, SCNT, BUCKETS, SLOTS, code_stride, QK,
     LOGITS, PART_ACC, PART_M, PART_L, LENGTH,
     scaling, Hkv, E, span, width, slots_per_split, pos_per_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
-    HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -248,6 +331,7 @@ def _decode_split(
     sbase = bh64 * (ROWS * width)  # this KV head's first bucket
     head_keys, head_values, head_counts = SK + sbase * D, SV + sbase * D, SCNT + sbase
     slot_rows = SLOTS + b.to(tl.int64) * ROWS * code_stride
+    qk_rows = QK + (b.to(tl.int64) * Hkv * G + qh)[:, None] * (ROWS * width)  # (GP, 1): LINEAR's bucket logits
     for start in range(0, tl.minimum(pos_per_split, L - split * pos_per_split), BLOCK_V):
         p = split * pos_per_split + start + tl.arange(0, BLOCK_V)
         inside = p < L
@@ -255,7 +339,10 @@ def _decode_split(
         free = kind != _EXACT
         vague = (kind == _VAGUE) & (nb > 0)
         s = tl.full((GP, BLOCK_V), float("-inf"), tl.float32)
-        if HAS_SKETCH:
+        if LINEAR:  # the values come in through the buckets' weights (_position_pass, _combine_output)
+            s = _bucket_logit_rows(qk_rows, slot_rows, p, vague, gmask, code_stride, ROWS, SIGNED_KEYS)
+            m, l, acc = _online_sum(m, l, acc, s)
+        elif HAS_SKETCH:
             if SKIP_EMPTY:
                 if tl.max(vague.to(tl.int32), 0) > 0:
                     s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
@@ -288,9 +375,31 @@ def _split_totals(PART_M, PART_L, rows, gmask, splits, SP: tl.constexpr):
 
 
 @triton.jit
-def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, GP: tl.constexpr, D: tl.constexpr,
-                    DP: tl.constexpr):
-    """Merge the splits' partial outputs into the attention output of the query heads ``rows``."""
+def _bucket_values(W, SV, SCNT, rows, gmask, head, slots, D: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
+                   MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Linear combine: the Vague tokens' share of the output before normalisation, ``(GP, DP)`` fp32: the buckets'
+    weights ``W`` (each bucket's Vague softmax numerators, signed) times their values, divided by the counts
+    for MEAN. ``head`` is the KV head's first bucket."""
+    di = tl.arange(0, DP)
+    dmask = di < D
+    out = tl.zeros((GP, DP), tl.float32)
+    for start in range(0, slots, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        jmask = j < slots
+        w = tl.load(W + rows[:, None] * slots + j[None, :], mask=gmask[:, None] & jmask[None, :], other=0.0)
+        if MEAN:
+            w = w / tl.maximum(tl.load(SCNT + head + j, mask=jmask, other=1), 1).to(tl.float32)[None, :]
+        v = tl.load(SV + (head + j)[:, None] * D + di[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
+        out += tl.dot(w, v.to(tl.float32), input_precision="ieee")
+    return out
+
+
+@triton.jit
+def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, W, SV, SCNT, head, slots,
+                    GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr,
+                    LINEAR: tl.constexpr):
+    """Merge the splits' partial outputs into the attention output of the query heads ``rows`` (with LINEAR, the
+    Vague tokens' share through the buckets: ``_position_pass`` must have summed their weights)."""
     di = tl.arange(0, DP)
     dmask = di < D
     out = tl.zeros((GP, DP), tl.float32)
@@ -299,21 +408,24 @@ def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, GP: tl
         part = tl.load(PART_ACC + (rows * splits + s)[:, None] * D + di[None, :],
                        mask=gmask[:, None] & dmask[None, :], other=0.0)
         out += part * weight[:, None]
+    if LINEAR:
+        out += _bucket_values(W, SV, SCNT, rows, gmask, head, slots, D, DP, GP, MEAN, _BLOCK_BUCKETS) / ROWS
     out = out * inv[:, None]
     tl.store(OUT + rows[:, None] * D + di[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _position_mass(LOGITS, rows, gmask, p, inside, top, inv, L):
+def _position_mass(LOGITS, rows, gmask, p, inside, top, inv, stride):
     """Each position's attention probability summed over the query heads ``rows``."""
-    logits = tl.load(LOGITS + rows[:, None] * L + p[None, :], mask=gmask[:, None] & inside[None, :], other=float("-inf"))
+    logits = tl.load(LOGITS + rows[:, None] * stride + p[None, :], mask=gmask[:, None] & inside[None, :], other=float("-inf"))
     return tl.sum(tl.exp(logits - top[:, None]) * inv[:, None], 0)
 
 
-@triton.jit(do_not_specialize=["L"])
+@triton.jit(do_not_specialize=["span"])
 def _combine(
-    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, L, splits,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, W, SV, SCNT, LENGTH, span, splits, slots,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
+    MEAN: tl.constexpr, LINEAR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -322,10 +434,73 @@ def _combine(
     rows = bh * G + gi  # query heads of this KV group
     top, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
     if blk == 0:
-        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, GP, D, DP)
+        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, W, SV, SCNT, bh * slots, slots,
+                        GP, D, DP, ROWS, MEAN, LINEAR)
     p = blk * BLOCK + tl.arange(0, BLOCK)
-    inside = p < L
-    tl.store(MASS + bh * L + p, _position_mass(LOGITS, rows, gmask, p, inside, top, inv, L), mask=inside)
+    attended = p < tl.load(LENGTH).to(tl.int32)
+    mass = tl.where(attended, _position_mass(LOGITS, rows, gmask, p, attended, top, inv, span), 0.0)
+    tl.store(MASS + bh * span + p, mass, mask=p < span)
+
+
+@triton.jit(do_not_specialize=["chunks"])
+def _position_pass(
+    LOGITS, PART_M, PART_L, MASS, PART, CODES, W, SCORES, CHUNK_TOP, CHUNK_POS, LENGTH,
+    Hkv, span, row_stride, mass_stride, code_stride, slots, splits, chunks,
+    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One pass over the positions, ``CHUNK`` per program, after the split-K pass: grid ``(B * Hkv, chunks)``.
+
+    * With LINEAR, adds each Vague position's softmax numerator ``exp(logit - max)``, times its sign, to its
+      bucket's weight in each row ``W`` ``(B, Hq, slots)``: what ``_combine_output`` multiplies by the buckets' values.
+    * With SCORE, adds the step's attention mass to the cumulative scores ``(B, Hkv, >= N)`` (rows
+      ``row_stride`` apart, as the part map's), from the logits (FROM_LOGITS) or from ``MASS`` (rows
+      ``mass_stride`` apart), and
+      writes the chunk's highest Vague score and its first position to ``CHUNK_TOP`` / ``CHUNK_POS``
+      ``(B * Hkv, chunks)``, which Algorithm 3 (``inplace_step._compress``) starts from.
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    b = bh // Hkv
+    N = tl.load(LENGTH).to(tl.int32)
+    gi = tl.arange(0, GP)
+    gmask = gi < G
+    rows = bh * G + gi
+    top = tl.zeros((GP,), tl.float32)
+    inv = tl.zeros((GP,), tl.float32)
+    if FROM_LOGITS:
+        top, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
+    code_rows = CODES + b * ROWS * code_stride
+    best = tl.full((), float("-inf"), tl.float32)
+    best_pos = tl.full((), -1, tl.int32)
+    for start in tl.static_range(0, CHUNK, BLOCK):
+        p = chunk * CHUNK + start + tl.arange(0, BLOCK)
+        inside = p < N
+        kind = tl.load(PART + bh * row_stride + p, mask=inside, other=0)
+        vague = inside & (kind == _VAGUE)
+        if FROM_LOGITS:
+            logits = tl.load(LOGITS + rows[:, None] * span + p[None, :], mask=gmask[:, None] & inside[None, :],
+                             other=float("-inf"))
+            numerators = tl.exp(logits - top[:, None])
+            if LINEAR:
+                both = gmask[:, None] & vague[None, :]
+                for row in tl.static_range(ROWS):
+                    slot, sign = _slot_of(code_rows, p, vague, code_stride, row)
+                    tl.atomic_add(W + rows[:, None] * slots + slot[None, :], numerators * sign.to(tl.float32)[None, :],
+                                  mask=both, sem="relaxed")
+            mass = tl.sum(numerators * inv[:, None], 0)
+        else:
+            mass = tl.load(MASS + bh * mass_stride + p, mask=inside, other=0.0)
+        if SCORE:
+            score = tl.load(SCORES + bh * row_stride + p, mask=inside, other=0.0) + mass
+            tl.store(SCORES + bh * row_stride + p, score, mask=inside)
+            score = tl.where(vague, score, float("-inf"))
+            high = tl.max(score, 0)
+            best_pos = tl.where(high > best, (chunk * CHUNK + start + tl.argmax(score, 0)).to(tl.int32), best_pos)
+            best = tl.maximum(best, high)
+    if SCORE:
+        tl.store(CHUNK_TOP + bh * chunks + chunk, best)
+        tl.store(CHUNK_POS + bh * chunks + chunk, best_pos)
 
 
 def kernel_unsupported(query: torch.Tensor, sketch: VagueSketch | None) -> str | None:
@@ -403,35 +578,74 @@ def reviver_decode_triton(
     # Triton launches on the current CUDA device: under a device map that is not always this layer's GPU.
     length = key_valid.shape[1]
     with torch.cuda.device(query.device):
-        splits = attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part_map(exact_pos, key_valid),
-                               None, torch.full((1,), length, dtype=torch.long, device=query.device), length,
-                               scaling)
-        mass = torch.empty(*exact_pos.shape[:2], length, dtype=torch.float32, device=query.device)
-        _combine[(splits.batch * splits.kv_heads, triton.cdiv(length, BLOCK_MASS))](
-            splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass, length, splits.splits,
-            G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.splits_pad,
-            BLOCK=BLOCK_MASS, num_warps=4,
-        )
-        return splits.output(), mass
+        codes = slot_codes(sketch, length) if sketch is not None else None
+        return decode_attention(query, exact_keys, exact_values, exact_pos, sketch, part_map(exact_pos, key_valid),
+                                codes, torch.full((1,), length, dtype=torch.long, device=query.device), length,
+                                scaling)
+
+
+def decode_attention(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, span,
+                     scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's attention over a store whose part map and bucket codes are built (the in-place step keeps
+    them): :func:`attend_splits`'s arguments; the output ``(B, 1, Hq, D)`` and the mass ``(B, Hkv, span)`` fp32
+    (zeros from ``length`` on), on the current CUDA device."""
+    splits = attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, span, scaling)
+    if splits.linear:
+        position_pass(splits)
+    mass = torch.empty(*exact_pos.shape[:2], span, dtype=torch.float32, device=query.device)
+    _combine[(splits.batch * splits.kv_heads, triton.cdiv(span, BLOCK_MASS))](
+        splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass, *splits.bucket_tensors(), length,
+        span, splits.splits, splits.slots,
+        G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.splits_pad,
+        ROWS=splits.rows, MEAN=splits.counts is not None, LINEAR=splits.linear, BLOCK=BLOCK_MASS, num_warps=4,
+    )
+    return splits.output(), mass
 
 
 @dataclass
 class DecodeSplits:
     """The split-K pass's results (``_decode_split``), before they are combined: the output buffer to combine
-    into ``(B, Hq, D)``, the logits ``(B, Hq, span)`` (the attended positions first) and each split's partial
-    output, max and sum."""
+    into ``(B, Hq, D)``, the logits ``(B, Hq, span)`` (the attended positions first), each split's partial
+    output, max and sum, and what the step read: the part map, the bucket codes and the length on the device.
+
+    Under the linear combine (``sketch.combine == "mean"``) also the buckets' weights ``(B, Hq, slots)`` fp32,
+    which :func:`position_pass` sums before a combine, and the sketch's values ``(B, Hkv, slots, D)`` and counts
+    (None without the ``"mean"`` estimator) that the combine multiplies them by.
+    """
 
     out: torch.Tensor
     logits: torch.Tensor
     acc: torch.Tensor
     max: torch.Tensor
     sum: torch.Tensor
+    part: torch.Tensor
+    codes: torch.Tensor | None
+    length: torch.Tensor
     batch: int
     kv_heads: int
     group: int
     head_dim: int
     span: int
     splits: int
+    rows: int = 1
+    weights: torch.Tensor | None = None
+    bucket_values: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    @property
+    def linear(self) -> bool:
+        return self.weights is not None
+
+    @property
+    def slots(self) -> int:
+        """Buckets per KV head (all rows), 0 without the linear combine."""
+        return self.weights.shape[-1] if self.linear else 0
+
+    def bucket_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``W, SV, SCNT`` of the combine kernels (placeholders, never read, without the linear combine)."""
+        if not self.linear:
+            return self.logits, self.logits, self.logits
+        return self.weights, self.bucket_values, self.counts if self.counts is not None else self.weights
 
     @property
     def group_pad(self) -> int:
@@ -459,6 +673,9 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     ``(B, r, >= span)`` int32 as :func:`slot_codes` writes them, or None to hash them for this step, ``length``
     the positions to attend, ``(1,)`` int64 on the device, and ``span >= length`` the positions the grid and the
     logits cover (host int). A step whose length only the device knows, as in a CUDA graph, can run this way.
+
+    Under the sketch's linear combine, a first launch (``_bucket_logits``) takes the query's logit of every bucket,
+    and the split-K pass reads a Vague position's logit as the sum of its r buckets' logits.
     """
     b, hq, _, d = query.shape
     hkv, e = exact_keys.shape[1], exact_keys.shape[2]
@@ -472,25 +689,38 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     exact_pos = exact_pos.to(torch.int32).contiguous()
     if part.stride(2) != 1 or part.stride(0) != hkv * part.stride(1):
         raise ValueError("the part map must be (B, Hkv, L) with rows of unit stride, laid out batch-major")
-
-    has_sketch = sketch is not None
-    if has_sketch:
-        sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
-        counts = sketch.counts.contiguous() if sketch.counts is not None else exact_pos
-        buckets, width, rows = sketch.buckets.contiguous(), sketch.width, sketch.rows
-        mean, signed_keys = sketch.counts is not None, sketch.signed_keys
-        # Hashed once for all KV heads: hashing inside the main loop, per head, made the kernel 1.6x slower.
-        slots = codes if codes is not None else slot_codes(sketch, span)
-    else:
-        sk, sv, counts, slots = exact_keys, exact_values, exact_pos, exact_pos  # not read without a sketch
-        buckets = torch.zeros(b, dtype=torch.long, device=device)
-        width, rows, mean, signed_keys = 1, 1, False, False
-
-    splits = _split_plan(max(triton.cdiv(span, BLOCK_VAGUE), triton.cdiv(max(e, 1), BLOCK_EXACT)), b * hkv, device)
-    slots_per_split = triton.cdiv(triton.cdiv(max(e, 1), splits), BLOCK_EXACT) * BLOCK_EXACT
-    pos_per_split = triton.cdiv(triton.cdiv(span, splits), BLOCK_VAGUE) * BLOCK_VAGUE
     gp = max(16, triton.next_power_of_2(group))
     dp = max(16, triton.next_power_of_2(d))
+
+    has_sketch = sketch is not None
+    linear = has_sketch and sketch.combine == "mean"
+    weights = None
+    if has_sketch:
+        sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
+        counts = sketch.counts.contiguous() if sketch.counts is not None else None
+        buckets, width, rows = sketch.buckets.contiguous(), sketch.width, sketch.rows
+        signed_keys = sketch.signed_keys
+        # Hashed once for all KV heads: hashing inside the main loop, per head, made the kernel 1.6x slower.
+        slots = codes if codes is not None else slot_codes(sketch, span)
+        bucket_logits = weights = None
+        if linear:
+            bucket_logits = torch.empty(b, hq, rows * width, dtype=torch.float32, device=device)
+            weights = torch.empty_like(bucket_logits)  # zeroed by _bucket_logits
+            _bucket_logits[(b * hkv, triton.cdiv(rows * width, BLOCK_BUCKETS))](
+                q, q.stride(0), q.stride(1), sk, counts if counts is not None else exact_pos, bucket_logits, weights,
+                hkv, rows * width, float(scaling) / rows,
+                G=group, GP=gp, D=d, DP=dp, MEAN=counts is not None, BLOCK=BLOCK_BUCKETS,
+            )
+    else:
+        sk, sv, slots = exact_keys, exact_values, exact_pos  # not read without a sketch
+        counts = bucket_logits = None
+        buckets = torch.zeros(b, dtype=torch.long, device=device)
+        width, rows, signed_keys = 1, 1, False
+
+    block_v = BLOCK_LINEAR if linear else BLOCK_VAGUE
+    splits = _split_plan(max(triton.cdiv(span, block_v), triton.cdiv(max(e, 1), BLOCK_EXACT)), b * hkv, device)
+    slots_per_split = triton.cdiv(triton.cdiv(max(e, 1), splits), BLOCK_EXACT) * BLOCK_EXACT
+    pos_per_split = triton.cdiv(triton.cdiv(span, splits), block_v) * block_v
 
     logits = torch.empty(b, hq, span, dtype=torch.float32, device=device)
     part_acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
@@ -499,12 +729,56 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     _decode_split[(b * hkv, splits)](
         q, q.stride(0), q.stride(1),
         exact_keys, exact_values, exact_pos, part, part.stride(1),
-        sk, sv, counts, buckets, slots, slots.stride(1) if has_sketch else 0,
+        sk, sv, counts if counts is not None else exact_pos, buckets, slots, slots.stride(1) if has_sketch else 0,
+        bucket_logits if linear else logits,
         logits, part_acc, part_m, part_l, length,
         float(scaling), hkv, e, span, width, slots_per_split, pos_per_split,
-        G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=mean, SIGNED_KEYS=signed_keys,
-        SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT, BLOCK_V=BLOCK_VAGUE, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
+        SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT, BLOCK_V=block_v,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
-    return DecodeSplits(out, logits, part_acc, part_m, part_l, b, hkv, group, d, span, splits)
+    return DecodeSplits(out, logits, part_acc, part_m, part_l, part, slots if has_sketch else None, length, b, hkv,
+                        group, d, span, splits, rows, weights, sv if linear else None, counts if linear else None)
+
+
+def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
+                  part: torch.Tensor | None = None, codes: torch.Tensor | None = None,
+                  length: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Launch ``_position_pass`` on the current CUDA device: the linear combine's bucket weights from the decode's
+    logits (``step``), and with ``scores`` ``(B, Hkv, capacity)`` their update by the step's mass and each chunk's
+    highest Vague score. The mass comes from ``step``'s logits, or from ``mass`` ``(B, Hkv, N)`` when ``step`` is
+    None (then ``part``, ``codes`` and ``length`` say what the store holds).
+
+    Returns:
+        with ``scores``, each chunk's highest Vague score ``(B * Hkv, chunks)`` fp32 and its position (int32,
+        -1 for a chunk without Vague token); else None.
+    """
+    if step is not None:
+        part, codes, length = step.part, step.codes, step.length
+    b, hkv = part.shape[:2]
+    span = scores.shape[-1] if scores is not None else step.span
+    chunks = triton.cdiv(span, CHUNK_POSITIONS)
+    device = part.device
+    chunk_top = chunk_pos = None
+    if scores is not None:
+        chunk_top = torch.empty(b * hkv, chunks, dtype=torch.float32, device=device)
+        chunk_pos = torch.empty(b * hkv, chunks, dtype=torch.int32, device=device)
+    placeholder = part  # pointers the pass does not read in this mode
+    from_logits = step is not None
+    weights = step.weights if from_logits and step.linear else placeholder
+    _position_pass[(b * hkv, chunks)](
+        step.logits if from_logits else placeholder, step.max if from_logits else placeholder,
+        step.sum if from_logits else placeholder, mass if mass is not None else placeholder, part,
+        codes if codes is not None else placeholder, weights, scores if scores is not None else placeholder,
+        chunk_top if chunk_top is not None else placeholder, chunk_pos if chunk_pos is not None else placeholder,
+        length, hkv, step.span if from_logits else 0, part.stride(1), mass.stride(1) if mass is not None else 0,
+        codes.stride(1) if codes is not None else 0, step.slots if from_logits else 0,
+        step.splits if from_logits else 1, chunks,
+        G=step.group if from_logits else 1, GP=step.group_pad if from_logits else 16,
+        SP=step.splits_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
+        FROM_LOGITS=from_logits, LINEAR=from_logits and step.linear, SCORE=scores is not None,
+        CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, num_warps=4,
+    )
+    return None if scores is None else (chunk_top, chunk_pos)

@@ -44,7 +44,7 @@ from kvreviver_core.attention import _key_validity
 from kvreviver_core.budget import Budget, split_capacity, token_capacity
 from kvreviver_core.kernels import check_fused_option, decode_backend, inplace_kernels
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
-from kvreviver_core.sketch import ESTIMATORS, Estimator, VagueSketch
+from kvreviver_core.sketch import COMBINES, ESTIMATORS, Combine, Estimator, VagueSketch
 
 SCORE_BYTES = 4  # fp32 cumulative score per token and KV head
 PART_BYTES = 1  # the in-place decode step's part map, per token and KV head
@@ -54,10 +54,11 @@ POSITION_BYTES = 4  # int32 position per exact slot and KV head
 
 class ReviverLayer(CompressedLayer):
     def __init__(self, layer_idx: int, budget: Budget, estimator: Estimator = "sum", seed: int = 0,
-                 fused: bool | str = "auto", signed_keys: bool = False) -> None:
+                 fused: bool | str = "auto", signed_keys: bool = False, combine: Combine = "median") -> None:
         super().__init__(layer_idx, budget)
         self.fused = fused
         self.signed_keys = signed_keys
+        self.combine = combine
         self._decode = None  # the fused decode attention chosen by update() for the step in progress
         self._kernels = None  # the in-place step's kernels (kernels/inplace_step.py) while it runs
         self._inplace = None  # and its InplaceStore
@@ -243,6 +244,7 @@ class ReviverLayer(CompressedLayer):
         self.sketch = VagueSketch(
             self.batch, self.heads, self.head_dim, self.budget.sketch_rows, as_tensor(vague), self.offsets,
             self.dtype, self.device, seed=self.seed, estimator=self.estimator, signed_keys=self.signed_keys,
+            combine=self.combine,
         )
 
     def _compress(self, mass) -> None:
@@ -383,6 +385,9 @@ class KVReviverMethod(Method):
     Args:
         estimator: ``"sum"`` (the paper's Count-Sketch) or ``"mean"`` (buckets averaged; an option, measured beside).
         signed_keys: give keys the values' +-1 signs in the sketch (unbiased keys; the paper sums them unsigned).
+        combine: how the sketch's rows combine into a Vague token's estimate, ``"median"`` (the paper's) or
+            ``"mean"`` (linear: the decode kernel then attends the buckets' logits and rebuilds no token, see
+            :mod:`kvreviver_core.kernels.reviver_decode`; an option, measured beside).
         seed: seed of the sketch's hash and sign functions.
         fused: decode attention straight from the compressed store (no revival): ``"auto"`` uses the Triton
             kernel on CUDA, ``True`` also the pure-torch reference elsewhere, ``"reference"`` the reference
@@ -391,12 +396,15 @@ class KVReviverMethod(Method):
 
     estimator: str = "sum"
     signed_keys: bool = False
+    combine: str = "median"
     seed: int = 0
     fused: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"unknown row combine {self.combine!r}; choose from {', '.join(COMBINES)}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.signed_keys, bool):
@@ -405,4 +413,4 @@ class KVReviverMethod(Method):
 
     def make_layer(self, layer_idx: int, budget: Budget) -> CompressedLayer:
         return ReviverLayer(layer_idx, budget, estimator=self.estimator, seed=self.seed, fused=self.fused,
-                            signed_keys=self.signed_keys)
+                            signed_keys=self.signed_keys, combine=self.combine)
