@@ -214,6 +214,32 @@ def test_kernel_matches_reference(case):
         torch.testing.assert_close(mass.sum(-1), torch.full_like(mass[..., 0], float(group)), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", [c for c in KERNEL_CASES if len(c) > 11 and c[11].get("combine") == "mean"],
+                         ids=case_id)
+def test_linear_kernel_through_the_bucket_order_matches_reference(case):
+    """The in-place step sums the bucket weights through the positions' bucket order (the first ones; the later
+    ones one by one, as decode appends them): the same attention as the reference."""
+    from kvreviver_core.kernels import reviver_decode as rd
+
+    batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, buckets, pads = case[:11]
+    args = random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, 0, buckets, pads,
+                        **case[11])
+    query, keys, values, pos, sketch, valid = args
+    gold_out, gold_mass = reviver_decode_reference(*upcast(args), head_dim**-0.5)
+    part, codes = rd.part_map(pos, valid), rd.slot_codes(sketch, length)
+    for listed in (length, length - 37):
+        out, mass = rd.decode_attention(query, keys, values, pos, sketch, part, codes,
+                                        torch.full((1,), length, device="cuda"), length, head_dim**-0.5,
+                                        order=rd.bucket_order(codes, listed))
+        rel = float((out.float() - gold_out).norm() / gold_out.norm())
+        mass_err = float((mass - gold_mass).abs().max())
+        print(f"{case_id(case)}, {listed} positions ordered: output rel err {rel:.2e}, mass max abs err {mass_err:.2e}")
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert rel < tolerance and mass_err < tolerance
+
+
 def upcast(args):
     """The same decode inputs in fp32 (the sketch copied with fp32 buckets)."""
     query, keys, values, pos, sketch, valid = args

@@ -7,7 +7,8 @@ for any fraction below 1). :class:`InplaceStore` then holds the layer's step-to-
   free slot (position -1) instead of a ``torch.cat`` at every step;
 * the cumulative scores ``(B, H, capacity)`` fp32, and what the decode kernel would otherwise rebuild at every step:
   the part map ``(B, H, capacity)`` int8 (MASKED / VAGUE / EXACT, :mod:`.reviver_decode`) and the positions' bucket
-  codes ``(B, r, capacity)`` int32; ``capacity`` grows by ``LENGTH_CHUNK``.
+  codes ``(B, r, capacity)`` int32; ``capacity`` grows by ``LENGTH_CHUNK``. Under the linear combine also the bucket
+  order of the positions held at entry (:func:`~.reviver_decode.bucket_order`, ``(B, r, N)`` int32 twice).
 
 The length, the Recent count and the first Recent position live on the device too, and every kernel reads them
 there, so one step's launches and arguments are those of the next until a buffer grows: a CUDA graph can replay
@@ -36,11 +37,12 @@ import triton.language as tl
 
 from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, CHUNK_POSITIONS, EXACT, VAGUE, DecodeSplits, _bucket,
                                                    _combine_output, _estimate_rows, _row_slots, _slot_code,
-                                                   _split_totals, attend_splits, position_pass, slot_codes)
+                                                   _split_totals, attend_splits, bucket_order, position_pass,
+                                                   slot_codes)
 
 LENGTH_CHUNK = 64  # positions the scores, part map and codes grow by
 PAIRS_PER_ROUND = 16  # swaps whose estimates are read together
-BLOCK_SLOTS = 256
+BLOCK_SLOTS = 1024
 BLOCK_CHUNKS = 256  # chunks' highest Vague scores per loop step of _compress
 
 
@@ -310,6 +312,8 @@ class InplaceStore:
         self.codes = torch.zeros(b, sketch.rows, 0, dtype=torch.int32, device=device)
         self.reserve(n + 1)  # column n (the next token's) takes the empty slots' writes below, then is cleared
         slot_codes(sketch, n, out=self.codes)
+        # The linear combine sums the bucket weights of these positions through their bucket order.
+        self.order = bucket_order(self.codes, n) if sketch.combine == "mean" else None
         self.scores_buffer[:, :, :n] = scores
         self.part[:, :, :n] = valid.unsqueeze(1).to(torch.int8) * VAGUE
         self.part.scatter_(2, torch.where(exact_pos >= 0, exact_pos.long(), n), EXACT)
@@ -342,7 +346,8 @@ class InplaceStore:
         return self.scores_buffer[:, :, :length]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.scores_buffer, self.part, self.codes))
+        kept = (self.scores_buffer, self.part, self.codes, *(self.order or ()))
+        return sum(t.numel() * t.element_size() for t in kept)
 
 
 def exact_capacity(exact_slots: int, candidate: torch.Tensor, recent: torch.Tensor) -> int:
@@ -396,7 +401,7 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
     combine = isinstance(step, DecodeSplits)
     with torch.cuda.device(device):
         if combine:
-            chunk_top, chunk_pos = position_pass(step, scores=store.scores_buffer)
+            chunk_top, chunk_pos = position_pass(step, scores=store.scores_buffer, order=store.order)
             splits_args = (step.acc, step.max, step.sum, step.out, *step.bucket_tensors())
             shapes = dict(G=step.group, GP=step.group_pad, SP=step.splits_pad, LINEAR_STEP=step.linear)
             splits, step_slots = step.splits, step.slots
@@ -415,5 +420,5 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
             **shapes, COMBINE=combine,
             D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
             SIGNED_KEYS=sketch.signed_keys, LINEAR=sketch.combine == "mean", PAIRS=PAIRS_PER_ROUND,
-            BLOCK_E=BLOCK_SLOTS, BLOCK_C=BLOCK_CHUNKS, CHUNK=CHUNK_POSITIONS, num_warps=4,
+            BLOCK_E=BLOCK_SLOTS, BLOCK_C=BLOCK_CHUNKS, CHUNK=CHUNK_POSITIONS, num_warps=8,
         )

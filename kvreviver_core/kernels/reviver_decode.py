@@ -390,7 +390,10 @@ def _bucket_values(W, SV, SCNT, rows, gmask, head, slots, D: tl.constexpr, DP: t
         if MEAN:
             w = w / tl.maximum(tl.load(SCNT + head + j, mask=jmask, other=1), 1).to(tl.float32)[None, :]
         v = tl.load(SV + (head + j)[:, None] * D + di[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
-        out += tl.dot(w, v.to(tl.float32), input_precision="ieee")
+        if SV.dtype.element_ty == tl.float32:
+            out += tl.dot(w, v, input_precision="ieee")
+        else:  # the weights rounded to the values' dtype, as the exact tokens' probabilities are (tensor cores)
+            out += tl.dot(w.to(v.dtype), v)
     return out
 
 
@@ -442,10 +445,36 @@ def _combine(
     tl.store(MASS + bh * span + p, mass, mask=p < span)
 
 
-@triton.jit(do_not_specialize=["chunks"])
+@triton.jit
+def _sorted_bucket_sums(LOGITS, PART, ORDER, ORDER_CODES, W, rows, gmask, top, part_row, first, sorted_n, span,
+                        slots, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """Linear combine, one row: add the signed softmax numerators of the Vague positions among entries ``[first,
+    first + BLOCK)`` of the row's bucket order to their buckets' weights. The order lists positions by bucket, so a
+    block holds runs of one bucket: a prefix sum, and at each run's end one atomic add of the sum (and one of its
+    negation to the next run's bucket), instead of one atomic add per position on a few hot addresses."""
+    i = tl.arange(0, BLOCK)
+    idx = first + i
+    listed = idx < sorted_n
+    pos = tl.load(ORDER + ROW * sorted_n + idx, mask=listed, other=0)
+    code = tl.load(ORDER_CODES + ROW * sorted_n + idx, mask=listed, other=0)
+    slot, sign = code >> 1, 1 - 2 * (code & 1)
+    following = (i < BLOCK - 1) & (idx + 1 < sorted_n)
+    next_slot = tl.load(ORDER_CODES + ROW * sorted_n + idx + 1, mask=following, other=-2) >> 1  # -1: no next
+    vague = listed & (tl.load(part_row + pos, mask=listed, other=0) == _VAGUE)
+    both = gmask[:, None] & vague[None, :]
+    logits = tl.load(LOGITS + rows[:, None] * span + pos[None, :], mask=both, other=float("-inf"))
+    running = tl.cumsum(tl.exp(logits - top[:, None]) * sign.to(tl.float32)[None, :], axis=1)
+    run_end = listed & (next_slot != slot)
+    tl.atomic_add(W + rows[:, None] * slots + slot[None, :], running, mask=gmask[:, None] & run_end[None, :],
+                  sem="relaxed")
+    tl.atomic_add(W + rows[:, None] * slots + next_slot[None, :], -running,
+                  mask=gmask[:, None] & (run_end & (next_slot >= 0))[None, :], sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["chunks", "sorted_n"])
 def _position_pass(
-    LOGITS, PART_M, PART_L, MASS, PART, CODES, W, SCORES, CHUNK_TOP, CHUNK_POS, LENGTH,
-    Hkv, span, row_stride, mass_stride, code_stride, slots, splits, chunks,
+    LOGITS, PART_M, PART_L, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS, LENGTH,
+    Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, splits, chunks,
     G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr, FROM_LOGITS: tl.constexpr,
     LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -453,11 +482,13 @@ def _position_pass(
 
     * With LINEAR, adds each Vague position's softmax numerator ``exp(logit - max)``, times its sign, to its
       bucket's weight in each row ``W`` ``(B, Hq, slots)``: what ``_combine_output`` multiplies by the buckets' values.
+      The first ``sorted_n`` positions go through their bucket order ``ORDER`` / ``ORDER_CODES`` ``(B, ROWS,
+      sorted_n)`` (:func:`bucket_order`; entries ``[chunk * CHUNK, (chunk + 1) * CHUNK)`` in this program), the
+      later ones one by one.
     * With SCORE, adds the step's attention mass to the cumulative scores ``(B, Hkv, >= N)`` (rows
       ``row_stride`` apart, as the part map's), from the logits (FROM_LOGITS) or from ``MASS`` (rows
-      ``mass_stride`` apart), and
-      writes the chunk's highest Vague score and its first position to ``CHUNK_TOP`` / ``CHUNK_POS``
-      ``(B * Hkv, chunks)``, which Algorithm 3 (``inplace_step._compress``) starts from.
+      ``mass_stride`` apart), and writes the chunk's highest Vague score and its first position to ``CHUNK_TOP`` /
+      ``CHUNK_POS`` ``(B * Hkv, chunks)``, which Algorithm 3 (``inplace_step._compress``) starts from.
     """
     bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -471,23 +502,28 @@ def _position_pass(
     if FROM_LOGITS:
         top, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
     code_rows = CODES + b * ROWS * code_stride
+    part_row = PART + bh * row_stride
     best = tl.full((), float("-inf"), tl.float32)
     best_pos = tl.full((), -1, tl.int32)
     for start in tl.static_range(0, CHUNK, BLOCK):
         p = chunk * CHUNK + start + tl.arange(0, BLOCK)
         inside = p < N
-        kind = tl.load(PART + bh * row_stride + p, mask=inside, other=0)
+        kind = tl.load(part_row + p, mask=inside, other=0)
         vague = inside & (kind == _VAGUE)
         if FROM_LOGITS:
             logits = tl.load(LOGITS + rows[:, None] * span + p[None, :], mask=gmask[:, None] & inside[None, :],
                              other=float("-inf"))
             numerators = tl.exp(logits - top[:, None])
             if LINEAR:
-                both = gmask[:, None] & vague[None, :]
+                unsorted = gmask[:, None] & (vague & (p >= sorted_n))[None, :]
                 for row in tl.static_range(ROWS):
-                    slot, sign = _slot_of(code_rows, p, vague, code_stride, row)
+                    slot, sign = _slot_of(code_rows, p, vague & (p >= sorted_n), code_stride, row)
                     tl.atomic_add(W + rows[:, None] * slots + slot[None, :], numerators * sign.to(tl.float32)[None, :],
-                                  mask=both, sem="relaxed")
+                                  mask=unsorted, sem="relaxed")
+                for row in tl.static_range(ROWS):
+                    _sorted_bucket_sums(LOGITS, PART, ORDER + b * ROWS * sorted_n, ORDER_CODES + b * ROWS * sorted_n,
+                                        W, rows, gmask, top, part_row, chunk * CHUNK + start, sorted_n, span, slots,
+                                        row, BLOCK)
             mass = tl.sum(numerators * inv[:, None], 0)
         else:
             mass = tl.load(MASS + bh * mass_stride + p, mask=inside, other=0.0)
@@ -501,6 +537,15 @@ def _position_pass(
     if SCORE:
         tl.store(CHUNK_TOP + bh * chunks + chunk, best)
         tl.store(CHUNK_POS + bh * chunks + chunk, best_pos)
+
+
+def bucket_order(codes: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``length`` positions of each row listed by bucket (stably), and their codes: ``(B, r, length)``
+    int32 each, from the bucket codes ``(B, r, >= length)`` of :func:`slot_codes`. A position's buckets never
+    change, so the linear combine's position pass sums each bucket's weights over runs of this order."""
+    head = codes[:, :, :length]
+    order = torch.sort(head >> 1, dim=-1, stable=True).indices
+    return order.to(torch.int32).contiguous(), head.gather(-1, order).contiguous()
 
 
 def kernel_unsupported(query: torch.Tensor, sketch: VagueSketch | None) -> str | None:
@@ -584,14 +629,14 @@ def reviver_decode_triton(
                                 scaling)
 
 
-def decode_attention(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, span,
-                     scaling) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_attention(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, span, scaling,
+                     order=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's attention over a store whose part map and bucket codes are built (the in-place step keeps
-    them): :func:`attend_splits`'s arguments; the output ``(B, 1, Hq, D)`` and the mass ``(B, Hkv, span)`` fp32
-    (zeros from ``length`` on), on the current CUDA device."""
+    them): :func:`attend_splits`'s arguments, and the positions' :func:`bucket_order` or None; the output
+    ``(B, 1, Hq, D)`` and the mass ``(B, Hkv, span)`` fp32 (zeros from ``length`` on), on the current CUDA device."""
     splits = attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, span, scaling)
     if splits.linear:
-        position_pass(splits)
+        position_pass(splits, order=order)
     mass = torch.empty(*exact_pos.shape[:2], span, dtype=torch.float32, device=query.device)
     _combine[(splits.batch * splits.kv_heads, triton.cdiv(span, BLOCK_MASS))](
         splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass, *splits.bucket_tensors(), length,
@@ -745,11 +790,14 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
 
 def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
                   part: torch.Tensor | None = None, codes: torch.Tensor | None = None,
-                  length: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  length: torch.Tensor | None = None,
+                  order: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Launch ``_position_pass`` on the current CUDA device: the linear combine's bucket weights from the decode's
     logits (``step``), and with ``scores`` ``(B, Hkv, capacity)`` their update by the step's mass and each chunk's
     highest Vague score. The mass comes from ``step``'s logits, or from ``mass`` ``(B, Hkv, N)`` when ``step`` is
-    None (then ``part``, ``codes`` and ``length`` say what the store holds).
+    None (then ``part``, ``codes`` and ``length`` say what the store holds). ``order``: the :func:`bucket_order`
+    of the first positions, which the weights are summed through (the later positions, or all without it, one
+    by one).
 
     Returns:
         with ``scores``, each chunk's highest Vague score ``(B * Hkv, chunks)`` fp32 and its position (int32,
@@ -768,15 +816,17 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
     placeholder = part  # pointers the pass does not read in this mode
     from_logits = step is not None
     weights = step.weights if from_logits and step.linear else placeholder
+    order_positions, order_codes = order if order is not None else (placeholder, placeholder)
     _position_pass[(b * hkv, chunks)](
         step.logits if from_logits else placeholder, step.max if from_logits else placeholder,
         step.sum if from_logits else placeholder, mass if mass is not None else placeholder, part,
-        codes if codes is not None else placeholder, weights, scores if scores is not None else placeholder,
+        codes if codes is not None else placeholder, order_positions, order_codes, weights,
+        scores if scores is not None else placeholder,
         chunk_top if chunk_top is not None else placeholder, chunk_pos if chunk_pos is not None else placeholder,
         length, hkv, step.span if from_logits else 0, part.stride(1), mass.stride(1) if mass is not None else 0,
-        codes.stride(1) if codes is not None else 0, step.slots if from_logits else 0,
-        step.splits if from_logits else 1, chunks,
-        G=step.group if from_logits else 1, GP=step.group_pad if from_logits else 16,
+        codes.stride(1) if codes is not None else 0, order_positions.shape[-1] if order is not None else 0,
+        step.slots if from_logits else 0, step.splits if from_logits else 1, chunks,
+        G=step.group if from_logits else 1, GP=triton.next_power_of_2(step.group) if from_logits else 1,
         SP=step.splits_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
         FROM_LOGITS=from_logits, LINEAR=from_logits and step.linear, SCORE=scores is not None,
         CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, num_warps=4,

@@ -49,6 +49,7 @@ from kvreviver_core.sketch import COMBINES, ESTIMATORS, Combine, Estimator, Vagu
 SCORE_BYTES = 4  # fp32 cumulative score per token and KV head
 PART_BYTES = 1  # the in-place decode step's part map, per token and KV head
 CODE_BYTES = 4  # and each token's bucket code in each sketch row
+ORDER_BYTES = 8  # the linear combine's bucket order: position and code, per token and sketch row
 POSITION_BYTES = 4  # int32 position per exact slot and KV head
 
 
@@ -221,7 +222,8 @@ class ReviverLayer(CompressedLayer):
     def _plan_capacity(self) -> None:
         capacities, vague, candidate, recent = [], [], [], []
         for prompt in self.prompt_lengths.tolist():
-            per_token = (SCORE_BYTES + PART_BYTES) * self.heads + CODE_BYTES * self.budget.sketch_rows
+            row_bytes = CODE_BYTES + (ORDER_BYTES if self.combine == "mean" else 0)
+            per_token = (SCORE_BYTES + PART_BYTES) * self.heads + row_bytes * self.budget.sketch_rows
             cap = token_capacity(self.budget, prompt, self.token_bytes(), per_token, POSITION_BYTES * self.heads)
             sizes = split_capacity(self.budget, max(cap, 0))
             capacities.append(cap)

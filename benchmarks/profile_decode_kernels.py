@@ -1,0 +1,99 @@
+"""Where one KVReviver decode step's GPU time goes, kernel by kernel (issue 7, benchmark 1's why).
+
+Llama-2-7B shapes (32 heads, head_dim 128, bf16), budget 10%, one real ``ReviverLayer`` per context and row combine,
+set up as in ``bench_decode_attention.py``. Under ``torch.profiler`` it runs ``--calls`` times:
+
+* ``attention``: the decode attention over the kept maps (``reviver_decode.decode_attention``);
+* ``step``: a whole in-place decode step of the layer through the registered attention function (append, the
+  attention, the position pass and Algorithm 3).
+
+and prints each GPU kernel's mean time per call, with its share. One JSON line per (context, combine, part) goes to
+``--out``.
+
+Usage on a GPU machine: python benchmarks/profile_decode_kernels.py [--contexts 8192,32768] [--combines median,mean]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_decode_attention import layer_step
+from kvreviver_core.budget import Budget
+from kvreviver_core.kernels import reviver_decode
+from kvreviver_core.methods.reviver import ReviverLayer
+
+
+def kernel_times(fn, calls: int) -> dict[str, float]:
+    """Mean microseconds per call of every GPU kernel ``fn`` launches (warmed up first)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
+            times[event.key[:60]] += event.self_device_time_total / calls
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", default="8192,32768")
+    parser.add_argument("--combines", default="median,mean")
+    parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_kernels.jsonl"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (and Triton)")
+    device = torch.cuda.get_device_name()
+    h, d = args.heads, 128
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for context in (int(c) for c in args.contexts.split(",")):
+        for combine in args.combines.split(","):
+            gen = torch.Generator(device="cuda").manual_seed(context)
+            rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+            layer = ReviverLayer(0, Budget(args.budget), fused=True, combine=combine)
+            layer.update(rand(1, h, context, d), rand(1, h, context, d))
+            layer.observe(torch.rand(1, h, context, device="cuda", generator=gen),
+                          torch.ones(1, context, dtype=torch.bool, device="cuda"))
+            layer.update(rand(1, h, 1, d), rand(1, h, 1, d))
+            layer._decode = None
+            query = rand(1, h, 1, d)
+            length = layer.logical_len
+            key_valid = torch.ones(1, length, dtype=torch.bool, device="cuda")
+            part = reviver_decode.part_map(layer.exact_pos, key_valid)
+            codes = reviver_decode.slot_codes(layer.sketch, length)
+            length_tensor = torch.full((1,), length, dtype=torch.long, device="cuda")
+            store = (layer.exact_keys, layer.exact_values, layer.exact_pos, layer.sketch)
+            parts = {
+                "attention": lambda: reviver_decode.decode_attention(query, *store, part, codes, length_tensor,
+                                                                     length, d**-0.5),
+                "step": layer_step(layer, h, d, 1, d**-0.5),
+            }
+            for name, fn in parts.items():
+                times = kernel_times(fn, args.calls)
+                total = sum(times.values())
+                row = {"device": device, "context": context, "combine": combine, "part": name,
+                       "gpu_us_per_call": total, "kernels_us": times}
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"\n{device}, context {context}, combine {combine}, {name}: {total:.1f} us of GPU time per call")
+                for kernel, us in times.items():
+                    print(f"  {us:8.1f} us  {100 * us / total:5.1f}%  {kernel}")
+            del layer, store, part, codes
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
