@@ -220,7 +220,7 @@ def _compress(
         rows = bh * G + gi  # query heads of this KV group
         top_logit, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
         _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top_logit, inv, splits, W, SV_STEP, SCNT_STEP,
-                        bh * step_slots, step_slots, GP, D, DP, ROWS, MEAN, LINEAR_STEP)
+                        bh * step_slots, step_slots, GP, D, DP, SP, ROWS, MEAN, LINEAR_STEP)
         tl.debug_barrier()
     has_buckets = tl.load(BUCKETS + b) > 0
     nb = tl.maximum(tl.load(BUCKETS + b), 1)
