@@ -10,7 +10,8 @@ The default model is the embedded SmolLM2-135M-Instruct; ``--arch NAME`` uses ra
 (no tokenizer: the prompts are then random token ids of the same lengths).
 
 Usage: python benchmarks/bench_decode_equivalence.py [--dtypes float32,bfloat16] [--estimators sum,mean]
-       [--budget 0.1] [--new-tokens 64] [--arch smollm2-135m] [--out runs/decode_equivalence.json]
+       [--combines median,mean] [--budget 0.1] [--new-tokens 64] [--arch smollm2-135m]
+       [--out runs/decode_equivalence.json]
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--arch", default=None, help="random weights of this preset instead of a checkpoint")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--estimators", default="sum,mean")
+    parser.add_argument("--combines", default="median", help="the sketch's row combines: median, mean or both")
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("runs/decode_equivalence.json"))
@@ -81,13 +83,13 @@ def main() -> None:
         model, tokenizer = models.load_model(args.model, dtype=dtype, device="cuda", arch=args.arch,
                                              random_weights=args.arch is not None)
         inputs = prompts(tokenizer, model.config.vocab_size, "cuda")
-        for estimator in args.estimators.split(","):
-            tokens = {name: greedy(model, inputs, args.new_tokens, args.budget, fused=fused, estimator=estimator)
-                      for name, fused in FUSED.items()}
+        for estimator, combine in ((e, c) for e in args.estimators.split(",") for c in args.combines.split(",")):
+            tokens = {name: greedy(model, inputs, args.new_tokens, args.budget, fused=fused, estimator=estimator,
+                                   combine=combine) for name, fused in FUSED.items()}
             for other in ("kernel", "unfused"):
                 diffs = [first_difference(a, b) for a, b in zip(tokens[other], tokens["reference"])]
                 row = {"model": args.arch or args.model or "SmolLM2-135M-Instruct", "dtype": dtype,
-                       "estimator": estimator, "budget": args.budget, "compare": f"{other} vs reference",
+                       "estimator": estimator, "combine": combine, "budget": args.budget, "compare": f"{other} vs reference",
                        "prompt_tokens": inputs["attention_mask"].sum(1).tolist(), "new_tokens": args.new_tokens,
                        "identical": sum(d is None for d in diffs), "prompts": len(diffs), "first_difference": diffs,
                        "device": torch.cuda.get_device_name()}
@@ -99,10 +101,11 @@ def main() -> None:
         torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print("\n| model | dtype | estimator | comparison | identical prompts | first differing step |")
-    print("|---|---|---|---|---:|---|")
+    print("\n| model | dtype | estimator | combine | comparison | identical prompts | first differing step |")
+    print("|---|---|---|---|---|---:|---|")
     for r in results:
-        print(f"| {r['model']} | {r['dtype']} | {r['estimator']} | {r['compare']} | {r['identical']}/{r['prompts']} | "
+        print(f"| {r['model']} | {r['dtype']} | {r['estimator']} | {r['combine']} | {r['compare']} | "
+              f"{r['identical']}/{r['prompts']} | "
               f"{', '.join('-' if d is None else str(d) for d in r['first_difference'])} |")
 
 

@@ -76,7 +76,8 @@ def decode(model, method: str, graphs: bool, steps: int, **options):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize("method, options", [("kvreviver", {"estimator": "sum"}), ("kvreviver", {"estimator": "mean"}),
-                                             ("full", {"static": True})], ids=["kvreviver-sum", "kvreviver-mean", "full-static"])
+                                             ("kvreviver", {"combine": "mean"}), ("full", {"static": True})],
+                         ids=["kvreviver-sum", "kvreviver-mean", "kvreviver-linear", "full-static"])
 @torch.no_grad()
 def test_replayed_steps_equal_the_eager_steps(method, options):
     """A replay runs the recorded kernels on the same buffers: the tokens and, for KVReviver, every score, exact
@@ -100,7 +101,15 @@ def test_replayed_steps_equal_the_eager_steps(method, options):
                 assert torch.equal(mine[:, :, :length], eagers[:, :, :length])
             continue
         assert bool(ours.sketch.enabled.all()) and int(ours.parts()["vague"].min()) > 0  # Vague part in use
-        assert torch.equal(ours.scores, theirs.scores)
         assert torch.equal(ours.exact_map(), theirs.exact_map())
-        assert torch.equal(ours.sketch.keys, theirs.sketch.keys) and torch.equal(ours.sketch.values, theirs.sketch.values)
+        if options.get("combine") == "mean":
+            # The linear combine's bucket weights are atomic sums, whose order varies from run to run: the
+            # outputs, and through them the next steps' scores and buckets, agree to rounding, not to the bit.
+            for mine, eagers in ((ours.scores, theirs.scores), (ours.sketch.keys, theirs.sketch.keys),
+                                 (ours.sketch.values, theirs.sketch.values)):
+                torch.testing.assert_close(mine, eagers, rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(ours.scores, theirs.scores)
+            assert torch.equal(ours.sketch.keys, theirs.sketch.keys)
+            assert torch.equal(ours.sketch.values, theirs.sketch.values)
         assert {k: v.tolist() for k, v in ours.parts().items()} == {k: v.tolist() for k, v in theirs.parts().items()}

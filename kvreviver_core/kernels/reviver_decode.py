@@ -514,12 +514,13 @@ def _position_pass(
         top, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
     code_rows = CODES + b * ROWS * code_stride
     part_row = PART + bh * row_stride
-    row = tl.program_id(2) - 1
-    if row >= 0:  # one row's bucket sums over its order (LINEAR with an order only)
-        for start in tl.static_range(0, CHUNK, BLOCK):
-            _sorted_bucket_sums(LOGITS, ORDER + b * ROWS * sorted_n, ORDER_CODES + b * ROWS * sorted_n, W, rows,
-                                gmask, top, part_row, chunk * CHUNK + start, sorted_n, span, slots, row, BLOCK)
-        return
+    if LINEAR:
+        row = tl.program_id(2) - 1
+        if row >= 0:  # one row's bucket sums over its order (a grid with that axis only with an order)
+            for start in tl.static_range(0, CHUNK, BLOCK):
+                _sorted_bucket_sums(LOGITS, ORDER + b * ROWS * sorted_n, ORDER_CODES + b * ROWS * sorted_n, W, rows,
+                                    gmask, top, part_row, chunk * CHUNK + start, sorted_n, span, slots, row, BLOCK)
+            return
     best = tl.full((), float("-inf"), tl.float32)
     best_pos = tl.full((), -1, tl.int32)
     for start in tl.static_range(0, CHUNK, BLOCK):
