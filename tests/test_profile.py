@@ -180,6 +180,18 @@ def test_profile_on_cpu_end_to_end(tmp_path):
     assert (out / "profile.jsonl").read_text().splitlines() == lines
 
 
+def test_profile_takes_method_specs(tmp_path):
+    """A method with options (``name:key=value``) is made with them and labelled by its whole spec."""
+    out = tmp_path / "run"
+    result = _invoke([*TINY, "--methods", "full,kvreviver:combine=mean:split=0.2/0.4/0.4", "--context", "40",
+                      "--new-tokens", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads((out / "profile.json").read_text())["rows"]}
+    assert set(rows) == {"full", "kvreviver:combine=mean:split=0.2/0.4/0.4"}
+    spec = rows["kvreviver:combine=mean:split=0.2/0.4/0.4"]
+    assert spec["status"] == "ok" and 0 < spec["kv_bytes"] < rows["full"]["kv_bytes"]
+
+
 def test_profile_reports_oom_rows_and_keeps_going(monkeypatch, tmp_path):
     def fake_measure(model, spec, batch, memory=None):
         if spec.method == "full" and batch > 3:
@@ -230,6 +242,8 @@ def test_sample_configs_hold_the_papers_table1_setup_and_only_profile_options():
         (["--batch", "0"], "--batch"),
         (["--batch", "1,x"], "--batch"),
         (["--methods", "full,nosuch"], "unknown method"),
+        (["--methods", "full,kvreviver:combine=max"], "unknown row combine"),
+        (["--methods", "full,kvreviver:bogus=1"], "has no option bogus"),
         (["--budget", "0"], "--budget"),
         (["--budget", "1.5"], "--budget"),
         (["--context", "9000"], "positions"),

@@ -12,17 +12,19 @@ for any fraction below 1). :class:`InplaceStore` then holds the layer's step-to-
 
 The length, the Recent count and the first Recent position live on the device too, and every kernel reads them
 there, so one step's launches and arguments are those of the next until a buffer grows: a CUDA graph can replay
-it (:mod:`kvreviver_core.graphs`). A step is the length's increment and three Triton launches: :func:`append`
+it (:mod:`kvreviver_core.graphs`). A step is the length's increment and these Triton launches: :func:`append`
 (``_append``, which also does the Recent bookkeeping) before attention, the decode kernel's split-K pass
-(:func:`attend`, whose grid covers the capacity), and :func:`compress` (``_compress``). ``_compress`` runs with one
-program per (sequence, KV head):
+(:func:`attend`, whose grid covers the capacity; under the linear combine after ``_bucket_logits``), then
+:func:`compress`:
 
-0. the decode kernel's combine: the attention output, and each position's attention mass from the logits;
-1. add the step's attention mass to the scores;
+0. ``_position_pass``, a grid over (sequence, KV head, chunk of 1024 positions): the step's attention mass added to
+   the scores, and each chunk's highest Vague score (under the linear combine also the buckets' weights);
+1. ``_compress``, one program per (sequence, KV head): the decode kernel's combine (the attention output), then
 2. fold the lowest-scored Candidates beyond the Candidate share into the sketch (after a Recent hand-over);
 3. the paper's swap loop: while the lowest Candidate's score x ReplaceRate is below the highest Vague score, the
    Vague token returns to the exact store holding the sketch's estimate of it, which is deleted from the sketch,
-   and the Candidate is inserted in its place.
+   and the Candidate is inserted in its place. The highest Vague score comes from the chunks' highest; a swap
+   rescans only the chunk of the token it took.
 
 The swaps of one round (up to ``PAIRS_PER_ROUND``) read their estimates before any bucket changes, as the torch
 path's batched :meth:`~kvreviver_core.sketch.VagueSketch.swap` does; a head that swaps more in one step runs more

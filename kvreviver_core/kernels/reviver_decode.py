@@ -9,10 +9,17 @@ One decode step (one query per sequence) reads only the compressed store:
   the bucket counts for ``"mean"``).
 
 HBM traffic is the exact store, the sketch, a byte per position and KV head for the part map and the fp32 logits of
-the query heads, so it follows the budget, not the context. The full K/V are never materialised. But every Vague
-token gathers 2r bucket vectors (3 keys, 3 values), which the L2 cache serves: at the paper's split (90% of the
-tokens Vague at a 10% budget) that is about 2.8x the full cache's K/V bytes through L2, and on an H200 the kernel is
-slower than SDPA over the full cache; with only exact tokens it is faster (see BENCHMARKS.md, issue 7).
+the query heads, so it follows the budget, not the context. The full K/V are never materialised. Under the paper's
+median every Vague token still gathers 2r bucket vectors (3 keys, 3 values), which the L2 cache serves: at the
+paper's split (90% of the tokens Vague at a 10% budget) that is about 2.8x the full cache's K/V bytes through L2,
+and on an H200 that kernel is slower than SDPA over the full cache.
+
+Under the sketch's linear combine (``combine="mean"``: the rows' estimates averaged) nothing is rebuilt. A Vague
+token's logit is the mean of its r buckets' logits, and the Vague share of the output is the buckets' values
+weighted by the softmax numerators of their tokens. So ``_bucket_logits`` takes the query's logit of every bucket,
+the split-K pass reads 3 of those scalars per Vague position, ``_position_pass`` sums each bucket's (signed) weights,
+and the combine multiplies them by the bucket values: each bucket is read once, and on an H200 the kernel is faster
+than SDPA over the full cache (BENCHMARKS.md, issue 7).
 
 The part map ``(B, Hkv, L)`` int8 says what each position is for each KV head: ``MASKED`` (padding), ``VAGUE`` or
 ``EXACT`` (a sequence without sketch buckets attends its exact tokens only). A layer on the in-place decode path
@@ -27,9 +34,11 @@ Then the attention itself, two launches:
 * ``_decode_split``: grid ``(B * Hkv, splits)``. Each program owns one KV head (all G query heads of its group,
    so keys are loaded once for the group) and one slice of the exact slots and of the positions. It runs an online
    softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
+* under the linear combine, ``_position_pass``: the buckets' weights;
 * ``_combine``: merges the splits into the output and turns the logits into each position's attention mass,
-  summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V. The
-  in-place step's compress kernel does this itself (:mod:`.inplace_step`), adding the mass straight to the scores.
+  summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V. On the
+  in-place step, ``_position_pass`` adds the mass straight to the scores and the compress kernel merges the output
+  (:mod:`.inplace_step`).
 """
 
 from __future__ import annotations
