@@ -85,7 +85,8 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One (method, budget, split) to run on every prompt. The full cache has no budget or split."""
+    """One (method, budget, split) to run on every prompt. The full cache has no budget or split. ``method`` is a
+    method spec, ``name[:key=value...]`` (:mod:`kvreviver_core.specs`)."""
 
     method: str
     budget: Optional[float] = None
@@ -99,6 +100,10 @@ class RunSpec:
             return Budget(1.0)
         return Budget(self.budget, split=self.split or DEFAULT_SPLIT)
 
+    def cache_args(self) -> tuple[str, dict]:
+        """The method's name and its options (Budget fields among them override ``cache_budget()``'s)."""
+        return _method_spec(self.method)
+
     def label(self) -> str:
         if self.budget is None:
             return self.method
@@ -106,12 +111,19 @@ class RunSpec:
         return f"{self.method} @ {self.budget:g}{split}"
 
 
+def _method_spec(spec: str) -> tuple[str, dict]:
+    from kvreviver_core.specs import method_spec  # on demand: it imports every method (and torch)
+
+    return method_spec(spec)
+
+
 def runs_for(methods: list[str], budgets: list[float], split: tuple[float, float, float]) -> list[RunSpec]:
     """The full cache first (every fidelity score needs it), then each method at each budget."""
     runs = [RunSpec(FULL)]
     for method in methods:
         if method != FULL:
-            runs += [RunSpec(method, budget, split if method == "kvreviver" else None) for budget in budgets]
+            with_split = _method_spec(method)[0] == "kvreviver"
+            runs += [RunSpec(method, budget, split if with_split else None) for budget in budgets]
     return runs
 
 
@@ -167,7 +179,8 @@ def usable_methods(task: EvalTask, requested: list[str] | None, budgets: list[fl
         try:
             probes = [RunSpec(FULL)] if name == FULL else runs_for([name], budgets, split)[1:]
             for run in probes:
-                make_cache(run.method, run.cache_budget(), model=task.model)  # prepare() loads calibration here
+                method, options = run.cache_args()
+                make_cache(method, run.cache_budget(), model=task.model, **options)  # prepare() loads calibration
         except Exception as exc:  # any failure to build a cache: calibration missing, bad options, ...
             reason = _first_line(exc)
             if requested is not None:
@@ -222,8 +235,9 @@ def run_task(task: EvalTask, runs: list[RunSpec], store: ResultStore, optional: 
                     continue
                 progress.update(bar, description=run.label())
                 try:
-                    outputs = generate_batch(task.model, task.tokenizer, [p.text for p in todo], run.method,
-                                             run.cache_budget(), task.settings.max_new_tokens)
+                    name, options = run.cache_args()
+                    outputs = generate_batch(task.model, task.tokenizer, [p.text for p in todo], name,
+                                             run.cache_budget(), task.settings.max_new_tokens, **options)
                 except (ValueError, RuntimeError) as exc:
                     if run.method not in optional:
                         raise UsageError(f"{run.label()} failed: {_first_line(exc)}") from None
@@ -372,10 +386,12 @@ def parse_split(text: str) -> tuple[float, float, float]:
 
 
 def check_method_names(names: list[str]) -> None:
-    known = list_all_methods()
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise UsageError(f"unknown method {', '.join(map(repr, unknown))}; available: {', '.join(known)}")
+    """Each must be a method spec: a registered name, with options it has."""
+    for name in names:
+        try:
+            _method_spec(name)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
 
 # The task's flags, shared by `eval` and `sweep-ratios`.
@@ -401,7 +417,7 @@ def eval_command(
     dtype: str = DTYPE,
     device: str = DEVICE,
     device_map: Optional[str] = DEVICE_MAP,
-    methods: Optional[str] = typer.Option(None, help="Comma-separated; default: every method that can run here (full always runs)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated names or specs (kvreviver:combine=mean); default: every method that can run here (full always runs)."),
     budget: str = typer.Option("0.25", help="Fractions of the full cache's memory, comma-separated: 0.1,0.25."),
     split: str = typer.Option("0.1,0.45,0.45", help="KVReviver's Vague,Candidate,Recent shares (sum 1)."),
     dataset: str = DATASET,

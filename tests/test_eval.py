@@ -131,6 +131,27 @@ def test_eval_scores_against_references_and_the_full_cache(tiny, articles, tmp_p
     assert "ROUGE-1 (ref)" in result.output and "ROUGE-L vs full" in result.output
 
 
+def test_method_specs_run_with_their_options(tiny, articles, tmp_path):
+    """``name:key=value`` runs the method with those options: at an unlimited budget the linear combine (no token
+    leaves the exact store) gives the full cache's tokens, and its rows are labelled by the whole spec."""
+    out = tmp_path / "out"
+    spec = "kvreviver:combine=mean:split=0.2/0.4/0.4"
+    result = run_cli("eval", "--model", tiny, "--dataset", articles, "--methods", spec, "--budget", "0.3,1.0",
+                     "--max-new-tokens", "6", "--batch-size", "3", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out)
+    full = {r["prompt_id"]: r for r in rows if r["method"] == "full"}
+    ours = [r for r in rows if r["method"] == spec]
+    assert len(ours) == 2 * len(ARTICLES)
+    for row in ours:
+        if row["budget"] == 1.0:
+            assert row["token_ids"] == full[row["prompt_id"]]["token_ids"]
+        elif row["batch_size"] == 1:
+            assert row["memory_bytes"] <= 0.3 * row["full_bytes"]
+    bad = run_cli("eval", "--model", tiny, "--dataset", articles, "--methods", "kvreviver:combine=max")
+    assert bad.exit_code == 2 and "unknown row combine" in bad.output
+
+
 def test_builtin_reports_fidelity_only_and_says_so(tiny, tmp_path):
     result = run_cli("eval", "--model", tiny, "--methods", "full,h2o", "--limit", "2", "--max-context", "160",
                      "--max-new-tokens", "4")

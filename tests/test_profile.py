@@ -229,8 +229,8 @@ def test_sample_configs_hold_the_papers_table1_setup_and_only_profile_options():
     configs = Path(__file__).resolve().parents[1] / "sample_configs"
     options = set(inspect.signature(profile_cmd.profile_command).parameters) - {"ctx"}
     table1 = load_toml(configs / "paper-table1-throughput.toml", "profile")
-    assert table1 == {"arch": "llama-2-7b", "random_weights": True, "methods": "full,kvreviver", "budget": 0.1,
-                      "batch": "1,2,8,16", "context": 2048, "new_tokens": 128, "device": "cuda"}
+    assert table1 == {"arch": "llama-2-7b", "random_weights": True, "methods": "full,kvreviver,kvreviver:combine=mean",
+                      "budget": 0.1, "batch": "1,2,8,16", "context": 2048, "new_tokens": 128, "device": "cuda"}
     offline = load_toml(configs / "smollm2-offline.toml", "profile")
     assert set(table1) <= options and set(offline) <= options
     assert offline["device"] == "cpu" and "arch" not in offline and "model" not in offline  # the embedded model
