@@ -21,11 +21,13 @@ from kvreviver_core.budget import Budget
 from kvreviver_core.methods.reviver import ReviverLayer
 
 
-def prefilled_layer(context: int, heads: int, head_dim: int, budget: float, estimator: str) -> ReviverLayer:
+def prefilled_layer(context: int, heads: int, head_dim: int, budget: float, **options) -> ReviverLayer:
+    """A fused ``ReviverLayer`` (bf16) after a random prefill of ``context`` tokens and its compress step;
+    ``options``: the layer's (estimator, combine, ...)."""
     gen = torch.Generator(device="cuda").manual_seed(context)
     keys, values = (torch.randn(1, heads, context, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                     for _ in range(2))
-    layer = ReviverLayer(0, Budget(budget), estimator=estimator, fused=True)
+    layer = ReviverLayer(0, Budget(budget), fused=True, **options)
     layer.update(keys, values)
     scores = torch.rand(1, heads, context, device="cuda", generator=gen)
     layer.observe(scores, torch.ones(1, context, dtype=torch.bool, device="cuda"))
@@ -52,7 +54,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
     for context in map(int, args.contexts.split(",")):
         for estimator in args.estimators.split(","):
-            layer = prefilled_layer(context, args.heads, args.head_dim, args.budget, estimator)
+            layer = prefilled_layer(context, args.heads, args.head_dim, args.budget, estimator=estimator)
             step = layer_step(layer, args.heads, args.head_dim, 1, args.head_dim**-0.5)
             swaps = [swapped_in_per_head(layer, step) for _ in range(5)]
             median_us = timed_steps(step)

@@ -1,7 +1,7 @@
 """Where one KVReviver decode step's GPU time goes, kernel by kernel (issue 7, benchmark 1's why).
 
-Llama-2-7B shapes (32 heads, head_dim 128, bf16), budget 10%, one real ``ReviverLayer`` per context and row combine,
-set up as in ``bench_decode_attention.py``. Under ``torch.profiler`` it runs ``--calls`` times:
+Llama-2-7B shapes (32 heads, head_dim 128, bf16), budget 10%, one real ``ReviverLayer`` per context and row combine
+(``profile_compress_step.prefilled_layer``, then one decode token appended). Under ``torch.profiler`` it runs ``--calls`` times:
 
 * ``attention``: the decode attention over the kept maps (``reviver_decode.decode_attention``);
 * ``step``: a whole in-place decode step of the layer through the registered attention function (append, the
@@ -24,9 +24,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_decode_attention import layer_step
-from kvreviver_core.budget import Budget
+from profile_compress_step import prefilled_layer
+
 from kvreviver_core.kernels import reviver_decode
-from kvreviver_core.methods.reviver import ReviverLayer
 
 
 def kernel_times(fn, calls: int) -> dict[str, float]:
@@ -61,12 +61,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for context in (int(c) for c in args.contexts.split(",")):
         for combine in args.combines.split(","):
-            gen = torch.Generator(device="cuda").manual_seed(context)
+            layer = prefilled_layer(context, h, d, args.budget, combine=combine)
+            gen = torch.Generator(device="cuda").manual_seed(context + 1)
             rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
-            layer = ReviverLayer(0, Budget(args.budget), fused=True, combine=combine)
-            layer.update(rand(1, h, context, d), rand(1, h, context, d))
-            layer.observe(torch.rand(1, h, context, device="cuda", generator=gen),
-                          torch.ones(1, context, dtype=torch.bool, device="cuda"))
             layer.update(rand(1, h, 1, d), rand(1, h, 1, d))
             layer._decode = None
             query = rand(1, h, 1, d)
