@@ -58,7 +58,7 @@ _POS_MUL = tl.constexpr(0x9E3779B1)
 _M1 = tl.constexpr(_wrap64(_MIX_1))
 _M2 = tl.constexpr(_wrap64(_MIX_2))
 
-SUPPORTED_ROWS = (1, 3)  # median of 1 or 3 rows; other row counts use the reference
+SUPPORTED_ROWS = (1, 3)  # 1 or 3 rows combined (median or mean); other row counts use the reference
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_EXACT = 64  # exact slots per loop step
 BLOCK_VAGUE = 32  # positions per loop step (3 gathered rows each for keys and values)
@@ -580,7 +580,7 @@ def kernel_unsupported(query: torch.Tensor, sketch: VagueSketch | None) -> str |
     if sketch is not None and sketch.width == 0:
         return "no sequence of the batch has sketch buckets (the kernel is written for a non-empty sketch)"
     if sketch is not None and sketch.rows not in SUPPORTED_ROWS:
-        return f"the kernel takes the median of {' or '.join(map(str, SUPPORTED_ROWS))} sketch rows, not {sketch.rows}"
+        return f"the kernel combines {' or '.join(map(str, SUPPORTED_ROWS))} sketch rows, not {sketch.rows}"
     return None
 
 

@@ -7,7 +7,8 @@ Storage of one layer (B = batch, H = KV heads, E = exact slots, N = logical leng
   Candidate sets differ between KV heads, because scores are per KV head.
 * ``scores`` ``(B, H, N)`` fp32: cumulative softmax(QK^T) of every token. Vague tokens need theirs for the
   swap-back test, so it is kept for all tokens and charged to the budget, as are the in-place decode step's part map
-  (a byte per token and KV head) and bucket codes (4 bytes per token and sketch row).
+  (a byte per token and KV head) and bucket codes (4 bytes per token and sketch row; 8 more under the linear
+  combine where decode runs the kernel: the bucket order).
 * ``sketch``: the Vague part (:class:`~kvreviver_core.sketch.VagueSketch`), r rows x b buckets.
 
 Compress (Algorithm 3, run after every attention call): when Recent exceeds its share, its oldest tokens become
