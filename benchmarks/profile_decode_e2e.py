@@ -29,13 +29,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs
 from kvreviver_core.models import random_model
 from kvreviver_core.generation import greedy_next
 from kvreviver_core.graphs import GraphedDecode
-from kvreviver_core.methods import METHODS
-from kvreviver_core.profiling import synthetic_ids
+from kvreviver_core.profiling import profiled_cache, synthetic_ids
 from kvreviver_core.specs import method_spec
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
@@ -53,10 +51,8 @@ def swapped_back_per_head(cache, step) -> float:
 @torch.no_grad()
 def measure(model, method: str, context: int, mode: str, args) -> dict:
     ids = synthetic_ids(model.config.vocab_size, 1, context, 0, torch.device("cuda"))
-    name, options = method_spec(method)
-    if mode == "graphs":
-        options = {**METHODS[name].graph_options(), **options}
-    cache = make_cache(name, args.budget if name != "full" else 1.0, model=model, **options)
+    budget = 1.0 if method_spec(method)[0] == "full" else args.budget
+    cache = profiled_cache(method, budget, model, mode == "graphs")
     forward = cache_kwargs(model, cache)
     token = greedy_next(model, ids, forward, logits_to_keep=1)
     runner = GraphedDecode(model, cache, forward) if mode == "graphs" else None

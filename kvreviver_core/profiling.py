@@ -25,7 +25,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from kvreviver_core.cache import make_cache
+from kvreviver_core.cache import CompressedCache, make_cache
 from kvreviver_core.generation import cache_kwargs, greedy_next
 from kvreviver_core.graphs import GraphedDecode
 from kvreviver_core.methods import METHODS
@@ -263,6 +263,15 @@ def synthetic_ids(vocab_size: int, batch: int, length: int, seed: int, device: t
     return torch.randint(low, vocab_size, (batch, length), generator=generator).to(device)
 
 
+def profiled_cache(method: str, budget: float, model: torch.nn.Module, cuda_graphs: bool) -> CompressedCache:
+    """The cache of a method spec for a profiled run; with ``cuda_graphs``, under the method's graph options (the
+    spec's own options win)."""
+    name, options = method_spec(method)
+    if cuda_graphs:
+        options = {**METHODS[name].graph_options(), **options}
+    return make_cache(name, budget, model=model, **options)
+
+
 @torch.no_grad()
 def measure_run(model: torch.nn.Module, spec: RunSpec, batch: int, memory: MemoryReader | None = None) -> ProfileRow:
     """Prefill ``batch`` sequences of ``spec.context`` tokens, then decode ``spec.new_tokens`` greedy steps.
@@ -276,10 +285,7 @@ def measure_run(model: torch.nn.Module, spec: RunSpec, batch: int, memory: Memor
     ids = synthetic_ids(model.config.vocab_size, batch, spec.context, spec.seed, device)
     sampler = PeakSampler(memory, spec.sample_interval_s) if memory is not None else None
     with sampler if sampler is not None else nullcontext():
-        name, options = method_spec(spec.method)
-        if spec.cuda_graphs:
-            options = {**METHODS[name].graph_options(), **options}
-        cache = make_cache(name, spec.budget, model=model, **options)
+        cache = profiled_cache(spec.method, spec.budget, model, spec.cuda_graphs)
         forward = cache_kwargs(model, cache)
         with Timer(devices) as prefill:
             logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward).logits

@@ -762,7 +762,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
 
     has_sketch = sketch is not None
     linear = has_sketch and sketch.combine == "mean"
-    weights = None
+    bucket_logits = weights = counts = None
     if has_sketch:
         sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
         counts = sketch.counts.contiguous() if sketch.counts is not None else None
@@ -770,7 +770,6 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         signed_keys = sketch.signed_keys
         # Hashed once for all KV heads: hashing inside the main loop, per head, made the kernel 1.6x slower.
         slots = codes if codes is not None else slot_codes(sketch, span)
-        bucket_logits = weights = None
         if linear:
             bucket_logits = torch.empty(b, hq, rows * width, dtype=torch.float32, device=device)
             weights = torch.empty_like(bucket_logits)  # zeroed by _bucket_logits
@@ -781,7 +780,6 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
             )
     else:
         sk, sv, slots = exact_keys, exact_values, exact_pos  # not read without a sketch
-        counts = bucket_logits = None
         buckets = torch.zeros(b, dtype=torch.long, device=device)
         width, rows, signed_keys = 1, 1, False
 

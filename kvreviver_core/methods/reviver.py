@@ -43,7 +43,7 @@ import torch
 
 from kvreviver_core.attention import _key_validity
 from kvreviver_core.budget import Budget, split_capacity, token_capacity
-from kvreviver_core.kernels import check_fused_option, decode_backend, inplace_kernels, triton_available
+from kvreviver_core.kernels import check_fused_option, decode_backend, inplace_kernels
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
 from kvreviver_core.sketch import COMBINES, ESTIMATORS, Combine, Estimator, VagueSketch
 
@@ -222,9 +222,9 @@ class ReviverLayer(CompressedLayer):
     # -- Algorithm 3 -----------------------------------------------------------------------------------------------
     def _plan_capacity(self) -> None:
         capacities, vague, candidate, recent = [], [], [], []
+        row_bytes = CODE_BYTES + (ORDER_BYTES if self.combine == "mean" and self._decodes_with_kernel() else 0)
+        per_token = (SCORE_BYTES + PART_BYTES) * self.heads + row_bytes * self.budget.sketch_rows
         for prompt in self.prompt_lengths.tolist():
-            row_bytes = CODE_BYTES + (ORDER_BYTES if self.combine == "mean" and self._decodes_with_kernel() else 0)
-            per_token = (SCORE_BYTES + PART_BYTES) * self.heads + row_bytes * self.budget.sketch_rows
             cap = token_capacity(self.budget, prompt, self.token_bytes(), per_token, POSITION_BYTES * self.heads)
             sizes = split_capacity(self.budget, max(cap, 0))
             capacities.append(cap)
@@ -251,8 +251,10 @@ class ReviverLayer(CompressedLayer):
         )
 
     def _decodes_with_kernel(self) -> bool:
-        """Whether decode steps will run the Triton kernel in place (whose store holds the bucket order)."""
-        return self.device.type == "cuda" and self.fused not in (False, "reference") and triton_available()
+        """Whether decode steps will run the Triton kernel in place (whose store holds the bucket order): the
+        choice ``update`` makes, for a query of the layer's dtype and device."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        return inplace_kernels(decode_backend(self.fused, probe, None)) is not None
 
     def _compress(self, mass) -> None:
         """Add the step's attention ``mass`` ``(B, H, N)`` to the scores, then Algorithm 3. On the in-place step,
