@@ -200,9 +200,9 @@ def _apply_swaps(EK, EV, head_keys, head_values, head_counts, pairs_slot, pairs_
 
 @triton.jit
 def _compress(
-    SCORES, CHUNK_TOP, CHUNK_POS, PART_ACC, PART_M, PART_L, OUT, W, SV_STEP, SCNT_STEP, PART, CODES, EK, EV, EPOS,
+    SCORES, CHUNK_TOP, CHUNK_POS, PART_ACC, PART_M, PART_L, OUT, VAGUE_OUT, PART, CODES, EK, EV, EPOS,
     SK, SV, SCNT, BUCKETS, OFFSETS, ROW_TERMS, LENGTH, RECENT_START, CANDIDATES, PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K,
-    EST_V, H, E, width, row_stride, code_stride, chunks, splits, step_slots, replace_rate,
+    EST_V, H, E, width, row_stride, code_stride, chunks, splits, replace_rate,
     G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, LINEAR_STEP: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
     LINEAR: tl.constexpr, PAIRS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -221,8 +221,8 @@ def _compress(
         gmask = gi < G
         rows = bh * G + gi  # query heads of this KV group
         top_logit, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
-        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top_logit, inv, splits, W, SV_STEP, SCNT_STEP,
-                        bh * step_slots, step_slots, GP, D, DP, SP, ROWS, MEAN, LINEAR_STEP)
+        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top_logit, inv, splits, VAGUE_OUT, GP, D, DP, SP, ROWS,
+                        LINEAR_STEP)
         tl.debug_barrier()
     has_buckets = tl.load(BUCKETS + b) > 0
     nb = tl.maximum(tl.load(BUCKETS + b), 1)
@@ -404,21 +404,21 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
     with torch.cuda.device(device):
         if combine:
             chunk_top, chunk_pos = position_pass(step, scores=store.scores_buffer, order=store.order)
-            splits_args = (step.acc, step.max, step.sum, step.out, *step.bucket_tensors())
+            splits_args = (step.acc, step.max, step.sum, step.out, step.vague_share())
             shapes = dict(G=step.group, GP=step.group_pad, SP=step.splits_pad, LINEAR_STEP=step.linear)
-            splits, step_slots = step.splits, step.slots
+            splits = step.splits
         else:
             chunk_top, chunk_pos = position_pass(None, scores=store.scores_buffer, mass=step.contiguous(),
                                                  part=store.part, codes=store.codes, length=store.length)
-            splits_args = (chunk_top,) * 7  # the decode's buffers, not read without COMBINE
+            splits_args = (chunk_top,) * 5  # the decode's buffers, not read without COMBINE
             shapes = dict(G=1, GP=16, SP=1, LINEAR_STEP=False)
-            splits, step_slots = 1, 0
+            splits = 1
         _compress[(b * h,)](
             store.scores_buffer, chunk_top, chunk_pos, *splits_args, store.part, store.codes, exact_keys,
             exact_values, exact_pos, sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets,
             sketch.row_terms, store.length, store.recent_start, candidate_size, pairs[0], pairs[1], pairs[2],
             estimates[0], estimates[1], h, e, sketch.width, store.part.stride(1), store.codes.stride(1),
-            chunk_top.shape[1], splits, step_slots, float(replace_rate),
+            chunk_top.shape[1], splits, float(replace_rate),
             **shapes, COMBINE=combine,
             D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
             SIGNED_KEYS=sketch.signed_keys, LINEAR=sketch.combine == "mean", PAIRS=PAIRS_PER_ROUND,

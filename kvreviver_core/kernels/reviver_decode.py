@@ -34,7 +34,8 @@ Then the attention itself, two launches:
 * ``_decode_split``: grid ``(B * Hkv, splits)``. Each program owns one KV head (all G query heads of its group,
    so keys are loaded once for the group) and one slice of the exact slots and of the positions. It runs an online
    softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
-* under the linear combine, ``_position_pass``: the buckets' weights;
+* under the linear combine, ``_position_pass``: the buckets' weights, and ``_bucket_values``: their product with the
+  buckets' values, the Vague share of the output;
 * ``_combine``: merges the splits into the output and turns the logits into each position's attention mass,
   summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V. On the
   in-place step, ``_position_pass`` adds the mass straight to the scores and the compress kernel merges the output
@@ -61,6 +62,7 @@ _M2 = tl.constexpr(_wrap64(_MIX_2))
 SUPPORTED_ROWS = (1, 3)  # 1 or 3 rows combined (median or mean); other row counts use the reference
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_EXACT = 64  # exact slots per loop step
+MIN_DOT_GROUP = 2  # query heads per KV head from which the split-K pass multiplies on tensor cores (16-row tiles)
 BLOCK_VAGUE = 32  # positions per loop step (3 gathered rows each for keys and values)
 BLOCK_MASS = 1024  # positions per program in the combine kernel
 MAX_SPLITS = 128
@@ -70,7 +72,7 @@ NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
 BLOCK_LINEAR = 256  # positions per loop step of the main kernel under the linear combine (no vector gathers)
-BLOCK_BUCKETS = 64  # buckets per program of _bucket_logits and per loop step of _bucket_values
+BLOCK_BUCKETS = 64  # buckets per program of _bucket_logits and of _bucket_values
 CHUNK_POSITIONS = 1024  # positions per program of _position_pass: Algorithm 3 rescans one such chunk at a swap
 BLOCK_PASS = 256  # positions per loop step of _position_pass
 MASKED, VAGUE, EXACT = 0, 1, 2  # the part map's codes
@@ -203,8 +205,8 @@ def _estimate_rows(S, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di,
 @triton.jit
 def _bucket_logit_rows(QK_ROWS, SLOT_ROWS, p, inside, vague, gmask, code_stride, ROWS: tl.constexpr,
                        SIGNED_KEYS: tl.constexpr):
-    """Vague positions' logits ``(GP, BLOCK)`` under the linear combine: the sum over rows of the (signed) logit
-    of the position's bucket, ``QK_ROWS`` (GP, 1) pointing at each query head's bucket logits. The codes and
+    """Vague positions' logits ``(VP, BLOCK)`` under the linear combine: the sum over rows of the (signed) logit
+    of the position's bucket, ``QK_ROWS`` (VP, 1) pointing at each query head's bucket logits. The codes and
     bucket logits of every position ``inside`` are read (small, cached), so that no read waits on the part map."""
     slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(SLOT_ROWS, p, inside, code_stride, ROWS)
     lmask = gmask[:, None] & inside[None, :]
@@ -222,12 +224,12 @@ def _bucket_logit_rows(QK_ROWS, SLOT_ROWS, p, inside, vague, gmask, code_stride,
 
 
 @triton.jit
-def _bucket_logits(Q, stride_qb, stride_qh, SK, SCNT, QK, W, Hkv, slots, scale,
+def _bucket_logits(Q, stride_qb, stride_qh, SK, SCNT, QK, W, VAGUE_OUT, Hkv, slots, scale,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MEAN: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Linear combine: every bucket's logit ``scale * q . key`` (``scale`` = softmax scale / rows; divided by the
     bucket's count for MEAN), ``(B, Hq, slots)`` fp32, and zeros in the same place of ``W`` for this step's
-    bucket weights (:func:`_position_pass`)."""
+    bucket weights (:func:`_position_pass`) and in the Vague share ``VAGUE_OUT`` ``(B, Hq, D)`` (:func:`_bucket_values`)."""
     bh = tl.program_id(0)
     b, h = bh // Hkv, bh % Hkv
     gi, di = tl.arange(0, GP), tl.arange(0, DP)
@@ -246,6 +248,9 @@ def _bucket_logits(Q, stride_qb, stride_qh, SK, SCNT, QK, W, Hkv, slots, scale,
     both = gmask[:, None] & jmask[None, :]
     tl.store(QK + rows, qk, mask=both)
     tl.store(W + rows, tl.zeros((GP, BLOCK), tl.float32), mask=both)
+    if tl.program_id(1) == 0:
+        tl.store(VAGUE_OUT + (b.to(tl.int64) * Hkv * G + qh)[:, None] * D + di[None, :],
+                 tl.zeros((GP, DP), tl.float32), mask=gmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -258,25 +263,53 @@ def _online_rescale(m, s):
 
 
 @triton.jit
-def _online_softmax(m, l, acc, s, v):
+def _logits(q, k, DOT: tl.constexpr):
+    """``q . k`` of the queries ``(GP, DP)`` and keys ``(BLOCK, DP)``, fp32 ``(GP, BLOCK)``: on tensor cores with
+    DOT (GP >= 16 rows), else on the CUDA cores (one query row: a tensor-core tile would be 15/16 padding)."""
+    if DOT:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+
+
+@triton.jit
+def _online_softmax(m, l, acc, s, v, DOT: tl.constexpr):
     """Fold logits ``s`` (GP, BLOCK) and values ``v`` (BLOCK, DP) into the running max, sum and output."""
     m_new, alpha, p = _online_rescale(m, s)
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    if DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
     return m_new, l, acc
 
 
 @triton.jit
-def _online_sum(m, l, acc, s):
-    """Fold logits ``s`` whose values are summed elsewhere (the linear combine's buckets) into the running max and
-    sum; the output so far is rescaled."""
+def _online_sum(m, l, s):
+    """Fold logits ``s`` (VP, BLOCK) whose values are summed elsewhere (the linear combine's buckets) into the
+    running max and sum."""
     m_new, alpha, p = _online_rescale(m, s)
-    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None]
+    return m_new, l * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _fold_group_rows(m, l, acc, m_v, l_v, GP: tl.constexpr, VP: tl.constexpr):
+    """Merge a running max and sum kept over VP <= GP rows (no output of their own) into the GP-row state."""
+    if VP == GP:
+        m_in, l_in = m_v, l_v
+    else:
+        same = tl.arange(0, GP)[:, None] == tl.arange(0, VP)[None, :]
+        m_in = tl.max(tl.where(same, m_v[None, :], float("-inf")), 1)
+        l_in = tl.sum(tl.where(same, l_v[None, :], 0.0), 1)
+    m_new = tl.maximum(m, m_in)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_use)
+    return m_new, l * alpha + l_in * tl.exp(m_in - m_use), acc * alpha[:, None]
 
 
 @triton.jit
 def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, di, dmask, scaling,
-                 D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr):
+                 D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
+                 DOT: tl.constexpr):
     """Rebuild one block of Vague positions from the sketch and fold it into the online softmax.
 
     Keys first, values after, so only one row triple of ``(BLOCK_V, DP)`` tiles is live at a time.
@@ -284,11 +317,11 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
     slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(SLOT_ROWS, p, vague, code_stride, ROWS)
     k = _median_rows(SK, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                      D, ROWS, MEAN, SIGNED_KEYS).to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+    s = _logits(q, k, DOT) * scaling
     s = tl.where(vague[None, :], s, float("-inf"))
     v = _median_rows(SV, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                      D, ROWS, MEAN, True).to(q.dtype)
-    m, l, acc = _online_softmax(m, l, acc, s, v)
+    m, l, acc = _online_softmax(m, l, acc, s, v, DOT)
     return s, m, l, acc
 
 
@@ -299,10 +332,14 @@ def _decode_split(
     SK, SV, SCNT, BUCKETS, SLOTS, code_stride, QK,
     LOGITS, PART_ACC, PART_M, PART_L, LENGTH,
     scaling, Hkv, E, span, width, slots_per_split, pos_per_split,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
-    HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, VP: tl.constexpr, DOT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    ROWS: tl.constexpr, HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
     SKIP_EMPTY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """Grid ``(B * Hkv, splits)``. With DOT the query products run on tensor cores, whose tiles have GP >= 16
+    rows (a group of one query head computes on the CUDA cores, GP = 1). The positions' loop keeps VP rows: GP for
+    the median's rebuilt keys (products too), else the group's own (``next_power_of_2(G)``), so a group of a few
+    query heads does not carry 16 rows of logits per position."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -335,38 +372,46 @@ def _decode_split(
         lmask = (slots < E)[:, None] & dmask[None, :]
         k = tl.load(EK + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
         v = tl.load(EV + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+        s = _logits(q, k, DOT) * scaling
         s = tl.where(ok[None, :], s, float("-inf"))
         tl.store(logit_rows + pos[None, :], s, mask=gmask[:, None] & (pos >= 0)[None, :])
-        m, l, acc = _online_softmax(m, l, acc, s, v)
+        m, l, acc = _online_softmax(m, l, acc, s, v, DOT)
 
     # Every position not held exactly: Vague (rebuilt from the sketch) or masked. Each is written exactly once.
+    vi = tl.arange(0, VP)
+    vmask = vi < G
+    vh = h * G + vi
+    position_rows = LOGITS + (b.to(tl.int64) * Hkv * G + vh)[:, None] * span  # (VP, 1)
+    m_v = tl.full((VP,), float("-inf"), tl.float32)  # LINEAR's running max and sum over the Vague positions
+    l_v = tl.zeros((VP,), tl.float32)
     nb = tl.load(BUCKETS + b)
     sbase = bh64 * (ROWS * width)  # this KV head's first bucket
     head_keys, head_values, head_counts = SK + sbase * D, SV + sbase * D, SCNT + sbase
     slot_rows = SLOTS + b.to(tl.int64) * ROWS * code_stride
-    qk_rows = QK + (b.to(tl.int64) * Hkv * G + qh)[:, None] * (ROWS * width)  # (GP, 1): LINEAR's bucket logits
+    qk_rows = QK + (b.to(tl.int64) * Hkv * G + vh)[:, None] * (ROWS * width)  # (VP, 1): LINEAR's bucket logits
     for start in range(0, tl.minimum(pos_per_split, L - split * pos_per_split), BLOCK_V):
         p = split * pos_per_split + start + tl.arange(0, BLOCK_V)
         inside = p < L
         kind = tl.load(part_row + p, mask=inside, other=_EXACT)
         free = kind != _EXACT
         vague = (kind == _VAGUE) & (nb > 0)
-        s = tl.full((GP, BLOCK_V), float("-inf"), tl.float32)
-        if LINEAR:  # the values come in through the buckets' weights (_position_pass, _combine_output)
-            s = _bucket_logit_rows(qk_rows, slot_rows, p, inside, vague, gmask, code_stride, ROWS, SIGNED_KEYS)
-            m, l, acc = _online_sum(m, l, acc, s)
+        s = tl.full((VP, BLOCK_V), float("-inf"), tl.float32)
+        if LINEAR:  # the values come in through the buckets' weights (_position_pass, _bucket_values)
+            s = _bucket_logit_rows(qk_rows, slot_rows, p, inside, vague, vmask, code_stride, ROWS, SIGNED_KEYS)
+            m_v, l_v = _online_sum(m_v, l_v, s)
         elif HAS_SKETCH:
             if SKIP_EMPTY:
                 if tl.max(vague.to(tl.int32), 0) > 0:
                     s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
                                                 head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
-                                                MEAN, SIGNED_KEYS)
+                                                MEAN, SIGNED_KEYS, DOT)
             else:
                 s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
                                             head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
-                                            MEAN, SIGNED_KEYS)
-        tl.store(logit_rows + p[None, :], s, mask=gmask[:, None] & free[None, :])
+                                            MEAN, SIGNED_KEYS, DOT)
+        tl.store(position_rows + p[None, :], s, mask=vmask[:, None] & free[None, :])
+    if LINEAR:
+        m, l, acc = _fold_group_rows(m, l, acc, m_v, l_v, GP, VP)
 
     part = (bh64 * G + gi) * splits + split  # (GP,) rows of PART_M / PART_L
     tl.store(PART_M + part, m, mask=gmask)
@@ -389,34 +434,38 @@ def _split_totals(PART_M, PART_L, rows, gmask, splits, SP: tl.constexpr):
 
 
 @triton.jit
-def _bucket_values(W, SV, SCNT, rows, gmask, head, slots, D: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-                   MEAN: tl.constexpr, BLOCK: tl.constexpr):
-    """Linear combine: the Vague tokens' share of the output before normalisation, ``(GP, DP)`` fp32: the buckets'
-    weights ``W`` (each bucket's Vague softmax numerators, signed) times their values, divided by the counts
-    for MEAN. ``head`` is the KV head's first bucket."""
-    di = tl.arange(0, DP)
-    dmask = di < D
-    out = tl.zeros((GP, DP), tl.float32)
-    for start in range(0, slots, BLOCK):
-        j = start + tl.arange(0, BLOCK)
-        jmask = j < slots
-        w = tl.load(W + rows[:, None] * slots + j[None, :], mask=gmask[:, None] & jmask[None, :], other=0.0)
-        if MEAN:
-            w = w / tl.maximum(tl.load(SCNT + head + j, mask=jmask, other=1), 1).to(tl.float32)[None, :]
-        v = tl.load(SV + (head + j)[:, None] * D + di[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
-        if SV.dtype.element_ty == tl.float32:
-            out += tl.dot(w, v, input_precision="ieee")
-        else:  # the weights rounded to the values' dtype, as the exact tokens' probabilities are (tensor cores)
-            out += tl.dot(w.to(v.dtype), v)
-    return out
+def _bucket_values(W, SV, SCNT, VAGUE_OUT, Hkv, slots, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   DP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Linear combine, after ``_position_pass``: grid ``(B * Hkv, cdiv(slots, BLOCK))``. One block of buckets'
+    weights ``W`` ``(B, Hq, slots)`` (each bucket's Vague softmax numerators, signed; divided by the counts for
+    MEAN) times their values, added into the Vague share of the output ``VAGUE_OUT`` ``(B, Hq, D)`` fp32 (before
+    normalisation; zeroed by ``_bucket_logits``). A grid, because one program per head waited on one block of
+    values after the other: ``slots / BLOCK`` reads in a row, 20 at 128k."""
+    bh = tl.program_id(0).to(tl.int64)
+    gi, di = tl.arange(0, GP), tl.arange(0, DP)
+    gmask, dmask = gi < G, di < D
+    rows = bh * G + gi
+    head = bh * slots  # the KV head's first bucket
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    jmask = j < slots
+    w = tl.load(W + rows[:, None] * slots + j[None, :], mask=gmask[:, None] & jmask[None, :], other=0.0)
+    if MEAN:
+        w = w / tl.maximum(tl.load(SCNT + head + j, mask=jmask, other=1), 1).to(tl.float32)[None, :]
+    v = tl.load(SV + (head + j)[:, None] * D + di[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
+    if SV.dtype.element_ty == tl.float32:
+        out = tl.dot(w, v, input_precision="ieee")
+    else:  # the weights rounded to the values' dtype, as the exact tokens' probabilities are (tensor cores)
+        out = tl.dot(w.to(v.dtype), v)
+    tl.atomic_add(VAGUE_OUT + rows[:, None] * D + di[None, :], out, mask=gmask[:, None] & dmask[None, :],
+                  sem="relaxed")
 
 
 @triton.jit
-def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, W, SV, SCNT, head, slots,
+def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, VAGUE_OUT,
                     GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
-                    MEAN: tl.constexpr, LINEAR: tl.constexpr):
-    """Merge the splits' partial outputs into the attention output of the query heads ``rows`` (with LINEAR, the
-    Vague tokens' share through the buckets: ``_position_pass`` must have summed their weights).
+                    LINEAR: tl.constexpr):
+    """Merge the splits' partial outputs into the attention output of the query heads ``rows`` (with LINEAR, plus
+    the Vague tokens' share ``VAGUE_OUT`` that ``_bucket_values`` summed).
 
     The splits are read ``SPLITS_PER_READ`` at a time in an unrolled loop, so the reads do not wait on each other
     (a loop of one split at a time waited on one read after the other: ~0.4 us each)."""
@@ -431,10 +480,12 @@ def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, W, SV,
         part = tl.load(PART_ACC + part_rows[:, :, None] * D + di[None, None, :],
                        mask=taken[:, :, None] & dmask[None, None, :], other=0.0)
         out += tl.sum(part * weight[:, :, None], 1)
+    outputs = rows[:, None] * D + di[None, :]
+    both = gmask[:, None] & dmask[None, :]
     if LINEAR:
-        out += _bucket_values(W, SV, SCNT, rows, gmask, head, slots, D, DP, GP, MEAN, _BLOCK_BUCKETS) / ROWS
+        out += tl.load(VAGUE_OUT + outputs, mask=both, other=0.0) / ROWS
     out = out * inv[:, None]
-    tl.store(OUT + rows[:, None] * D + di[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    tl.store(OUT + outputs, out.to(OUT.dtype.element_ty), mask=both)
 
 
 @triton.jit
@@ -446,9 +497,9 @@ def _position_mass(LOGITS, rows, gmask, p, inside, top, inv, stride):
 
 @triton.jit(do_not_specialize=["span"])
 def _combine(
-    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, W, SV, SCNT, LENGTH, span, splits, slots,
+    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, VAGUE_OUT, LENGTH, span, splits,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
-    MEAN: tl.constexpr, LINEAR: tl.constexpr, BLOCK: tl.constexpr,
+    LINEAR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -457,8 +508,8 @@ def _combine(
     rows = bh * G + gi  # query heads of this KV group
     top, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
     if blk == 0:
-        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, W, SV, SCNT, bh * slots, slots,
-                        GP, D, DP, SP, ROWS, MEAN, LINEAR)
+        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, VAGUE_OUT, GP, D, DP, SP, ROWS,
+                        LINEAR)
     p = blk * BLOCK + tl.arange(0, BLOCK)
     attended = p < tl.load(LENGTH).to(tl.int32)
     mass = tl.where(attended, _position_mass(LOGITS, rows, gmask, p, attended, top, inv, span), 0.0)
@@ -501,7 +552,7 @@ def _position_pass(
     """One pass over the positions, ``CHUNK`` per program, after the split-K pass: grid ``(B * Hkv, chunks)``.
 
     * With LINEAR, adds each Vague position's softmax numerator ``exp(logit - max)``, times its sign, to its
-      bucket's weight in each row ``W`` ``(B, Hq, slots)``: what ``_combine_output`` multiplies by the buckets' values.
+      bucket's weight in each row ``W`` ``(B, Hq, slots)``: what ``_bucket_values`` multiplies by the buckets' values.
       The first ``sorted_n`` positions go through their bucket order ``ORDER`` / ``ORDER_CODES`` ``(B, ROWS,
       sorted_n)`` (:func:`bucket_order`): entries ``[chunk * CHUNK, (chunk + 1) * CHUNK)`` of row ``r`` in the
       programs ``(., chunk, 1 + r)`` of a grid ``(B * Hkv, chunks, 1 + ROWS)``. The later ones go one by one.
@@ -662,10 +713,10 @@ def decode_attention(query, exact_keys, exact_values, exact_pos, sketch, part, c
         position_pass(splits, order=order)
     mass = torch.empty(*exact_pos.shape[:2], span, dtype=torch.float32, device=query.device)
     _combine[(splits.batch * splits.kv_heads, triton.cdiv(span, BLOCK_MASS))](
-        splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass, *splits.bucket_tensors(), length,
-        span, splits.splits, splits.slots,
+        splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass, splits.vague_share(), length,
+        span, splits.splits,
         G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.splits_pad,
-        ROWS=splits.rows, MEAN=splits.counts is not None, LINEAR=splits.linear, BLOCK=BLOCK_MASS, num_warps=4,
+        ROWS=splits.rows, LINEAR=splits.linear, BLOCK=BLOCK_MASS, num_warps=4,
     )
     return splits.output(), mass
 
@@ -676,9 +727,10 @@ class DecodeSplits:
     into ``(B, Hq, D)``, the logits ``(B, Hq, span)`` (the attended positions first), each split's partial
     output, max and sum, and what the step read: the part map, the bucket codes and the length on the device.
 
-    Under the linear combine (``sketch.combine == "mean"``) also the buckets' weights ``(B, Hq, slots)`` fp32,
-    which :func:`position_pass` sums before a combine, and the sketch's values ``(B, Hkv, slots, D)`` and counts
-    (None without the ``"mean"`` estimator) that the combine multiplies them by.
+    Under the linear combine (``sketch.combine == "mean"``) also the buckets' weights ``(B, Hq, slots)`` fp32, the
+    sketch's values ``(B, Hkv, slots, D)`` and counts (None without the ``"mean"`` estimator), and the Vague share
+    of the output ``(B, Hq, D)`` fp32: :func:`position_pass` sums the weights and multiplies them by the values
+    into it, before a combine.
     """
 
     out: torch.Tensor
@@ -699,6 +751,7 @@ class DecodeSplits:
     weights: torch.Tensor | None = None
     bucket_values: torch.Tensor | None = None
     counts: torch.Tensor | None = None
+    vague_out: torch.Tensor | None = None
 
     @property
     def linear(self) -> bool:
@@ -709,11 +762,9 @@ class DecodeSplits:
         """Buckets per KV head (all rows), 0 without the linear combine."""
         return self.weights.shape[-1] if self.linear else 0
 
-    def bucket_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``W, SV, SCNT`` of the combine kernels (placeholders, never read, without the linear combine)."""
-        if not self.linear:
-            return self.logits, self.logits, self.logits
-        return self.weights, self.bucket_values, self.counts if self.counts is not None else self.weights
+    def vague_share(self) -> torch.Tensor:
+        """``VAGUE_OUT`` of the combine kernels (a placeholder, never read, without the linear combine)."""
+        return self.vague_out if self.linear else self.logits
 
     @property
     def group_pad(self) -> int:
@@ -759,10 +810,11 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         raise ValueError("the part map must be (B, Hkv, L) with rows of unit stride, laid out batch-major")
     gp = max(16, triton.next_power_of_2(group))
     dp = max(16, triton.next_power_of_2(d))
+    dot = group >= MIN_DOT_GROUP
 
     has_sketch = sketch is not None
     linear = has_sketch and sketch.combine == "mean"
-    bucket_logits = weights = counts = None
+    bucket_logits = weights = counts = vague_out = None
     if has_sketch:
         sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
         counts = sketch.counts.contiguous() if sketch.counts is not None else None
@@ -772,10 +824,11 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         slots = codes if codes is not None else slot_codes(sketch, span)
         if linear:
             bucket_logits = torch.empty(b, hq, rows * width, dtype=torch.float32, device=device)
-            weights = torch.empty_like(bucket_logits)  # zeroed by _bucket_logits
+            weights = torch.empty_like(bucket_logits)  # zeroed by _bucket_logits, as is vague_out
+            vague_out = torch.empty(b, hq, d, dtype=torch.float32, device=device)
             _bucket_logits[(b * hkv, triton.cdiv(rows * width, BLOCK_BUCKETS))](
                 q, q.stride(0), q.stride(1), sk, counts if counts is not None else exact_pos, bucket_logits, weights,
-                hkv, rows * width, float(scaling) / rows,
+                vague_out, hkv, rows * width, float(scaling) / rows,
                 G=group, GP=gp, D=d, DP=dp, MEAN=counts is not None, BLOCK=BLOCK_BUCKETS,
             )
     else:
@@ -799,14 +852,16 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         bucket_logits if linear else logits,
         logits, part_acc, part_m, part_l, length,
         float(scaling), hkv, e, span, width, slots_per_split, pos_per_split,
-        G=group, GP=gp, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
+        G=group, GP=gp if dot else 1, VP=gp if dot and has_sketch and not linear else triton.next_power_of_2(group),
+        DOT=dot, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
         SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT, BLOCK_V=block_v,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
     return DecodeSplits(out, logits, part_acc, part_m, part_l, part, slots if has_sketch else None, length, b, hkv,
-                        group, d, span, splits, rows, weights, sv if linear else None, counts if linear else None)
+                        group, d, span, splits, rows, weights, sv if linear else None, counts if linear else None,
+                        vague_out)
 
 
 def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
@@ -814,7 +869,8 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
                   length: torch.Tensor | None = None,
                   order: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Launch ``_position_pass`` on the current CUDA device: the linear combine's bucket weights from the decode's
-    logits (``step``), and with ``scores`` ``(B, Hkv, capacity)`` their update by the step's mass and each chunk's
+    logits (``step``), then ``_bucket_values``, their product with the buckets' values; and with ``scores``
+    ``(B, Hkv, capacity)`` their update by the step's mass and each chunk's
     highest Vague score. The mass comes from ``step``'s logits, or from ``mass`` ``(B, Hkv, N)`` when ``step`` is
     None (then ``part``, ``codes`` and ``length`` say what the store holds). ``order``: the :func:`bucket_order`
     of the first positions, which the weights are summed through (the later positions, or all without it, one
@@ -853,4 +909,10 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
         FROM_LOGITS=from_logits, LINEAR=from_logits and step.linear, SCORE=scores is not None,
         CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, num_warps=4,
     )
+    if from_logits and step.linear:
+        _bucket_values[(b * hkv, triton.cdiv(step.slots, BLOCK_BUCKETS))](
+            step.weights, step.bucket_values, step.counts if step.counts is not None else step.weights,
+            step.vague_out, hkv, step.slots, G=step.group, GP=step.group_pad, D=step.head_dim,
+            DP=step.head_dim_pad, MEAN=step.counts is not None, BLOCK=BLOCK_BUCKETS, num_warps=4,
+        )
     return None if scores is None else (chunk_top, chunk_pos)
