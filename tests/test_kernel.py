@@ -146,6 +146,29 @@ def test_fused_reference_in_generate_matches_unfused_path():
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and Triton")
 
 
+def planned_store(device, **options) -> tuple[int, int]:
+    """The sketch buckets per row and the exact slots a layer plans for one 400-token prompt at budget 0.25."""
+    layer = ReviverLayer(0, Budget(0.25, split=SPLITS["wide-vague"]), **options)
+    layer.update(torch.randn(1, 2, 400, 16, device=device), torch.randn(1, 2, 400, 16, device=device))
+    layer.observe(torch.rand(1, 2, 400, device=device), torch.ones(1, 400, dtype=torch.bool, device=device))
+    return layer.sketch.width, layer.exact_pos.shape[-1]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])])
+def test_the_budget_is_the_devices_whichever_decode_path_runs(device):
+    """The store one device plans does not depend on ``fused``, so its paths compare on the same tokens. The
+    linear combine's bucket order takes budget only on a device that runs the kernel (CUDA): fewer buckets there."""
+    plans = {(fused, combine): planned_store(device, fused=fused, combine=combine)
+             for fused in (True, "reference", False) for combine in ("median", "mean")}
+    for combine in ("median", "mean"):
+        assert len({plan for (_, c), plan in plans.items() if c == combine}) == 1, plans
+    median, mean = plans[(True, "median")], plans[(True, "mean")]
+    if device == "cpu":
+        assert mean == median
+    else:
+        assert mean[0] < median[0], plans
+
+
 def random_store(batch, kv_heads, group, head_dim, length, slots, rows, estimator, dtype, seed, buckets, pads,
                  signed_keys=False, combine="median"):
     """Random exact store and sketch (filled through VagueSketch.insert) on the GPU, with padding and empty slots."""

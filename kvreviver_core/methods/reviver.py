@@ -8,7 +8,7 @@ Storage of one layer (B = batch, H = KV heads, E = exact slots, N = logical leng
 * ``scores`` ``(B, H, N)`` fp32: cumulative softmax(QK^T) of every token. Vague tokens need theirs for the
   swap-back test, so it is kept for all tokens and charged to the budget, as are the in-place decode step's part map
   (a byte per token and KV head) and bucket codes (4 bytes per token and sketch row; 8 more under the linear
-  combine where decode runs the kernel: the bucket order).
+  combine on a device that runs the kernel, whichever decode path ``fused`` picks: the bucket order).
 * ``sketch``: the Vague part (:class:`~kvreviver_core.sketch.VagueSketch`), r rows x b buckets.
 
 Compress (Algorithm 3, run after every attention call): when Recent exceeds its share, its oldest tokens become
@@ -222,7 +222,7 @@ class ReviverLayer(CompressedLayer):
     # -- Algorithm 3 -----------------------------------------------------------------------------------------------
     def _plan_capacity(self) -> None:
         capacities, vague, candidate, recent = [], [], [], []
-        row_bytes = CODE_BYTES + (ORDER_BYTES if self.combine == "mean" and self._decodes_with_kernel() else 0)
+        row_bytes = CODE_BYTES + (ORDER_BYTES if self.combine == "mean" and self._kernel_device() else 0)
         per_token = (SCORE_BYTES + PART_BYTES) * self.heads + row_bytes * self.budget.sketch_rows
         for prompt in self.prompt_lengths.tolist():
             cap = token_capacity(self.budget, prompt, self.token_bytes(), per_token, POSITION_BYTES * self.heads)
@@ -250,11 +250,12 @@ class ReviverLayer(CompressedLayer):
             combine=self.combine,
         )
 
-    def _decodes_with_kernel(self) -> bool:
-        """Whether decode steps will run the Triton kernel in place (whose store holds the bucket order): the
-        choice ``update`` makes, for a query of the layer's dtype and device."""
+    def _kernel_device(self) -> bool:
+        """Whether this layer's dtype and device run the Triton kernel in place (whose store holds the bucket
+        order). Asked whatever ``fused`` says: the budget is that of the device's store, so that the kernel, the
+        reference and the unfused path of one device hold the same tokens and can be compared."""
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
-        return inplace_kernels(decode_backend(self.fused, probe, None)) is not None
+        return inplace_kernels(decode_backend(True, probe, None)) is not None
 
     def _compress(self, mass) -> None:
         """Add the step's attention ``mass`` ``(B, H, N)`` to the scores, then Algorithm 3. On the in-place step,
