@@ -51,12 +51,13 @@ from kvreviver_core.results import ResultStore
 # Datasheet HBM bandwidth (bytes/s) by device-name substring, most specific first.
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
 # Knobs of reviver_decode swept per context and combine, the defaults first
-KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT", "MIN_DOT_GROUP"),
-         "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT", "MIN_DOT_GROUP")}
-CONFIGS = {"median": [(32, 4, 8, 2, 64, 2), (32, 4, 8, 2, 64, 1), (32, 8, 8, 2, 32, 2)],
-           "mean": [(256, 4, 8, 2, 64, 2), (256, 4, 8, 2, 64, 1), (256, 8, 8, 2, 64, 1), (256, 8, 8, 2, 64, 2),
-                    (256, 8, 8, 2, 32, 2), (256, 4, 8, 2, 16, 2), (256, 4, 16, 2, 16, 2), (512, 8, 8, 2, 32, 2),
-                    (256, 8, 16, 2, 32, 2), (256, 8, 8, 3, 32, 2)]}
+KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT"),
+         "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT")}
+CONFIGS = {"median": [(32, 4, 8, 2, 64), (32, 4, 8, 2, 32), (32, 8, 8, 2, 64), (64, 8, 8, 2, 64), (32, 4, 4, 2, 64)],
+           "mean": [(256, 4, 8, 2, 64), (256, 8, 8, 2, 64), (512, 8, 8, 2, 64), (1024, 8, 8, 2, 64),
+                    (256, 4, 8, 2, 32), (512, 4, 8, 2, 32), (256, 8, 8, 2, 32), (512, 8, 4, 2, 64),
+                    (512, 8, 2, 2, 64), (512, 8, 4, 3, 64), (256, 4, 4, 2, 32), (512, 8, 16, 2, 32),
+                    (256, 4, 16, 2, 16), (1024, 8, 4, 2, 64)]}
 FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of an H100 (50 MB) or H200 (60 MB)
 
 

@@ -62,7 +62,6 @@ _M2 = tl.constexpr(_wrap64(_MIX_2))
 SUPPORTED_ROWS = (1, 3)  # 1 or 3 rows combined (median or mean); other row counts use the reference
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_EXACT = 64  # exact slots per loop step
-MIN_DOT_GROUP = 2  # query heads per KV head from which the split-K pass multiplies on tensor cores (16-row tiles)
 BLOCK_VAGUE = 32  # positions per loop step (3 gathered rows each for keys and values)
 BLOCK_MASS = 1024  # positions per program in the combine kernel
 MAX_SPLITS = 128
@@ -263,23 +262,11 @@ def _online_rescale(m, s):
 
 
 @triton.jit
-def _logits(q, k, DOT: tl.constexpr):
-    """``q . k`` of the queries ``(GP, DP)`` and keys ``(BLOCK, DP)``, fp32 ``(GP, BLOCK)``: on tensor cores with
-    DOT (GP >= 16 rows), else on the CUDA cores (one query row: a tensor-core tile would be 15/16 padding)."""
-    if DOT:
-        return tl.dot(q, tl.trans(k), input_precision="ieee")
-    return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
-
-
-@triton.jit
-def _online_softmax(m, l, acc, s, v, DOT: tl.constexpr):
+def _online_softmax(m, l, acc, s, v):
     """Fold logits ``s`` (GP, BLOCK) and values ``v`` (BLOCK, DP) into the running max, sum and output."""
     m_new, alpha, p = _online_rescale(m, s)
     l = l * alpha + tl.sum(p, 1)
-    if DOT:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l, acc
 
 
@@ -308,8 +295,7 @@ def _fold_group_rows(m, l, acc, m_v, l_v, GP: tl.constexpr, VP: tl.constexpr):
 
 @triton.jit
 def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, di, dmask, scaling,
-                 D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
-                 DOT: tl.constexpr):
+                 D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr):
     """Rebuild one block of Vague positions from the sketch and fold it into the online softmax.
 
     Keys first, values after, so only one row triple of ``(BLOCK_V, DP)`` tiles is live at a time.
@@ -317,11 +303,11 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
     slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(SLOT_ROWS, p, vague, code_stride, ROWS)
     k = _median_rows(SK, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                      D, ROWS, MEAN, SIGNED_KEYS).to(q.dtype)
-    s = _logits(q, k, DOT) * scaling
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
     s = tl.where(vague[None, :], s, float("-inf"))
     v = _median_rows(SV, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di, dmask,
                      D, ROWS, MEAN, True).to(q.dtype)
-    m, l, acc = _online_softmax(m, l, acc, s, v, DOT)
+    m, l, acc = _online_softmax(m, l, acc, s, v)
     return s, m, l, acc
 
 
@@ -332,14 +318,14 @@ def _decode_split(
     SK, SV, SCNT, BUCKETS, SLOTS, code_stride, QK,
     LOGITS, PART_ACC, PART_M, PART_L, LENGTH,
     scaling, Hkv, E, span, width, slots_per_split, pos_per_split,
-    G: tl.constexpr, GP: tl.constexpr, VP: tl.constexpr, DOT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    ROWS: tl.constexpr, HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, VP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
+    HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
     SKIP_EMPTY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Grid ``(B * Hkv, splits)``. With DOT the query products run on tensor cores, whose tiles have GP >= 16
-    rows (a group of one query head computes on the CUDA cores, GP = 1). The positions' loop keeps VP rows: GP for
-    the median's rebuilt keys (products too), else the group's own (``next_power_of_2(G)``), so a group of a few
-    query heads does not carry 16 rows of logits per position."""
+    """Grid ``(B * Hkv, splits)``. The query products run on tensor cores, whose tiles have GP >= 16 rows (on an
+    H200 the CUDA cores were slower even for one query head: 449 against 331 us at 128k). The positions' loop keeps
+    VP rows: GP for the median's rebuilt keys (products too), else the group's own (``next_power_of_2(G)``), so a
+    small group does not carry 16 rows of logits per position."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -372,10 +358,10 @@ def _decode_split(
         lmask = (slots < E)[:, None] & dmask[None, :]
         k = tl.load(EK + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
         v = tl.load(EV + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
-        s = _logits(q, k, DOT) * scaling
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
         s = tl.where(ok[None, :], s, float("-inf"))
         tl.store(logit_rows + pos[None, :], s, mask=gmask[:, None] & (pos >= 0)[None, :])
-        m, l, acc = _online_softmax(m, l, acc, s, v, DOT)
+        m, l, acc = _online_softmax(m, l, acc, s, v)
 
     # Every position not held exactly: Vague (rebuilt from the sketch) or masked. Each is written exactly once.
     vi = tl.arange(0, VP)
@@ -404,11 +390,11 @@ def _decode_split(
                 if tl.max(vague.to(tl.int32), 0) > 0:
                     s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
                                                 head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
-                                                MEAN, SIGNED_KEYS, DOT)
+                                                MEAN, SIGNED_KEYS)
             else:
                 s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
                                             head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
-                                            MEAN, SIGNED_KEYS, DOT)
+                                            MEAN, SIGNED_KEYS)
         tl.store(position_rows + p[None, :], s, mask=vmask[:, None] & free[None, :])
     if LINEAR:
         m, l, acc = _fold_group_rows(m, l, acc, m_v, l_v, GP, VP)
@@ -810,7 +796,6 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         raise ValueError("the part map must be (B, Hkv, L) with rows of unit stride, laid out batch-major")
     gp = max(16, triton.next_power_of_2(group))
     dp = max(16, triton.next_power_of_2(d))
-    dot = group >= MIN_DOT_GROUP
 
     has_sketch = sketch is not None
     linear = has_sketch and sketch.combine == "mean"
@@ -852,8 +837,8 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         bucket_logits if linear else logits,
         logits, part_acc, part_m, part_l, length,
         float(scaling), hkv, e, span, width, slots_per_split, pos_per_split,
-        G=group, GP=gp if dot else 1, VP=gp if dot and has_sketch and not linear else triton.next_power_of_2(group),
-        DOT=dot, D=d, DP=dp, ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
+        G=group, GP=gp, VP=gp if has_sketch and not linear else triton.next_power_of_2(group), D=d, DP=dp,
+        ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
         SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT, BLOCK_V=block_v,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
