@@ -44,7 +44,7 @@ from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, CHUNK_POSITIO
 
 LENGTH_CHUNK = 64  # positions the scores, part map and codes grow by
 PAIRS_PER_ROUND = 16  # swaps whose estimates are read together
-BLOCK_SLOTS = 1024
+BLOCK_SLOTS = 4096  # exact slots per loop step of the one-program-per-head scans (_append, _compress)
 BLOCK_CHUNKS = 256  # chunks' highest Vague scores per loop step of _compress
 
 

@@ -61,11 +61,12 @@ _M2 = tl.constexpr(_wrap64(_MIX_2))
 
 SUPPORTED_ROWS = (1, 3)  # 1 or 3 rows combined (median or mean); other row counts use the reference
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-BLOCK_EXACT = 64  # exact slots per loop step
+BLOCK_EXACT = 32  # exact slots per loop step
 BLOCK_VAGUE = 32  # positions per loop step (3 gathered rows each for keys and values)
 BLOCK_MASS = 1024  # positions per program in the combine kernel
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 8  # split-K target: programs of the main kernel per multiprocessor
+PROGRAMS_PER_SM_LINEAR = 4  # the same under the linear combine, whose splits each read fewer, longer blocks
 NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
@@ -73,7 +74,8 @@ BLOCK_SLOTS = 1024  # positions per program of _slot_map
 BLOCK_LINEAR = 256  # positions per loop step of the main kernel under the linear combine (no vector gathers)
 BLOCK_BUCKETS = 64  # buckets per program of _bucket_logits and of _bucket_values
 CHUNK_POSITIONS = 1024  # positions per program of _position_pass: Algorithm 3 rescans one such chunk at a swap
-BLOCK_PASS = 256  # positions per loop step of _position_pass
+BLOCK_PASS = 1024  # positions per loop step of _position_pass (one step a chunk: no chain of dependent reads)
+PASS_WARPS = 8
 MASKED, VAGUE, EXACT = 0, 1, 2  # the part map's codes
 _VAGUE = tl.constexpr(VAGUE)
 _BLOCK_BUCKETS = tl.constexpr(BLOCK_BUCKETS)
@@ -626,10 +628,10 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _split_plan(work_items: int, programs: int, device: torch.device) -> int:
-    """Splits per KV head: PROGRAMS_PER_SM programs per multiprocessor, never more than there are blocks of work."""
+def _split_plan(work_items: int, programs: int, per_sm: int, device: torch.device) -> int:
+    """Splits per KV head: ``per_sm`` programs per multiprocessor, never more than there are blocks of work."""
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(MAX_SPLITS, triton.cdiv(PROGRAMS_PER_SM * sms, programs), work_items))
+    return max(1, min(MAX_SPLITS, triton.cdiv(per_sm * sms, programs), work_items))
 
 
 def slot_codes(sketch: VagueSketch, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -822,7 +824,8 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         width, rows, signed_keys = 1, 1, False
 
     block_v = BLOCK_LINEAR if linear else BLOCK_VAGUE
-    splits = _split_plan(max(triton.cdiv(span, block_v), triton.cdiv(max(e, 1), BLOCK_EXACT)), b * hkv, device)
+    splits = _split_plan(max(triton.cdiv(span, block_v), triton.cdiv(max(e, 1), BLOCK_EXACT)), b * hkv,
+                         PROGRAMS_PER_SM_LINEAR if linear else PROGRAMS_PER_SM, device)
     slots_per_split = triton.cdiv(triton.cdiv(max(e, 1), splits), BLOCK_EXACT) * BLOCK_EXACT
     pos_per_split = triton.cdiv(triton.cdiv(span, splits), block_v) * block_v
 
@@ -892,7 +895,7 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
         G=step.group if from_logits else 1, GP=triton.next_power_of_2(step.group) if from_logits else 1,
         SP=step.splits_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
         FROM_LOGITS=from_logits, LINEAR=from_logits and step.linear, SCORE=scores is not None,
-        CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, num_warps=4,
+        CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, num_warps=PASS_WARPS,
     )
     if from_logits and step.linear:
         _bucket_values[(b * hkv, triton.cdiv(step.slots, BLOCK_BUCKETS))](
