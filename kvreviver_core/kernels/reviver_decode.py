@@ -318,7 +318,7 @@ def _decode_split(
     Q, stride_qb, stride_qh,
     EK, EV, EPOS, PART, part_stride,
     SK, SV, SCNT, BUCKETS, SLOTS, code_stride, QK,
-    LOGITS, PART_ACC, PART_M, PART_L, LENGTH,
+    LOGITS, VLOGITS, PART_ACC, PART_M, PART_L, LENGTH,
     scaling, Hkv, E, span, width, slots_per_split, pos_per_split,
     G: tl.constexpr, GP: tl.constexpr, VP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
     HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
@@ -369,7 +369,7 @@ def _decode_split(
     vi = tl.arange(0, VP)
     vmask = vi < G
     vh = h * G + vi
-    position_rows = LOGITS + (b.to(tl.int64) * Hkv * G + vh)[:, None] * span  # (VP, 1)
+    position_rows = (b.to(tl.int64) * Hkv * G + vh)[:, None] * span  # (VP, 1) row starts of LOGITS, VLOGITS
     m_v = tl.full((VP,), float("-inf"), tl.float32)  # LINEAR's running max and sum over the Vague positions
     l_v = tl.zeros((VP,), tl.float32)
     nb = tl.load(BUCKETS + b)
@@ -387,6 +387,9 @@ def _decode_split(
         if LINEAR:  # the values come in through the buckets' weights (_position_pass, _bucket_values)
             s = _bucket_logit_rows(qk_rows, slot_rows, p, inside, vague, vmask, code_stride, ROWS, SIGNED_KEYS)
             m_v, l_v = _online_sum(m_v, l_v, s)
+            # Vague logits only (-inf at exact positions): what the bucket sums gather in bucket order, so that
+            # they gather no part map too (each gather a 32-byte sector of L2 for 1 or 4 bytes)
+            tl.store(VLOGITS + position_rows + p[None, :], s, mask=vmask[:, None] & inside[None, :])
         elif HAS_SKETCH:
             if SKIP_EMPTY:
                 if tl.max(vague.to(tl.int32), 0) > 0:
@@ -397,7 +400,7 @@ def _decode_split(
                 s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
                                             head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
                                             MEAN, SIGNED_KEYS)
-        tl.store(position_rows + p[None, :], s, mask=vmask[:, None] & free[None, :])
+        tl.store(LOGITS + position_rows + p[None, :], s, mask=vmask[:, None] & free[None, :])
     if LINEAR:
         m, l, acc = _fold_group_rows(m, l, acc, m_v, l_v, GP, VP)
 
@@ -505,10 +508,11 @@ def _combine(
 
 
 @triton.jit
-def _sorted_bucket_sums(LOGITS, ORDER, ORDER_CODES, W, rows, gmask, top, part_row, first, sorted_n, span,
-                        slots, ROW, BLOCK: tl.constexpr):
+def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, rows, gmask, top, first, sorted_n, span, slots, ROW,
+                        BLOCK: tl.constexpr):
     """Linear combine, one row: add the signed softmax numerators of the Vague positions among entries ``[first,
-    first + BLOCK)`` of the row's bucket order to their buckets' weights. The order lists positions by bucket, so a
+    first + BLOCK)`` of the row's bucket order to their buckets' weights (from the split-K pass's Vague logits
+    ``VLOGITS``, -inf elsewhere). The order lists positions by bucket, so a
     block holds runs of one bucket: a prefix sum, and at each run's end one atomic add of the sum (and one of its
     negation to the next run's bucket), instead of one atomic add per position on a few hot addresses."""
     i = tl.arange(0, BLOCK)
@@ -519,9 +523,8 @@ def _sorted_bucket_sums(LOGITS, ORDER, ORDER_CODES, W, rows, gmask, top, part_ro
     slot, sign = code >> 1, 1 - 2 * (code & 1)
     following = (i < BLOCK - 1) & (idx + 1 < sorted_n)
     next_slot = tl.load(ORDER_CODES + ROW * sorted_n + idx + 1, mask=following, other=-2) >> 1  # -1: no next
-    vague = listed & (tl.load(part_row + pos, mask=listed, other=0) == _VAGUE)
-    both = gmask[:, None] & vague[None, :]
-    logits = tl.load(LOGITS + rows[:, None] * span + pos[None, :], mask=both, other=float("-inf"))
+    logits = tl.load(VLOGITS + rows[:, None] * span + pos[None, :], mask=gmask[:, None] & listed[None, :],
+                     other=float("-inf"))
     running = tl.cumsum(tl.exp(logits - top[:, None]) * sign.to(tl.float32)[None, :], axis=1)
     run_end = listed & (next_slot != slot)
     tl.atomic_add(W + rows[:, None] * slots + slot[None, :], running, mask=gmask[:, None] & run_end[None, :],
@@ -532,8 +535,8 @@ def _sorted_bucket_sums(LOGITS, ORDER, ORDER_CODES, W, rows, gmask, top, part_ro
 
 @triton.jit(do_not_specialize=["chunks", "sorted_n"])
 def _position_pass(
-    LOGITS, PART_M, PART_L, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS, LENGTH,
-    Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, splits, chunks,
+    LOGITS, VLOGITS, PART_M, PART_L, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS,
+    LENGTH, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, splits, chunks,
     G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr, FROM_LOGITS: tl.constexpr,
     LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -566,8 +569,8 @@ def _position_pass(
         row = tl.program_id(2) - 1
         if row >= 0:  # one row's bucket sums over its order (a grid with that axis only with an order)
             for start in tl.static_range(0, CHUNK, BLOCK):
-                _sorted_bucket_sums(LOGITS, ORDER + b * ROWS * sorted_n, ORDER_CODES + b * ROWS * sorted_n, W, rows,
-                                    gmask, top, part_row, chunk * CHUNK + start, sorted_n, span, slots, row, BLOCK)
+                _sorted_bucket_sums(VLOGITS, ORDER + b * ROWS * sorted_n, ORDER_CODES + b * ROWS * sorted_n, W,
+                                    rows, gmask, top, chunk * CHUNK + start, sorted_n, span, slots, row, BLOCK)
             return
     best = tl.full((), float("-inf"), tl.float32)
     best_pos = tl.full((), -1, tl.int32)
@@ -718,7 +721,8 @@ class DecodeSplits:
     Under the linear combine (``sketch.combine == "mean"``) also the buckets' weights ``(B, Hq, slots)`` fp32, the
     sketch's values ``(B, Hkv, slots, D)`` and counts (None without the ``"mean"`` estimator), and the Vague share
     of the output ``(B, Hq, D)`` fp32: :func:`position_pass` sums the weights and multiplies them by the values
-    into it, before a combine.
+    into it, before a combine. And the Vague logits ``(B, Hq, span)`` fp32 (-inf at other positions), which the
+    weights are summed from.
     """
 
     out: torch.Tensor
@@ -740,6 +744,7 @@ class DecodeSplits:
     bucket_values: torch.Tensor | None = None
     counts: torch.Tensor | None = None
     vague_out: torch.Tensor | None = None
+    vague_logits: torch.Tensor | None = None
 
     @property
     def linear(self) -> bool:
@@ -801,7 +806,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
 
     has_sketch = sketch is not None
     linear = has_sketch and sketch.combine == "mean"
-    bucket_logits = weights = counts = vague_out = None
+    bucket_logits = weights = counts = vague_out = vague_logits = None
     if has_sketch:
         sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
         counts = sketch.counts.contiguous() if sketch.counts is not None else None
@@ -813,6 +818,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
             bucket_logits = torch.empty(b, hq, rows * width, dtype=torch.float32, device=device)
             weights = torch.empty_like(bucket_logits)  # zeroed by _bucket_logits, as is vague_out
             vague_out = torch.empty(b, hq, d, dtype=torch.float32, device=device)
+            vague_logits = torch.empty(b, hq, span, dtype=torch.float32, device=device)
             _bucket_logits[(b * hkv, triton.cdiv(rows * width, BLOCK_BUCKETS))](
                 q, q.stride(0), q.stride(1), sk, counts if counts is not None else exact_pos, bucket_logits, weights,
                 vague_out, hkv, rows * width, float(scaling) / rows,
@@ -838,7 +844,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         exact_keys, exact_values, exact_pos, part, part.stride(1),
         sk, sv, counts if counts is not None else exact_pos, buckets, slots, slots.stride(1) if has_sketch else 0,
         bucket_logits if linear else logits,
-        logits, part_acc, part_m, part_l, length,
+        logits, vague_logits if linear else logits, part_acc, part_m, part_l, length,
         float(scaling), hkv, e, span, width, slots_per_split, pos_per_split,
         G=group, GP=gp, VP=gp if has_sketch and not linear else triton.next_power_of_2(group), D=d, DP=dp,
         ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
@@ -849,7 +855,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
     return DecodeSplits(out, logits, part_acc, part_m, part_l, part, slots if has_sketch else None, length, b, hkv,
                         group, d, span, splits, rows, weights, sv if linear else None, counts if linear else None,
-                        vague_out)
+                        vague_out, vague_logits)
 
 
 def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
@@ -884,7 +890,8 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
     order_positions, order_codes = order if order is not None else (placeholder, placeholder)
     sorted_rows = codes.shape[1] if order is not None and from_logits and step.linear else 0
     _position_pass[(b * hkv, chunks, 1 + sorted_rows)](
-        step.logits if from_logits else placeholder, step.max if from_logits else placeholder,
+        step.logits if from_logits else placeholder, step.vague_logits if from_logits and step.linear else placeholder,
+        step.max if from_logits else placeholder,
         step.sum if from_logits else placeholder, mass if mass is not None else placeholder, part,
         codes if codes is not None else placeholder, order_positions, order_codes, weights,
         scores if scores is not None else placeholder,
