@@ -3,7 +3,8 @@
 Llama-2-7B shapes (32 heads, head_dim 128, bf16), budget 10%, one real ``ReviverLayer`` per context and row combine
 (``profile_compress_step.prefilled_layer``, then one decode token appended). Under ``torch.profiler`` it runs ``--calls`` times:
 
-* ``attention``: the decode attention over the kept maps (``reviver_decode.decode_attention``);
+* ``attention``: the decode attention over the kept maps (``reviver_decode.decode_attention``, through the bucket
+  order under the linear combine, as the in-place step runs it);
 * ``step``: a whole in-place decode step of the layer through the registered attention function (append, the
   attention, the position pass and Algorithm 3).
 
@@ -72,10 +73,11 @@ def main() -> None:
             part = reviver_decode.part_map(layer.exact_pos, key_valid)
             codes = reviver_decode.slot_codes(layer.sketch, length)
             length_tensor = torch.full((1,), length, dtype=torch.long, device="cuda")
+            order = reviver_decode.bucket_order(codes, length) if combine == "mean" else None  # as the in-place store
             store = (layer.exact_keys, layer.exact_values, layer.exact_pos, layer.sketch)
             parts = {
                 "attention": lambda: reviver_decode.decode_attention(query, *store, part, codes, length_tensor,
-                                                                     length, d**-0.5),
+                                                                     length, d**-0.5, order=order),
                 "step": layer_step(layer, h, d, 1, d**-0.5),
             }
             for name, fn in parts.items():
@@ -88,7 +90,7 @@ def main() -> None:
                 print(f"\n{device}, context {context}, combine {combine}, {name}: {total:.1f} us of GPU time per call")
                 for kernel, us in times.items():
                     print(f"  {us:8.1f} us  {100 * us / total:5.1f}%  {kernel}")
-            del layer, store, part, codes
+            del layer, store, part, codes, order
             torch.cuda.empty_cache()
 
 
