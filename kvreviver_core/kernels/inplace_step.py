@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, CHUNK_POSITIONS, EXACT, VAGUE, DecodeSplits, _bucket,
-                                                   _combine_output, _estimate_rows, _row_slots, _slot_code,
-                                                   _split_totals, attend_splits, bucket_order, position_pass,
-                                                   slot_codes)
+                                                   _combine_output, _estimate_rows, _highest_vague, _row_slots,
+                                                   _slot_code, _split_totals, attend_splits, bucket_order,
+                                                   position_pass, slot_codes)
 
 LENGTH_CHUNK = 64  # positions the scores, part map and codes grow by
 PAIRS_PER_ROUND = 16  # swaps whose estimates are read together
@@ -142,10 +142,9 @@ def _rescan_chunk(scores, part, chunk_top, chunk_pos, position, N, CHUNK: tl.con
     p = chunk * CHUNK + tl.arange(0, CHUNK)
     inside = p < N
     vague = inside & (tl.load(part + p, mask=inside, other=0) == _VAGUE)
-    score = tl.where(vague, tl.load(scores + p, mask=inside, other=0.0), float("-inf"))
-    high = tl.max(score, 0)
+    high, high_pos = _highest_vague(tl.load(scores + p, mask=inside, other=0.0), vague, chunk * CHUNK)
     tl.store(chunk_top + chunk, high)
-    tl.store(chunk_pos + chunk, tl.where(high > float("-inf"), chunk * CHUNK + tl.argmax(score, 0), -1).to(tl.int32))
+    tl.store(chunk_pos + chunk, high_pos)
 
 
 @triton.jit

@@ -508,6 +508,15 @@ def _combine(
 
 
 @triton.jit
+def _highest_vague(score, vague, first):
+    """The highest score among the Vague entries of a block of positions from ``first`` on, and its position (the
+    first of equal ones; -inf and -1 without a Vague entry)."""
+    score = tl.where(vague, score, float("-inf"))
+    high = tl.max(score, 0)
+    return high, tl.where(high > float("-inf"), first + tl.argmax(score, 0), -1).to(tl.int32)
+
+
+@triton.jit
 def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, rows, gmask, top, first, sorted_n, span, slots, ROW,
                         BLOCK: tl.constexpr):
     """Linear combine, one row: add the signed softmax numerators of the Vague positions among entries ``[first,
@@ -584,20 +593,19 @@ def _position_pass(
                              other=float("-inf"))
             numerators = tl.exp(logits - top[:, None])
             if LINEAR:
-                unsorted = gmask[:, None] & (vague & (p >= sorted_n))[None, :]
+                unlisted = vague & (p >= sorted_n)  # Vague since the order was built
                 for code_row in tl.static_range(ROWS):
-                    slot, sign = _slot_of(code_rows, p, vague & (p >= sorted_n), code_stride, code_row)
+                    slot, sign = _slot_of(code_rows, p, unlisted, code_stride, code_row)
                     tl.atomic_add(W + rows[:, None] * slots + slot[None, :], numerators * sign.to(tl.float32)[None, :],
-                                  mask=unsorted, sem="relaxed")
+                                  mask=gmask[:, None] & unlisted[None, :], sem="relaxed")
             mass = tl.sum(numerators * inv[:, None], 0)
         else:
             mass = tl.load(MASS + bh * mass_stride + p, mask=inside, other=0.0)
         if SCORE:
             score = tl.load(SCORES + bh * row_stride + p, mask=inside, other=0.0) + mass
             tl.store(SCORES + bh * row_stride + p, score, mask=inside)
-            score = tl.where(vague, score, float("-inf"))
-            high = tl.max(score, 0)
-            best_pos = tl.where(high > best, (chunk * CHUNK + start + tl.argmax(score, 0)).to(tl.int32), best_pos)
+            high, high_pos = _highest_vague(score, vague, chunk * CHUNK + start)
+            best_pos = tl.where(high > best, high_pos, best_pos)
             best = tl.maximum(best, high)
     if SCORE:
         tl.store(CHUNK_TOP + bh * chunks + chunk, best)
