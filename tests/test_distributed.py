@@ -10,7 +10,6 @@ who ran what: each item once, on the rank the assignment gives it, and no row th
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -25,7 +24,6 @@ from typer.testing import CliRunner
 
 from kvreviver_core import distributed, niah
 from kvreviver_core.distributed import RankInfo, assign, fold_rank_files, rank_file, rank_store
-from kvreviver_core.results import ResultStore
 from test_eval import save_tiny_model, write_articles
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,9 +18,8 @@ from typer.testing import CliRunner
 from kvreviver_core import Budget, make_cache
 from kvreviver_core import attention
 from kvreviver_core.calibration import (
-    RopeFrame, calibrate_on, load_calibration, model_fingerprint, save_calibration, settings_path,
+    RopeFrame, calibrate_on, model_fingerprint, save_calibration, settings_path,
 )
-from kvreviver_core.generation import cache_kwargs
 from tests.conftest import greedy, left_padded, tiny_llama
 
 

@@ -169,7 +169,6 @@ class VectorLayer(EvictionLayer):
         return exact, approx
 
     def observe(self, scores: torch.Tensor | None, key_valid: torch.Tensor) -> None:
-        first = self.offsets is None
         super().observe(scores, key_valid)  # routes when the held tokens exceed the capacity
         if self.budget.is_unlimited:
             return
