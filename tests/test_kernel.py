@@ -300,6 +300,33 @@ def test_kernel_in_generate_matches_reference(estimator, combine):
     assert_same_generation(model, True, "reference", "cuda", lengths=(700, 400), estimator=estimator, combine=combine)
 
 
+def check_linear_generation_across_growth(device, new_tokens: int = 80) -> list[int]:
+    """``generate`` under the linear combine for long enough that the in-place store grows twice: the kernel gives
+    the reference's tokens, and each growth rebuilt the bucket order over the positions hashed by then. Returns
+    each layer's listed positions."""
+    from kvreviver_core.kernels.inplace_step import LENGTH_CHUNK  # needs Triton
+
+    model = tiny_llama(layers=2, heads=8, kv_heads=2, hidden=256).to(device)
+    prompts = padded_prompts((700, 400), model.config.vocab_size, device)
+    with torch.no_grad():
+        ids, cache = generate_with(model, True, device, prompts, new_tokens=new_tokens, combine="mean")
+        ref, _ = generate_with(model, "reference", device, prompts, new_tokens=new_tokens, combine="mean")
+    assert ids.tolist() == ref.tolist()
+    listed = []
+    for layer in cache.layers:
+        store = layer._inplace
+        assert store is not None and store.capacity >= 700 + new_tokens
+        listed.append(store.order[0].shape[-1])
+        assert layer.logical_len - LENGTH_CHUNK <= listed[-1] < layer.logical_len, (listed, layer.logical_len)
+    return listed
+
+
+@pytest.mark.gpu
+@gpu
+def test_linear_bucket_order_is_rebuilt_as_the_store_grows():
+    check_linear_generation_across_growth("cuda")
+
+
 TRADE_CASES = [
     # estimator, rows, signed_keys, dtype[, combine]
     ("sum", 3, False, torch.float32),

@@ -8,7 +8,8 @@ for any fraction below 1). :class:`InplaceStore` then holds the layer's step-to-
 * the cumulative scores ``(B, H, capacity)`` fp32, and what the decode kernel would otherwise rebuild at every step:
   the part map ``(B, H, capacity)`` int8 (MASKED / VAGUE / EXACT, :mod:`.reviver_decode`) and the positions' bucket
   codes ``(B, r, capacity)`` int32; ``capacity`` grows by ``LENGTH_CHUNK``. Under the linear combine also the bucket
-  order of the positions held at entry (:func:`~.reviver_decode.bucket_order`, ``(B, r, N)`` int32 twice).
+  order of the positions hashed when the buffers last grew (:func:`~.reviver_decode.bucket_order`, ``(B, r, N)``
+  int32 twice).
 
 The length, the Recent count and the first Recent position live on the device too, and every kernel reads them
 there, so one step's launches and arguments are those of the next until a buffer grows: a CUDA graph can replay
@@ -311,6 +312,7 @@ class InplaceStore:
         self.scores_buffer = scores.new_zeros(b, h, 0)
         self.part = torch.zeros(b, h, 0, dtype=torch.int8, device=device)
         self.codes = torch.zeros(b, sketch.rows, 0, dtype=torch.int32, device=device)
+        self.order = None
         self.reserve(n + 1)  # column n (the next token's) takes the empty slots' writes below, then is cleared
         slot_codes(sketch, n, out=self.codes)
         # The linear combine sums the bucket weights of these positions through their bucket order.
@@ -324,8 +326,12 @@ class InplaceStore:
     def capacity(self) -> int:
         return self.part.shape[-1]
 
-    def reserve(self, length: int) -> None:
-        """Make room for ``length`` positions (a new buffer, grown by LENGTH_CHUNK, only when they do not fit)."""
+    def reserve(self, length: int, hashed: int | None = None) -> None:
+        """Make room for ``length`` positions (a new buffer, grown by LENGTH_CHUNK, only when they do not fit).
+
+        A bucket order is then rebuilt over the first ``hashed`` positions (default: the host's length), those whose
+        codes the launches so far write, so that the positions added since are summed through it too instead of
+        one atomic add each. The buffers move anyway, and so would a captured step's addresses."""
         capacity = self.capacity
         if length <= capacity:
             return
@@ -336,11 +342,13 @@ class InplaceStore:
             new[..., : old.shape[-1]] = old
             grown.append(new)
         self.scores_buffer, self.part, self.codes = grown
+        if self.order is not None:
+            self.order = bucket_order(self.codes, self.host_length if hashed is None else hashed)
 
     def advance(self, tokens: int) -> None:
-        """The host's side of a step of ``tokens`` new tokens: its length, and room for them."""
+        """The host's side of a step of ``tokens`` new tokens (before their append): its length, and room for them."""
         self.host_length += tokens
-        self.reserve(self.host_length)
+        self.reserve(self.host_length, hashed=self.host_length - tokens)
 
     def scores(self, length: int) -> torch.Tensor:
         """The first ``length`` positions' scores ``(B, H, length)``, a view of the buffer."""
