@@ -78,7 +78,6 @@ BLOCK_PASS = 1024  # positions per loop step of _position_pass (one step a chunk
 PASS_WARPS = 8
 MASKED, VAGUE, EXACT = 0, 1, 2  # the part map's codes
 _VAGUE = tl.constexpr(VAGUE)
-_BLOCK_BUCKETS = tl.constexpr(BLOCK_BUCKETS)
 SPLITS_PER_READ = 4  # partial outputs the combine reads at once
 _SPLITS_PER_READ = tl.constexpr(SPLITS_PER_READ)
 _EXACT = tl.constexpr(EXACT)
@@ -289,10 +288,8 @@ def _fold_group_rows(m, l, acc, m_v, l_v, GP: tl.constexpr, VP: tl.constexpr):
         same = tl.arange(0, GP)[:, None] == tl.arange(0, VP)[None, :]
         m_in = tl.max(tl.where(same, m_v[None, :], float("-inf")), 1)
         l_in = tl.sum(tl.where(same, l_v[None, :], 0.0), 1)
-    m_new = tl.maximum(m, m_in)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_use)
-    return m_new, l * alpha + l_in * tl.exp(m_in - m_use), acc * alpha[:, None]
+    m_new, alpha, scale = _online_rescale(m, m_in[:, None])  # a block of one logit per row, m_in
+    return m_new, l * alpha + l_in * tl.sum(scale, 1), acc * alpha[:, None]
 
 
 @triton.jit
@@ -521,9 +518,9 @@ def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, rows, gmask, top, first,
                         BLOCK: tl.constexpr):
     """Linear combine, one row: add the signed softmax numerators of the Vague positions among entries ``[first,
     first + BLOCK)`` of the row's bucket order to their buckets' weights (from the split-K pass's Vague logits
-    ``VLOGITS``, -inf elsewhere). The order lists positions by bucket, so a
-    block holds runs of one bucket: a prefix sum, and at each run's end one atomic add of the sum (and one of its
-    negation to the next run's bucket), instead of one atomic add per position on a few hot addresses."""
+    ``VLOGITS``, -inf elsewhere). The order lists positions by bucket, so a block holds runs of one bucket: a prefix
+    sum, and at each run's end one atomic add of the sum (and one of its negation to the next run's bucket), instead
+    of one atomic add per position on a few hot addresses."""
     i = tl.arange(0, BLOCK)
     idx = first + i
     listed = idx < sorted_n
@@ -872,11 +869,10 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
                   order: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Launch ``_position_pass`` on the current CUDA device: the linear combine's bucket weights from the decode's
     logits (``step``), then ``_bucket_values``, their product with the buckets' values; and with ``scores``
-    ``(B, Hkv, capacity)`` their update by the step's mass and each chunk's
-    highest Vague score. The mass comes from ``step``'s logits, or from ``mass`` ``(B, Hkv, N)`` when ``step`` is
-    None (then ``part``, ``codes`` and ``length`` say what the store holds). ``order``: the :func:`bucket_order`
-    of the first positions, which the weights are summed through (the later positions, or all without it, one
-    by one).
+    ``(B, Hkv, capacity)`` their update by the step's mass and each chunk's highest Vague score. The mass comes
+    from ``step``'s logits, or from ``mass`` ``(B, Hkv, N)`` when ``step`` is None (then ``part``, ``codes`` and
+    ``length`` say what the store holds). ``order``: the :func:`bucket_order` of the first positions, which the
+    weights are summed through (the later positions, or all without it, one by one).
 
     Returns:
         with ``scores``, each chunk's highest Vague score ``(B * Hkv, chunks)`` fp32 and its position (int32,
