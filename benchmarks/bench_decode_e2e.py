@@ -10,12 +10,14 @@ because on torch 2.11 / H200 it was seen building a new plan for each new key le
 (see ``bench_decode_attention.py``'s ``step_full_default_sdpa_us``), which would slow the baseline unfairly.
 
 ``--modes eager,graphs`` runs ``profile`` twice per context, the second time with ``--cuda-graphs`` (decode steps
-replayed from CUDA graphs; the full cache in its static layout). Each context's rows are in
+replayed from CUDA graphs; the full cache in its static layout). ``--compile`` compiles the model's norms and MLPs
+for every method (``kvreviver_core/compiled.py``). Each context's rows are in
 ``--out/<mode>/ctx<N>/profile.jsonl`` (``profile`` resumes from them after a kill) and a
 summary in ``--out/decode_e2e.json``.
 
 Usage: python benchmarks/bench_decode_e2e.py [--contexts 8192,32768] [--batches 1,4,16] [--new-tokens 32]
-       [--budget 0.1] [--methods full,kvreviver,kvreviver:combine=mean] [--modes eager,graphs] [--out runs/decode_e2e] [--batches-32768 1,4] [--sdpa-backends flash,efficient,math]
+       [--budget 0.1] [--methods full,kvreviver,kvreviver:combine=mean] [--modes eager,graphs] [--compile]
+       [--out runs/decode_e2e] [--batches-32768 1,4] [--sdpa-backends flash,efficient,math]
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def profile(context: int, batches: str, mode: str, args, out: Path) -> dict:
                "--new-tokens", str(args.new_tokens), "--decode-warmup", str(args.decode_warmup), "--out", str(out)]
     if mode == "graphs":
         command.append("--cuda-graphs")
+    if args.compile:
+        command.append("--compile")
     print(f"$ kvreviver {' '.join(command)}   (SDPA backends: {args.sdpa_backends})", flush=True)
     with sdpa_kernel([BACKENDS[name] for name in args.sdpa_backends.split(",")]):
         app(command, standalone_mode=False)
@@ -58,6 +62,7 @@ def main() -> None:
                         help="methods or specs (kvreviver:combine=mean), full first: each is divided by full")
     parser.add_argument("--sdpa-backends", default="flash,efficient,math", help=", ".join(BACKENDS))
     parser.add_argument("--modes", default="eager", help="eager, graphs (profile --cuda-graphs) or eager,graphs")
+    parser.add_argument("--compile", action="store_true", help="profile --compile: the model's norms and MLPs compiled")
     parser.add_argument("--out", type=Path, default=Path("runs/decode_e2e"))
     args = parser.parse_args()
 
@@ -82,6 +87,7 @@ def main() -> None:
 
     show = lambda x, fmt: "OOM" if x is None else format(x, fmt)  # noqa: E731
     print(f"\n{summary[0]['device'] if summary else ''}: decode tok/s, {args.arch} random weights, bf16, "
+          f"{'norms and MLPs compiled, ' if args.compile else ''}"
           f"budget {args.budget:g}, {args.new_tokens} new tokens ({args.decode_warmup} untimed)")
     print("| context | mode | batch | method | full tok/s | method tok/s | method / full |")
     print("|---:|---|---:|---|---:|---:|---:|")

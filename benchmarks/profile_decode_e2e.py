@@ -10,7 +10,9 @@ fold per layer. For KVReviver it also counts the Vague tokens swapped back per l
 
 ``--modes eager,graphs`` measures each method twice: with every step launched from Python, and with the steps
 replayed from CUDA graphs (``kvreviver_core/graphs.py``; the full cache then decodes in its static layout, as
-transformers' StaticCache does). One JSON line per (context, mode, method) in ``--out``; a table at the end. ``--rounds 2`` measures every (context, method)
+transformers' StaticCache does). ``--blocks plain,compiled`` measures everything again after compiling the model's
+norms and MLPs (``kvreviver_core/compiled.py``), in the same process. ``--kernels N`` prints each run's N kernels
+that take the most GPU time a token. One JSON line per (context, mode, method) in ``--out``; a table at the end. ``--rounds 2`` measures every (context, method)
 twice, alternating, so that a process's first runs (Triton compiling kernel variants, host caches warming) show. SDPA runs on flash/efficient/math (no cuDNN,
 as in ``bench_decode_e2e.py``).
 
@@ -29,9 +31,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from kvreviver_core.generation import cache_kwargs
+from kvreviver_core.compiled import compile_token_blocks
+from kvreviver_core.generation import cache_kwargs, greedy_next
 from kvreviver_core.models import random_model
-from kvreviver_core.generation import greedy_next
 from kvreviver_core.graphs import GraphedDecode
 from kvreviver_core.profiling import profiled_cache, synthetic_ids
 from kvreviver_core.specs import method_spec
@@ -75,7 +77,14 @@ def measure(model, method: str, context: int, mode: str, args) -> dict:
         print(f"\n## {method}, context {context}: ops by calls over {args.profiled} tokens")
         print(events.table(sort_by="count", row_limit=args.ops, max_name_column_width=50))
     count = lambda names: sum(e.count for e in events if e.key in names) / args.profiled  # noqa: E731
-    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)
+    gpu_us = sum(e.self_device_time_total for e in kernels)
+    if args.kernels:
+        print(f"\n## {method}, context {context}, {mode}: GPU time a token, by kernel")
+        print("| kernel | launches / token | µs / token |\n|---|---:|---:|")
+        for e in kernels[: args.kernels]:
+            print(f"| `{e.key[:90]}` | {e.count / args.profiled:.0f} | {e.self_device_time_total / args.profiled:.1f} |")
     row = {"device": torch.cuda.get_device_name(), "context": context, "method": method, "mode": mode,
            "wall_ms_median": statistics.median(walls),
            "wall_ms_mean": statistics.mean(walls), "gpu_busy_ms": gpu_us / 1e3 / args.profiled,
@@ -102,6 +111,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=16, help="timed decode tokens")
     parser.add_argument("--profiled", type=int, default=3, help="decode tokens under torch.profiler")
+    parser.add_argument("--kernels", type=int, default=0, help="print each run's N kernels with the most GPU time")
+    parser.add_argument("--blocks", default="plain", help="plain, compiled (the model's norms and MLPs compiled "
+                        "first) or plain,compiled")
     parser.add_argument("--ops", type=int, default=0, help="print the profiler's N most-called ops per run")
     parser.add_argument("--rounds", type=int, default=1, help="measure every (context, method) this many times")
     parser.add_argument("--modes", default="eager", help="eager (each step from Python), graphs (steps replayed from "
@@ -114,20 +126,24 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        for round_ in range(1, args.rounds + 1):
-            for context in map(int, args.contexts.split(",")):
-                for mode in args.modes.split(","):
-                    for method in args.methods.split(","):
-                        rows.append({**measure(model, method, context, mode, args), "round": round_})
-                        with args.out.open("a") as f:
-                            f.write(json.dumps(rows[-1]) + "\n")
-                        print(json.dumps(rows[-1]), flush=True)
+        for blocks in args.blocks.split(","):
+            if blocks == "compiled":  # from here on, for every method alike
+                compile_token_blocks(model)
+            for round_ in range(1, args.rounds + 1):
+                for context in map(int, args.contexts.split(",")):
+                    for mode in args.modes.split(","):
+                        for method in args.methods.split(","):
+                            row = {**measure(model, method, context, mode, args), "blocks": blocks, "round": round_}
+                            rows.append(row)
+                            with args.out.open("a") as f:
+                                f.write(json.dumps(row) + "\n")
+                            print(json.dumps(row), flush=True)
     print(f"\n{rows[0]['device']}, {args.arch} random weights, bf16, batch 1, budget {args.budget:g}")
-    print("| round | context | mode | method | ms / token, mean (median) | GPU busy ms / token | launches / token |"
+    print("| blocks | round | context | mode | method | ms / token, mean (median) | GPU busy ms / token | launches / token |"
           " host syncs / token | Vague tokens swapped back per layer, head and token |")
-    print("|---:|---:|---|---|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['round']} | {r['context']} | {r['mode']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | "
+        print(f"| {r['blocks']} | {r['round']} | {r['context']} | {r['mode']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | "
               f"{r['gpu_busy_ms']:.1f} | {r['launches']:.0f} | {r['host_syncs']:.0f} | "
               f"{r.get('swapped_back_per_layer_head', '-')} |")
 

@@ -28,6 +28,7 @@ from kvreviver_cli.common import (
 )
 from kvreviver_cli.config import apply_config
 from kvreviver_core import list_methods
+from kvreviver_core.compiled import compile_token_blocks
 from kvreviver_core.specs import method_spec
 from kvreviver_core.models import load_model
 from kvreviver_core.profiling import find_max_batch as search_max_batch
@@ -171,6 +172,9 @@ def profile_command(
     decode_warmup: int = typer.Option(4, "--decode-warmup", help="Decode steps run before the timer starts."),
     cuda_graphs: bool = typer.Option(
         False, "--cuda-graphs", help="Replay decode steps from CUDA graphs where the cache allows it (full: static layout)."),
+    compile_blocks: bool = typer.Option(
+        False, "--compile", help="torch.compile the model's norms and MLPs first (every method alike): fewer kernels "
+        "a token outside attention."),
     find_max_batch: bool = typer.Option(False, "--find-max-batch", help="Also find each method's largest batch that fits."),
     max_batch_limit: int = typer.Option(1024, "--max-batch-limit", help="Upper end of the --find-max-batch search."),
     device: str = typer.Option("cuda", "--device", help="cuda (NVML memory) or cpu (timing only)."),
@@ -210,6 +214,8 @@ def profile_command(
              "budget": o["budget"], "seed": o["seed"]}
     if o["cuda_graphs"]:  # absent otherwise, as the device map below
         setup["cuda_graphs"] = True
+    if o["compile_blocks"]:
+        setup["compiled_blocks"] = len(compile_token_blocks(net))
     if o["device_map"] is not None:  # absent otherwise, so that earlier single-device results still resume
         setup["device_map"] = {"mode": o["device_map"], "layers_per_device": _layers_per_device(net)}
     store = ResultStore(o["out"] / "profile.jsonl" if o["out"] else None, ("setup", "method", "batch"))
@@ -249,7 +255,8 @@ def profile_command(
 
     title = (f"{setup['model']}, {setup['dtype']}, context {o['context']}, {o['new_tokens']} new tokens "
              f"(decode tok/s after {min(o['decode_warmup'], o['new_tokens'] - 1)} warm-up steps), budget "
-             f"{o['budget']:g}{', decode steps replayed from CUDA graphs' if o['cuda_graphs'] else ''} — {setup['device']}")
+             f"{o['budget']:g}{', decode steps replayed from CUDA graphs' if o['cuda_graphs'] else ''}"
+             f"{', norms and MLPs compiled' if o['compile_blocks'] else ''} — {setup['device']}")
     console.print(render_table(grid, method_names, batches, title))
     if memory is None:
         console.print(f"NVML memory is unavailable on {target.type}: the NVML peak was not measured.")
