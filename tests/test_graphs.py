@@ -52,6 +52,41 @@ def test_static_full_cache_with_flash_attention_on_cuda():
     check_static_full_cache("cuda", torch.bfloat16, dict(rtol=2e-2, atol=2e-2))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("filled", [1, 77, 256])
+@torch.no_grad()
+def test_tail_kernel_gives_the_masked_math_merged_with_the_head(dtype, filled):
+    """The static layout's tail kernel against attention over the filled slots alone, computed in fp32 by torch:
+    GQA, two sequences, tail slots past the length holding garbage that must not count."""
+    from kvreviver_core.kernels.static_tail import tail_attention
+
+    gen = torch.Generator().manual_seed(filled)
+    batch, heads, kv_heads, dim, prefix, tail = 2, 8, 2, 64, 320, STATIC_CHUNK
+    query = torch.randn(batch, heads, 1, dim, generator=gen).cuda().to(dtype)
+    keys = torch.randn(batch, kv_heads, prefix + tail, dim, generator=gen).cuda().to(dtype) * 2
+    values = torch.randn(batch, kv_heads, prefix + tail, dim, generator=gen).cuda().to(dtype)
+    length = prefix + filled
+    scaling = dim ** -0.5
+
+    def attention(n_from: int, n_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = keys[:, :, n_from:n_to].float().repeat_interleave(heads // kv_heads, dim=1)
+        v = values[:, :, n_from:n_to].float().repeat_interleave(heads // kv_heads, dim=1)
+        logits = query.float() @ k.transpose(-1, -2) * scaling
+        return logits.softmax(-1) @ v, logits.logsumexp(-1)
+
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    device_length = torch.tensor([length], device="cuda")
+    tail_only = tail_attention(query, keys[:, :, prefix:], values[:, :, prefix:], 0, device_length - prefix, scaling)
+    torch.testing.assert_close(tail_only.float(), attention(prefix, length)[0], **tolerance)
+    head_out, head_lse = attention(0, prefix)
+    merged = tail_attention(query, keys[:, :, prefix:], values[:, :, prefix:], prefix, device_length, scaling,
+                            (head_out.to(dtype), head_lse))
+    assert merged.dtype == dtype
+    torch.testing.assert_close(merged.float(), attention(0, length)[0], **tolerance)
+
+
 def test_graphed_decode_refuses_a_model_off_cuda():
     model = tiny_llama()
     cache = make_cache("full", model=model, static=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvreviver_core.budget import Budget
+from kvreviver_core.kernels import triton_available
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
 
 STATIC_CHUNK = 256  # slots the static layout grows by
@@ -65,18 +66,27 @@ class FullLayer(CompressedLayer):
         """The static decode step's attention. transformers builds its mask from host-side lengths, which a replayed
         graph would keep from its capture, so the slots past the device's length are masked here. All slots before
         the last ``STATIC_CHUNK`` are always filled (the buffers grow by that much when full): flash attention takes
-        them without a mask, the masked tail goes through the plain math, and the two merge by log-sum-exp."""
+        them without a mask, the masked tail goes through one Triton kernel on CUDA (:mod:`.static_tail`) or the plain
+        math elsewhere, and the two merge by log-sum-exp."""
         if self._length is None or query.shape[2] != 1:
             return None
         prefix = self.keys.shape[-2] - STATIC_CHUNK
-        tail = torch.arange(prefix, self.keys.shape[-2], device=self.device) < self._length
-        out, lse = _attention_with_lse(query, self.keys[:, :, prefix:], self.values[:, :, prefix:], scaling, tail)
+        head = None
         if prefix > 0:
-            head_out, head_lse = _attention_with_lse(query, self.keys[:, :, :prefix], self.values[:, :, :prefix],
-                                                     scaling)
+            head = _attention_with_lse(query, self.keys[:, :, :prefix], self.values[:, :, :prefix], scaling)
+        tail_keys, tail_values = self.keys[:, :, prefix:], self.values[:, :, prefix:]
+        if query.is_cuda and triton_available():
+            from kvreviver_core.kernels.static_tail import tail_attention
+
+            return tail_attention(query, tail_keys, tail_values, prefix, self._length, scaling, head).transpose(1, 2)
+        tail = torch.arange(prefix, self.keys.shape[-2], device=self.device) < self._length
+        out, lse = _attention_with_lse(query, tail_keys, tail_values, scaling, tail)
+        out = out.float()
+        if head is not None:
+            head_out, head_lse = head
             top = torch.maximum(lse, head_lse)
             weight, head_weight = torch.exp(lse - top), torch.exp(head_lse - top)
-            out = (out * weight + head_out * head_weight) / (weight + head_weight)
+            out = (out * weight + head_out.float() * head_weight) / (weight + head_weight)
         return out.to(query.dtype).transpose(1, 2)
 
     def decode_graph_key(self) -> tuple | None:
@@ -98,14 +108,15 @@ class FullLayer(CompressedLayer):
 def _attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
                         valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` ``(B, Hq, 1, D)`` over ``keys``/``values`` ``(B, Hkv, N, D)`` (``valid`` ``(N,)``:
-    the slots to attend, default all): the output ``(B, Hq, 1, D)`` fp32 and its log-sum-exp ``(B, Hq, 1, 1)``.
-    Flash attention on CUDA in 16-bit dtypes without a mask, the math otherwise."""
+    the slots to attend, default all): the output ``(B, Hq, 1, D)`` (the query's dtype from flash, else fp32) and
+    its log-sum-exp ``(B, Hq, 1, 1)`` fp32. Flash attention on CUDA in 16-bit dtypes without a mask, the math
+    otherwise."""
     group = query.shape[1] // keys.shape[1]
     if group > 1:
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
     if valid is None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, keys, values, scale=scaling)[:2]
-        return out.float(), lse.unsqueeze(-1)
+        return out, lse.unsqueeze(-1)
     logits = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
     if valid is not None:
         logits = logits.masked_fill(~valid, float("-inf"))
