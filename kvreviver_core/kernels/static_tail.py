@@ -28,7 +28,7 @@ def _tail_attention(Q, K, V, HEAD_OUT, HEAD_LSE, OUT, LENGTH, start, slots, Hq, 
     m = tl.full((), float("-inf"), tl.float32)
     total = tl.zeros((), tl.float32)
     acc = tl.zeros((D,), tl.float32)
-    for first in range(0, slots, BLOCK):
+    for first in range(0, tl.minimum(slots, length - start), BLOCK):  # the filled slots' blocks only
         n = first + tl.arange(0, BLOCK)
         valid = (n < slots) & (start + n < length)
         entry = kv + n[:, None].to(tl.int64) * stride_kn + di[None, :]
