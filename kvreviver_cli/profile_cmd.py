@@ -172,7 +172,7 @@ def profile_command(
     decode_warmup: int = typer.Option(4, "--decode-warmup", help="Decode steps run before the timer starts."),
     cuda_graphs: bool = typer.Option(
         False, "--cuda-graphs", help="Replay decode steps from CUDA graphs where the cache allows it (full: static layout)."),
-    compile_blocks: bool = typer.Option(
+    compile: bool = typer.Option(
         False, "--compile", help="torch.compile the model's norms and MLPs first (every method alike): fewer kernels "
         "a token outside attention."),
     find_max_batch: bool = typer.Option(False, "--find-max-batch", help="Also find each method's largest batch that fits."),
@@ -214,7 +214,7 @@ def profile_command(
              "budget": o["budget"], "seed": o["seed"]}
     if o["cuda_graphs"]:  # absent otherwise, as the device map below
         setup["cuda_graphs"] = True
-    if o["compile_blocks"]:
+    if o["compile"]:
         setup["compiled_blocks"] = len(compile_token_blocks(net))
     if o["device_map"] is not None:  # absent otherwise, so that earlier single-device results still resume
         setup["device_map"] = {"mode": o["device_map"], "layers_per_device": _layers_per_device(net)}
@@ -256,7 +256,7 @@ def profile_command(
     title = (f"{setup['model']}, {setup['dtype']}, context {o['context']}, {o['new_tokens']} new tokens "
              f"(decode tok/s after {min(o['decode_warmup'], o['new_tokens'] - 1)} warm-up steps), budget "
              f"{o['budget']:g}{', decode steps replayed from CUDA graphs' if o['cuda_graphs'] else ''}"
-             f"{', norms and MLPs compiled' if o['compile_blocks'] else ''} — {setup['device']}")
+             f"{', norms and MLPs compiled' if o['compile'] else ''} — {setup['device']}")
     console.print(render_table(grid, method_names, batches, title))
     if memory is None:
         console.print(f"NVML memory is unavailable on {target.type}: the NVML peak was not measured.")

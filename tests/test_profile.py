@@ -180,6 +180,22 @@ def test_profile_on_cpu_end_to_end(tmp_path):
     assert (out / "profile.jsonl").read_text().splitlines() == lines
 
 
+def test_profile_compile_runs_every_method_on_the_compiled_model(tmp_path):
+    """``--compile``: the setup records how many norms and MLPs were compiled (2 layers x 3, and the final norm),
+    and both methods decode through them with the uncompiled run's token rows and KV bytes."""
+    rows = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flag else "plain")
+        result = _invoke([*TINY, "--batch", "1", "--context", "40", "--new-tokens", "3", "--out", str(out), *flag])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "profile.json").read_text())
+        rows[bool(flag)] = {r["method"]: r for r in report["rows"]}
+        assert report["setup"].get("compiled_blocks") == (7 if flag else None)
+    for method in ("full", "kvreviver"):
+        assert rows[True][method]["status"] == "ok"
+        assert rows[True][method]["kv_bytes"] == rows[False][method]["kv_bytes"]
+
+
 def test_profile_takes_method_specs(tmp_path):
     """A method with options (``name:key=value``) is made with them and labelled by its whole spec."""
     out = tmp_path / "run"
