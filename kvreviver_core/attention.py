@@ -106,17 +106,25 @@ def scored_attention(
         early = _sdpa(query[:, :, :first_scored], key, value, _rows(mask, 0, first_scored, t, n, query.device), scaling)
         out[:, :, :, :first_scored] = early.transpose(1, 2).reshape(b, hkv, group, first_scored, -1)
     q = query.view(b, hkv, group, t, d)
-    chunk = max(1, CHUNK_ELEMENTS // max(1, b * hq * n))
     k_t = key.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, 1, D, N)
     v = value.unsqueeze(2)
-    for start in range(first_scored, t, chunk):
-        stop = min(t, start + chunk)
-        logits = torch.matmul(q[:, :, :, start:stop], k_t).float() * scaling  # (B, Hkv, G, c, N)
-        allowed = _rows(mask, start, stop, t, n, query.device).unsqueeze(2)  # (B or 1, 1 or Hkv, 1, c, N)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (padding queries) give 0
-        out[:, :, :, start:stop] = torch.matmul(probs.to(value.dtype), v)
-        scores += probs.sum(dim=(2, 3))
+    # Every chunk reads all the keys and values of its sequences. With the whole batch in each chunk, a chunk holds
+    # fewer queries as the batch grows, and that re-read grows with the batch squared. So a chunk takes as few
+    # sequences as fill it (one, at long contexts) and as many of their queries as fit.
+    scored = t - first_scored
+    sequences = max(1, min(b, CHUNK_ELEMENTS // max(1, hq * n * scored)))
+    chunk = max(1, CHUNK_ELEMENTS // max(1, sequences * hq * n))
+    for first in range(0, b, sequences):
+        rows = slice(first, min(b, first + sequences))
+        for start in range(first_scored, t, chunk):
+            stop = min(t, start + chunk)
+            logits = torch.matmul(q[rows, :, :, start:stop], k_t[rows]).float() * scaling  # (b', Hkv, G, c, N)
+            allowed = _rows(mask, start, stop, t, n, query.device)  # (B or 1, 1 or Hkv, c, N)
+            allowed = (allowed[rows] if allowed.shape[0] > 1 else allowed).unsqueeze(2)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (padding queries) give 0
+            out[rows, :, :, start:stop] = torch.matmul(probs.to(value.dtype), v[rows])
+            scores[rows] += probs.sum(dim=(2, 3))
     return out.view(b, hq, t, -1).transpose(1, 2), scores
 
 
