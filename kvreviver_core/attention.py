@@ -118,11 +118,12 @@ def scored_attention(
         rows = slice(first, min(b, first + sequences))
         for start in range(first_scored, t, chunk):
             stop = min(t, start + chunk)
-            logits = torch.matmul(q[rows, :, :, start:stop], k_t[rows]).float() * scaling  # (b', Hkv, G, c, N)
+            logits = torch.matmul(q[rows, :, :, start:stop], k_t[rows]).float().mul_(scaling)  # (b', Hkv, G, c, N)
             allowed = _rows(mask, start, stop, t, n, query.device)  # (B or 1, 1 or Hkv, c, N)
             allowed = (allowed[rows] if allowed.shape[0] > 1 else allowed).unsqueeze(2)
-            logits = logits.masked_fill(~allowed, float("-inf"))
-            probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (padding queries) give 0
+            probs = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+            if mask is not None:  # fully masked rows (padding queries) give NaN, to be 0; causal rows see themselves
+                probs.nan_to_num_(0.0)
             out[rows, :, :, start:stop] = torch.matmul(probs.to(value.dtype), v[rows])
             scores[rows] += probs.sum(dim=(2, 3))
     return out.view(b, hq, t, -1).transpose(1, 2), scores
