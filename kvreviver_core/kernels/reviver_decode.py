@@ -76,6 +76,7 @@ BLOCK_BUCKETS = 64  # buckets per program of _bucket_logits and of _bucket_value
 CHUNK_POSITIONS = 1024  # positions per program of _position_pass: Algorithm 3 rescans one such chunk at a swap
 BLOCK_PASS = 1024  # positions per loop step of _position_pass (one step a chunk: no chain of dependent reads)
 PASS_WARPS = 8
+ORDER_TILE = 1024  # (query heads x bucket order entries) per program of _position_pass's bucket sums
 MASKED, VAGUE, EXACT = 0, 1, 2  # the part map's codes
 _VAGUE = tl.constexpr(VAGUE)
 SPLITS_PER_READ = 4  # partial outputs the combine reads at once
@@ -366,7 +367,8 @@ def _decode_split(
     vi = tl.arange(0, VP)
     vmask = vi < G
     vh = h * G + vi
-    position_rows = (b.to(tl.int64) * Hkv * G + vh)[:, None] * span  # (VP, 1) row starts of LOGITS, VLOGITS
+    position_rows = (b.to(tl.int64) * Hkv * G + vh)[:, None] * span  # (VP, 1) row starts of LOGITS
+    vague_heads = b.to(tl.int64) * span * (Hkv * G) + vh[:, None]  # (VP, 1): VLOGITS is (B, span, Hq)
     m_v = tl.full((VP,), float("-inf"), tl.float32)  # LINEAR's running max and sum over the Vague positions
     l_v = tl.zeros((VP,), tl.float32)
     nb = tl.load(BUCKETS + b)
@@ -385,8 +387,10 @@ def _decode_split(
             s = _bucket_logit_rows(qk_rows, slot_rows, p, inside, vague, vmask, code_stride, ROWS, SIGNED_KEYS)
             m_v, l_v = _online_sum(m_v, l_v, s)
             # Vague logits only (-inf at exact positions): what the bucket sums gather in bucket order, so that
-            # they gather no part map too (each gather a 32-byte sector of L2 for 1 or 4 bytes)
-            tl.store(VLOGITS + position_rows + p[None, :], s, mask=vmask[:, None] & inside[None, :])
+            # they gather no part map too. Position-major, so that one gather reads every head's logit of a
+            # position in whole 32-byte sectors, where head-major rows took a sector per head for 4 bytes.
+            tl.store(VLOGITS + vague_heads + p[None, :].to(tl.int64) * (Hkv * G), s,
+                     mask=vmask[:, None] & inside[None, :])
         elif HAS_SKETCH:
             if SKIP_EMPTY:
                 if tl.max(vague.to(tl.int32), 0) > 0:
@@ -514,13 +518,14 @@ def _highest_vague(score, vague, first):
 
 
 @triton.jit
-def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, rows, gmask, top, first, sorted_n, span, slots, ROW,
+def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, heads, rows, hmask, top, first, sorted_n, Hq, slots, ROW,
                         BLOCK: tl.constexpr):
-    """Linear combine, one row: add the signed softmax numerators of the Vague positions among entries ``[first,
-    first + BLOCK)`` of the row's bucket order to their buckets' weights (from the split-K pass's Vague logits
-    ``VLOGITS``, -inf elsewhere). The order lists positions by bucket, so a block holds runs of one bucket: a prefix
-    sum, and at each run's end one atomic add of the sum (and one of its negation to the next run's bucket), instead
-    of one atomic add per position on a few hot addresses."""
+    """Linear combine, one row, every query head of a sequence: add the signed softmax numerators of the Vague
+    positions among entries ``[first, first + BLOCK)`` of the row's bucket order to their buckets' weights (from
+    the split-K pass's Vague logits ``VLOGITS`` ``(span, Hq)`` of this sequence, -inf elsewhere). The order lists
+    positions by bucket, so a block holds runs of one bucket: a prefix sum, and at each run's end one atomic add of
+    the sum (and one of its negation to the next run's bucket), instead of one atomic add per position on a few hot
+    addresses. ``heads`` are the query heads ``(HP,)``, ``rows`` their rows of ``W`` and of the splits' totals."""
     i = tl.arange(0, BLOCK)
     idx = first + i
     listed = idx < sorted_n
@@ -529,37 +534,54 @@ def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, rows, gmask, top, first,
     slot, sign = code >> 1, 1 - 2 * (code & 1)
     following = (i < BLOCK - 1) & (idx + 1 < sorted_n)
     next_slot = tl.load(ORDER_CODES + ROW * sorted_n + idx + 1, mask=following, other=-2) >> 1  # -1: no next
-    logits = tl.load(VLOGITS + rows[:, None] * span + pos[None, :], mask=gmask[:, None] & listed[None, :],
-                     other=float("-inf"))
+    logits = tl.load(VLOGITS + pos[None, :].to(tl.int64) * Hq + heads[:, None],
+                     mask=hmask[:, None] & listed[None, :], other=float("-inf"))
     running = tl.cumsum(tl.exp(logits - top[:, None]) * sign.to(tl.float32)[None, :], axis=1)
     run_end = listed & (next_slot != slot)
-    tl.atomic_add(W + rows[:, None] * slots + slot[None, :], running, mask=gmask[:, None] & run_end[None, :],
+    tl.atomic_add(W + rows[:, None] * slots + slot[None, :], running, mask=hmask[:, None] & run_end[None, :],
                   sem="relaxed")
     tl.atomic_add(W + rows[:, None] * slots + next_slot[None, :], -running,
-                  mask=gmask[:, None] & (run_end & (next_slot >= 0))[None, :], sem="relaxed")
+                  mask=hmask[:, None] & (run_end & (next_slot >= 0))[None, :], sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["chunks", "sorted_n"])
 def _position_pass(
     LOGITS, VLOGITS, PART_M, PART_L, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS,
-    LENGTH, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, splits, chunks,
-    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr, FROM_LOGITS: tl.constexpr,
-    LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    LENGTH, batch, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, splits, chunks,
+    G: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_ORDER: tl.constexpr,
 ):
-    """One pass over the positions, ``CHUNK`` per program, after the split-K pass: grid ``(B * Hkv, chunks)``.
+    """One pass over the positions, ``CHUNK`` per program, after the split-K pass: grid ``(B * Hkv, chunks)``, and
+    with a bucket order ``(B * Hkv + B * ROWS * CHUNK / BLOCK_ORDER, chunks)``.
 
     * With LINEAR, adds each Vague position's softmax numerator ``exp(logit - max)``, times its sign, to its
       bucket's weight in each row ``W`` ``(B, Hq, slots)``: what ``_bucket_values`` multiplies by the buckets' values.
       The first ``sorted_n`` positions go through their bucket order ``ORDER`` / ``ORDER_CODES`` ``(B, ROWS,
-      sorted_n)`` (:func:`bucket_order`): entries ``[chunk * CHUNK, (chunk + 1) * CHUNK)`` of row ``r`` in the
-      programs ``(., chunk, 1 + r)`` of a grid ``(B * Hkv, chunks, 1 + ROWS)``. The later ones go one by one.
+      sorted_n)`` (:func:`bucket_order`), ``BLOCK_ORDER`` entries of one row of one sequence a program, for all its
+      ``HP >= Hq`` query heads at once: the programs past ``B * Hkv`` in the grid's first axis. The later positions
+      go one by one.
     * With SCORE, adds the step's attention mass to the cumulative scores ``(B, Hkv, >= N)`` (rows
       ``row_stride`` apart, as the part map's), from the logits (FROM_LOGITS) or from ``MASS`` (rows
       ``mass_stride`` apart), and writes the chunk's highest Vague score and its first position to ``CHUNK_TOP`` /
       ``CHUNK_POS`` ``(B * Hkv, chunks)``, which Algorithm 3 (``inplace_step._compress``) starts from.
     """
-    bh = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    if LINEAR:
+        if tl.program_id(0) >= batch * Hkv:  # one block of a row's bucket order, in one step
+            order_program = tl.program_id(0) - batch * Hkv
+            block = order_program % (CHUNK // BLOCK_ORDER)
+            row = (order_program // (CHUNK // BLOCK_ORDER)) % ROWS
+            ob = (order_program // (CHUNK // BLOCK_ORDER) // ROWS).to(tl.int64)
+            heads = tl.arange(0, HP)
+            hmask = heads < Hkv * G
+            head_rows = ob * Hkv * G + heads
+            head_top = _split_totals(PART_M, PART_L, head_rows, hmask, splits, SP)[0]
+            _sorted_bucket_sums(VLOGITS + ob * span * Hkv * G, ORDER + ob * ROWS * sorted_n,
+                                ORDER_CODES + ob * ROWS * sorted_n, W, heads, head_rows, hmask, head_top,
+                                chunk * CHUNK + block * BLOCK_ORDER, sorted_n, Hkv * G, slots, row, BLOCK_ORDER)
+            return
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // Hkv
     N = tl.load(LENGTH).to(tl.int32)
     gi = tl.arange(0, GP)
@@ -571,13 +593,6 @@ def _position_pass(
         top, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
     code_rows = CODES + b * ROWS * code_stride
     part_row = PART + bh * row_stride
-    if LINEAR:
-        row = tl.program_id(2) - 1
-        if row >= 0:  # one row's bucket sums over its order (a grid with that axis only with an order)
-            for start in tl.static_range(0, CHUNK, BLOCK):
-                _sorted_bucket_sums(VLOGITS, ORDER + b * ROWS * sorted_n, ORDER_CODES + b * ROWS * sorted_n, W,
-                                    rows, gmask, top, chunk * CHUNK + start, sorted_n, span, slots, row, BLOCK)
-            return
     best = tl.full((), float("-inf"), tl.float32)
     best_pos = tl.full((), -1, tl.int32)
     for start in tl.static_range(0, CHUNK, BLOCK):
@@ -726,8 +741,8 @@ class DecodeSplits:
     Under the linear combine (``sketch.combine == "mean"``) also the buckets' weights ``(B, Hq, slots)`` fp32, the
     sketch's values ``(B, Hkv, slots, D)`` and counts (None without the ``"mean"`` estimator), and the Vague share
     of the output ``(B, Hq, D)`` fp32: :func:`position_pass` sums the weights and multiplies them by the values
-    into it, before a combine. And the Vague logits ``(B, Hq, span)`` fp32 (-inf at other positions), which the
-    weights are summed from.
+    into it, before a combine. And the Vague logits ``(B, span, Hq)`` fp32, position-major (-inf at other
+    positions), which the weights are summed from.
     """
 
     out: torch.Tensor
@@ -823,7 +838,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
             bucket_logits = torch.empty(b, hq, rows * width, dtype=torch.float32, device=device)
             weights = torch.empty_like(bucket_logits)  # zeroed by _bucket_logits, as is vague_out
             vague_out = torch.empty(b, hq, d, dtype=torch.float32, device=device)
-            vague_logits = torch.empty(b, hq, span, dtype=torch.float32, device=device)
+            vague_logits = torch.empty(b, span, hq, dtype=torch.float32, device=device)  # position-major
             _bucket_logits[(b * hkv, triton.cdiv(rows * width, BLOCK_BUCKETS))](
                 q, q.stride(0), q.stride(1), sk, counts if counts is not None else exact_pos, bucket_logits, weights,
                 vague_out, hkv, rows * width, float(scaling) / rows,
@@ -893,20 +908,23 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
     weights = step.weights if from_logits and step.linear else placeholder
     order_positions, order_codes = order if order is not None else (placeholder, placeholder)
     sorted_rows = codes.shape[1] if order is not None and from_logits and step.linear else 0
-    _position_pass[(b * hkv, chunks, 1 + sorted_rows)](
+    heads_pad = triton.next_power_of_2(hkv * step.group) if from_logits else 1
+    block_order = min(CHUNK_POSITIONS, max(16, ORDER_TILE // heads_pad))
+    _position_pass[(b * hkv + b * sorted_rows * (CHUNK_POSITIONS // block_order), chunks)](
         step.logits if from_logits else placeholder, step.vague_logits if from_logits and step.linear else placeholder,
         step.max if from_logits else placeholder,
         step.sum if from_logits else placeholder, mass if mass is not None else placeholder, part,
         codes if codes is not None else placeholder, order_positions, order_codes, weights,
         scores if scores is not None else placeholder,
         chunk_top if chunk_top is not None else placeholder, chunk_pos if chunk_pos is not None else placeholder,
-        length, hkv, step.span if from_logits else 0, part.stride(1), mass.stride(1) if mass is not None else 0,
+        length, b, hkv, step.span if from_logits else 0, part.stride(1), mass.stride(1) if mass is not None else 0,
         codes.stride(1) if codes is not None else 0, order_positions.shape[-1] if order is not None else 0,
         step.slots if from_logits else 0, step.splits if from_logits else 1, chunks,
         G=step.group if from_logits else 1, GP=triton.next_power_of_2(step.group) if from_logits else 1,
-        SP=step.splits_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
+        HP=heads_pad, SP=step.splits_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
         FROM_LOGITS=from_logits, LINEAR=from_logits and step.linear, SCORE=scores is not None,
-        CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, num_warps=PASS_WARPS,
+        CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, BLOCK_ORDER=block_order,
+        num_warps=PASS_WARPS,
     )
     if from_logits and step.linear:
         _bucket_values[(b * hkv, triton.cdiv(step.slots, BLOCK_BUCKETS))](
