@@ -5,43 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvreviver_core import make_cache
 from kvreviver_core.compiled import compile_token_blocks
-from kvreviver_core.generation import cache_kwargs, greedy_next
-from kvreviver_core.graphs import GraphedDecode
 from kvreviver_core.kernels import triton_available
 from tests.conftest import tiny_llama
+from tests.test_graphs import decode
 
 
 @torch.no_grad()
-def greedy_tokens(model, method: str, prompt: torch.Tensor, steps: int, graphs: bool = False, **options):
-    """Prefill ``prompt``, then ``steps`` greedy tokens, eagerly or through :class:`GraphedDecode`."""
-    cache = make_cache(method, 1.0 if method == "full" else 0.25, model=model, **options)
-    forward = cache_kwargs(model, cache)
-    token = greedy_next(model, prompt, forward, logits_to_keep=1)
-    runner = GraphedDecode(model, cache, forward) if graphs else None
-    tokens = [token]
-    for _ in range(steps):
-        token = runner.step(token) if runner else greedy_next(model, token, forward)
-        tokens.append(token)
-    return torch.cat(tokens, dim=1), runner
-
-
 def test_every_norm_and_mlp_is_compiled_and_the_model_computes_the_same():
     model = tiny_llama(layers=3)
     prompt = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(input_ids=prompt).logits
-    plain_tokens, _ = greedy_tokens(model, "kvreviver", prompt, 12)
+    expected = model(input_ids=prompt).logits
+    plain_tokens = decode(model, "kvreviver", False, 12)[0]
 
     # aot_eager traces the modules as Inductor would, without a C++ toolchain's compile time on the CPU.
     names = compile_token_blocks(model, backend="aot_eager")
     per_layer = {"mlp", "input_layernorm", "post_attention_layernorm"}
     assert set(names) == {f"model.layers.{i}.{part}" for i in range(3) for part in per_layer} | {"model.norm"}
     assert all(model.get_submodule(name)._compiled_call_impl is not None for name in names)
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=prompt).logits, expected, rtol=1e-5, atol=1e-5)
-    compiled_tokens, _ = greedy_tokens(model, "kvreviver", prompt, 12)  # prefill and decode shapes both
+    torch.testing.assert_close(model(input_ids=prompt).logits, expected, rtol=1e-5, atol=1e-5)
+    compiled_tokens = decode(model, "kvreviver", False, 12)[0]  # prefill and decode shapes both
     assert torch.equal(compiled_tokens, plain_tokens)
 
 
@@ -54,15 +37,15 @@ def test_a_model_without_norms_or_mlps_is_refused():
 @pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize("method, options", [("kvreviver", {"combine": "mean"}), ("full", {"static": True})],
                          ids=["kvreviver-linear", "full-static"])
+@torch.no_grad()
 def test_inductor_blocks_replayed_from_graphs_give_the_uncompiled_tokens(method, options):
     """Inductor's kernels inside the captured decode steps: the same greedy tokens as the eager, uncompiled model
     (fp32), and the steps did replay."""
     model = tiny_llama(layers=2, heads=8, kv_heads=2, hidden=256).cuda()
-    prompt = torch.randint(3, 128, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
     steps = 150
-    plain_tokens, _ = greedy_tokens(model, method, prompt, steps, **options)
+    plain_tokens = decode(model, method, False, steps, **options)[0]
     compile_token_blocks(model)
-    compiled_tokens, runner = greedy_tokens(model, method, prompt, steps, graphs=True, **options)
+    compiled_tokens, _, runner = decode(model, method, True, steps, **options)
     print(method, options, runner.steps)
     assert runner.steps["replayed"] >= steps // 2
     assert torch.equal(compiled_tokens, plain_tokens)

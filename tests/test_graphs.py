@@ -99,7 +99,7 @@ def decode(model, method: str, graphs: bool, steps: int, **options):
     prompt = torch.randint(3, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
     cache = make_cache(method, Budget(0.25, split=SPLITS["wide-vague"]), model=model, **options)
     forward = cache_kwargs(model, cache)
-    token = greedy_next(model, prompt.cuda(), forward, logits_to_keep=1)
+    token = greedy_next(model, prompt.to(next(model.parameters()).device), forward, logits_to_keep=1)
     runner = GraphedDecode(model, cache, forward) if graphs else None
     tokens = []
     for _ in range(steps):
