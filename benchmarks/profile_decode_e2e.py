@@ -4,9 +4,10 @@ For each context and method: the Llama-2-7B architecture with random weights (bf
 untimed decode tokens, then ``--tokens`` decode tokens through the same loop as ``kvreviver profile`` (model forward,
 greedy argmax), each timed with a device sync. Then ``torch.profiler`` over ``--profiled`` more tokens counts, per
 token: kernel launches, host waits on the GPU (``cudaStreamSynchronize``: a device tensor read by the host), and the
-GPU's busy time (the sum of kernel times, which do not overlap on one stream). Wall time minus GPU time is what the
-host adds. Compression folds tokens every ``recent_slack + 1`` steps (9 by default), so ``--profiled 9`` covers one
-fold per layer. For KVReviver it also counts the Vague tokens swapped back per layer, KV head and token.
+GPU's busy time (the sum of kernel times: KVReviver's Algorithm 3 runs on a side stream, beside the other kernels,
+so this can exceed the wall time), and the GPU's idle time (no kernel of any stream running; ``--gaps N`` prints
+which kernels it precedes). Compression folds tokens every ``recent_slack + 1`` steps (9 by default), so
+``--profiled 9`` covers one fold per layer. For KVReviver it also counts the Vague tokens swapped back per layer, KV head and token.
 
 ``--modes eager,graphs`` measures each method twice: with every step launched from Python, and with the steps
 replayed from CUDA graphs (``kvreviver_core/graphs.py``; the full cache then decodes in its static layout, as
@@ -25,6 +26,7 @@ import argparse
 import json
 import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -39,6 +41,20 @@ from kvreviver_core.profiling import profiled_cache, synthetic_ids
 from kvreviver_core.specs import method_spec
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
+
+
+def idle_before_kernels(prof, tokens: int) -> tuple[float, dict[str, float]]:
+    """The GPU's idle time a token (µs) between the profiled kernels of all streams, and how much of it ended at each
+    kernel (by name): what a kernel boundary costs beyond the kernels' own time. The idle time between tokens (the
+    host's loop) ends at a token's first kernel."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    idle, busy_until = defaultdict(float), None
+    for start, end, name in spans:
+        if busy_until is not None and start > busy_until:
+            idle[name[:90]] += (start - busy_until) / tokens
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return sum(idle.values()), dict(sorted(idle.items(), key=lambda kv: -kv[1]))
 
 
 def swapped_back_per_head(cache, step) -> float:
@@ -85,10 +101,16 @@ def measure(model, method: str, context: int, mode: str, args) -> dict:
         print("| kernel | launches / token | µs / token |\n|---|---:|---:|")
         for e in kernels[: args.kernels]:
             print(f"| `{e.key[:90]}` | {e.count / args.profiled:.0f} | {e.self_device_time_total / args.profiled:.1f} |")
+    idle_us, idle_by_kernel = idle_before_kernels(prof, args.profiled)
+    if args.gaps:
+        print(f"\n## {method}, context {context}, {mode}: GPU idle a token, {idle_us:.1f} µs, by the kernel it ends at")
+        print("| kernel | idle µs / token |\n|---|---:|")
+        for name, us in list(idle_by_kernel.items())[: args.gaps]:
+            print(f"| `{name}` | {us:.1f} |")
     row = {"device": torch.cuda.get_device_name(), "context": context, "method": method, "mode": mode,
            "wall_ms_median": statistics.median(walls),
            "wall_ms_mean": statistics.mean(walls), "gpu_busy_ms": gpu_us / 1e3 / args.profiled,
-           "launches": count(LAUNCHES), "host_syncs": count(("cudaStreamSynchronize",))}
+           "gpu_idle_ms": idle_us / 1e3, "launches": count(LAUNCHES), "host_syncs": count(("cudaStreamSynchronize",))}
     if method != "full":
         swaps = []
         for _ in range(4):
@@ -114,6 +136,7 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, default=0, help="print each run's N kernels with the most GPU time")
     parser.add_argument("--blocks", default="plain", help="plain, compiled (the model's norms and MLPs compiled "
                         "first) or plain,compiled")
+    parser.add_argument("--gaps", type=int, default=0, help="print the N kernels after the most GPU idle time a token")
     parser.add_argument("--ops", type=int, default=0, help="print the profiler's N most-called ops per run")
     parser.add_argument("--rounds", type=int, default=1, help="measure every (context, method) this many times")
     parser.add_argument("--modes", default="eager", help="eager (each step from Python), graphs (steps replayed from "
@@ -139,12 +162,13 @@ def main() -> None:
                                 f.write(json.dumps(row) + "\n")
                             print(json.dumps(row), flush=True)
     print(f"\n{rows[0]['device']}, {args.arch} random weights, bf16, batch 1, budget {args.budget:g}")
-    print("| blocks | round | context | mode | method | ms / token, mean (median) | GPU busy ms / token | launches / token |"
-          " host syncs / token | Vague tokens swapped back per layer, head and token |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---|")
+    print("| blocks | round | context | mode | method | ms / token, mean (median) | GPU busy ms / token |"
+          " GPU idle ms / token | launches / token | host syncs / token |"
+          " Vague tokens swapped back per layer, head and token |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['blocks']} | {r['round']} | {r['context']} | {r['mode']} | {r['method']} | {r['wall_ms_mean']:.1f} ({r['wall_ms_median']:.1f}) | "
-              f"{r['gpu_busy_ms']:.1f} | {r['launches']:.0f} | {r['host_syncs']:.0f} | "
+              f"{r['gpu_busy_ms']:.1f} | {r['gpu_idle_ms']:.2f} | {r['launches']:.0f} | {r['host_syncs']:.0f} | "
               f"{r.get('swapped_back_per_layer_head', '-')} |")
 
 

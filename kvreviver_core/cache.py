@@ -9,6 +9,7 @@ from transformers.cache_utils import Cache
 
 from kvreviver_core import attention
 from kvreviver_core.budget import TUNABLE_FIELDS, Budget
+from kvreviver_core.kernels import side_stream
 from kvreviver_core.methods import METHODS, CompressedLayer, list_methods
 
 
@@ -24,7 +25,13 @@ class CompressedCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._layer_factory(len(self.layers)))
-        keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        # Work a layer left beside (the previous one's Algorithm 3) finishes before any other layer's step starts,
+        # so that at most one runs and a step ends with none.
+        side_stream.join(key_states.device)
+        following = self.layers[layer_idx + 1] if layer_idx + 1 < len(self.layers) else None
+        layer.followed_on_device = getattr(following, "device", None) == key_states.device
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
         attention.announce_layer(layer_idx, self.layers[layer_idx])
         return keys, values
 

@@ -9,7 +9,7 @@ from kvreviver_core import make_cache
 from kvreviver_core.budget import Budget
 from kvreviver_core.generation import cache_kwargs, greedy_next
 from kvreviver_core.graphs import GraphedDecode
-from kvreviver_core.kernels import triton_available
+from kvreviver_core.kernels import side_stream, triton_available
 from kvreviver_core.methods.full import STATIC_CHUNK
 from tests.conftest import tiny_llama
 from tests.test_kernel import SPLITS
@@ -135,16 +135,44 @@ def test_replayed_steps_equal_the_eager_steps(method, options):
             for mine, eagers in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
                 assert torch.equal(mine[:, :, :length], eagers[:, :, :length])
             continue
-        assert bool(ours.sketch.enabled.all()) and int(ours.parts()["vague"].min()) > 0  # Vague part in use
-        assert torch.equal(ours.exact_map(), theirs.exact_map())
-        if options.get("combine") == "mean":
-            # The linear combine's bucket weights are atomic sums, whose order varies from run to run: the
-            # outputs, and through them the next steps' scores and buckets, agree to rounding, not to the bit.
-            for mine, eagers in ((ours.scores, theirs.scores), (ours.sketch.keys, theirs.sketch.keys),
-                                 (ours.sketch.values, theirs.sketch.values)):
-                torch.testing.assert_close(mine, eagers, rtol=1e-4, atol=1e-5)
-        else:
-            assert torch.equal(ours.scores, theirs.scores)
-            assert torch.equal(ours.sketch.keys, theirs.sketch.keys)
-            assert torch.equal(ours.sketch.values, theirs.sketch.values)
-        assert {k: v.tolist() for k, v in ours.parts().items()} == {k: v.tolist() for k, v in theirs.parts().items()}
+        assert_same_store(ours, theirs, linear=options.get("combine") == "mean")
+
+
+def assert_same_store(ours, theirs, linear: bool) -> None:
+    """Two KVReviver layers hold the same tokens: exact map and parts equal, scores and buckets equal (to
+    rounding under the linear combine)."""
+    assert bool(ours.sketch.enabled.all()) and int(ours.parts()["vague"].min()) > 0  # Vague part in use
+    assert torch.equal(ours.exact_map(), theirs.exact_map())
+    if linear:
+        # The linear combine's bucket weights are atomic sums, whose order varies from run to run: the
+        # outputs, and through them the next steps' scores and buckets, agree to rounding, not to the bit.
+        for mine, others in ((ours.scores, theirs.scores), (ours.sketch.keys, theirs.sketch.keys),
+                             (ours.sketch.values, theirs.sketch.values)):
+            torch.testing.assert_close(mine, others, rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.equal(ours.scores, theirs.scores)
+        assert torch.equal(ours.sketch.keys, theirs.sketch.keys)
+        assert torch.equal(ours.sketch.values, theirs.sketch.values)
+    assert {k: v.tolist() for k, v in ours.parts().items()} == {k: v.tolist() for k, v in theirs.parts().items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("combine", ["median", "mean"])
+@torch.no_grad()
+def test_algorithm_3_beside_the_step_gives_the_same_tokens_and_stores(combine, graphs):
+    """Algorithm 3 on the side stream (``overlap``, the default) against the same steps with it in line: the
+    join before each layer's update must make every read wait for it, and the step must end joined (a capture
+    fails otherwise)."""
+    model = tiny_llama(layers=3, heads=8, kv_heads=2, hidden=256).cuda()
+    steps = 150
+    inline_tokens, inline, _ = decode(model, "kvreviver", graphs, steps, combine=combine, overlap=False)
+    beside_tokens, beside, runner = decode(model, "kvreviver", graphs, steps, combine=combine)
+    assert [layer.followed_on_device for layer in beside.layers] == [True, True, False]
+    assert not side_stream._SIDE[torch.device("cuda", torch.cuda.current_device())].pending
+    if graphs:
+        assert runner.steps["replayed"] > steps // 2
+    assert torch.equal(beside_tokens, inline_tokens)
+    for ours, theirs in zip(beside.layers, inline.layers):
+        assert_same_store(ours, theirs, linear=combine == "mean")

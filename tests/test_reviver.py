@@ -252,6 +252,19 @@ def test_make_cache_rejects_unknown_methods_and_options(tiny_model):
         make_cache("kvreviver", 0.1, model=tiny_model, estimator="avg")
     with pytest.raises(ValueError, match="sum to 1"):
         make_cache("kvreviver", 0.1, model=tiny_model, split=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="overlap must be true or false"):
+        make_cache("kvreviver", 0.1, model=tiny_model, overlap="yes")
+
+
+@torch.no_grad()
+def test_the_cache_tells_each_layer_whether_another_layer_of_its_device_follows(tiny_model):
+    """What lets a layer leave Algorithm 3 on the side stream (kernels/side_stream.py): never the last layer, whose
+    step nothing joins."""
+    cache = make_cache("kvreviver", 0.25, model=tiny_model)
+    greedy(tiny_model, torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0)), cache, new_tokens=2)
+    layers = tiny_model.config.num_hidden_layers
+    assert layers >= 2 and len(cache.layers) == layers
+    assert [layer.followed_on_device for layer in cache.layers] == [True] * (layers - 1) + [False]
 
 
 def test_without_a_sketch_each_head_masks_exactly_the_tokens_it_dropped():

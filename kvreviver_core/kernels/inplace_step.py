@@ -20,9 +20,11 @@ it (:mod:`kvreviver_core.graphs`). A step is the length's increment and these Tr
 
 0. ``_position_pass``, a grid over (sequence, KV head, chunk of 1024 positions): the step's attention mass added to
    the scores, and each chunk's highest Vague score (under the linear combine also the buckets' weights);
-1. ``_compress``, one program per (sequence, KV head): the decode kernel's combine (the attention output), then
-2. fold the lowest-scored Candidates beyond the Candidate share into the sketch (after a Recent hand-over);
-3. the paper's swap loop: while the lowest Candidate's score x ReplaceRate is below the highest Vague score, the
+1. ``_combine`` without the mass: the attention output, which is all the model waits for;
+2. ``_compress``, one program per (sequence, KV head), Algorithm 3: on the device's side stream
+   (:mod:`.side_stream`) when another layer follows in the step, so that it runs beside the rest of the step.
+   It folds the lowest-scored Candidates beyond the Candidate share into the sketch (after a Recent hand-over);
+3. then the paper's swap loop: while the lowest Candidate's score x ReplaceRate is below the highest Vague score, the
    Vague token returns to the exact store holding the sketch's estimate of it, which is deleted from the sketch,
    and the Candidate is inserted in its place. The highest Vague score comes from the chunks' highest; a swap
    rescans only the chunk of the token it took.
@@ -34,13 +36,16 @@ rounds. The torch path gives the same tokens, slots aside (tests/test_kernel.py,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from kvreviver_core.kernels import side_stream
 from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, CHUNK_POSITIONS, EXACT, VAGUE, DecodeSplits, _bucket,
-                                                   _combine_output, _estimate_rows, _highest_vague, _row_slots,
-                                                   _slot_code, _split_totals, attend_splits, bucket_order,
+                                                   _estimate_rows, _highest_vague, _row_slots, _slot_code,
+                                                   attend_splits, bucket_order, chunk_tops, combine_splits,
                                                    position_pass, slot_codes)
 
 LENGTH_CHUNK = 64  # positions the scores, part map and codes grow by
@@ -200,14 +205,14 @@ def _apply_swaps(EK, EV, head_keys, head_values, head_counts, pairs_slot, pairs_
 
 @triton.jit
 def _compress(
-    SCORES, CHUNK_TOP, CHUNK_POS, PART_ACC, PART_M, PART_L, OUT, VAGUE_OUT, PART, CODES, EK, EV, EPOS,
+    SCORES, CHUNK_TOP, CHUNK_POS, PART, CODES, EK, EV, EPOS,
     SK, SV, SCNT, BUCKETS, OFFSETS, ROW_TERMS, LENGTH, RECENT_START, CANDIDATES, PAIR_SLOT, PAIR_IN, PAIR_OUT, EST_K,
-    EST_V, H, E, width, row_stride, code_stride, chunks, splits, replace_rate,
-    G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, LINEAR_STEP: tl.constexpr,
+    EST_V, H, E, width, row_stride, code_stride, chunks, replace_rate,
     D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr,
     LINEAR: tl.constexpr, PAIRS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
+    """Algorithm 3 of one (sequence, KV head), steps 2 and 3 of the module docstring: grid ``(B * H,)``."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     N = tl.load(LENGTH).to(tl.int32)
@@ -216,14 +221,6 @@ def _compress(
     scores, part, epos = SCORES + bh * row_stride, PART + bh * row_stride, EPOS + bh * E
     chunk_top, chunk_pos = CHUNK_TOP + bh * chunks, CHUNK_POS + bh * chunks
     code_rows = CODES + b * ROWS * code_stride
-    if COMBINE:  # the decode's combine, folded in, before any bucket changes
-        gi = tl.arange(0, GP)
-        gmask = gi < G
-        rows = bh * G + gi  # query heads of this KV group
-        top_logit, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
-        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top_logit, inv, splits, VAGUE_OUT, GP, D, DP, SP, ROWS,
-                        LINEAR_STEP)
-        tl.debug_barrier()
     has_buckets = tl.load(BUCKETS + b) > 0
     nb = tl.maximum(tl.load(BUCKETS + b), 1)
     offset = tl.load(OFFSETS + b)
@@ -313,6 +310,7 @@ class InplaceStore:
         self.part = torch.zeros(b, h, 0, dtype=torch.int8, device=device)
         self.codes = torch.zeros(b, sketch.rows, 0, dtype=torch.int32, device=device)
         self.order = None
+        self.tops = chunk_tops(b * h, 0, device)
         self.reserve(n + 1)  # column n (the next token's) takes the empty slots' writes below, then is cleared
         slot_codes(sketch, n, out=self.codes)
         # The linear combine sums the bucket weights of these positions through their bucket order.
@@ -342,6 +340,7 @@ class InplaceStore:
             new[..., : old.shape[-1]] = old
             grown.append(new)
         self.scores_buffer, self.part, self.codes = grown
+        self.tops = chunk_tops(self.part.shape[0] * self.part.shape[1], capacity, self.part.device)
         if self.order is not None:
             self.order = bucket_order(self.codes, self.host_length if hashed is None else hashed)
 
@@ -392,42 +391,55 @@ def attend(store: InplaceStore, query: torch.Tensor, exact_keys: torch.Tensor, e
 
 def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys: torch.Tensor,
              exact_values: torch.Tensor, exact_pos: torch.Tensor, sketch, candidate_size: torch.Tensor,
-             replace_rate: float) -> None:
+             replace_rate: float, beside: bool = False) -> None:
     """Algorithm 3 after one decode step, in place (module docstring).
 
     Args:
         step: the step's attention mass ``(B, H, N)`` fp32 over the store's ``N`` positions, or the decode's
             :func:`attend` results: then these launches also combine them into ``step.out`` and take the mass from
-            their logits (``_combine``'s work, without its launch).
+            their logits (``_combine``'s work, without its mass).
         exact store as in ``append``; sketch: the layer's :class:`~kvreviver_core.sketch.VagueSketch` (``width``
             > 0, 1 or 3 rows); candidate_size: ``(B,)`` the Candidate share.
+        beside: launch ``_compress`` on the device's side stream (:mod:`.side_stream`), so that it runs beside
+            what the model does next; the caller joins it before anything reads the store again. The mass, the
+            buckets' weights and the output are on the current stream before it starts.
     """
     b, h, e, d = exact_keys.shape
     device = exact_keys.device
-    pairs = torch.empty(3, b * h, PAIRS_PER_ROUND, dtype=torch.int32, device=device)
-    estimates = exact_keys.new_empty(2, b * h, PAIRS_PER_ROUND, d)
+    pairs, estimates = _swap_scratch(device, b * h, d, exact_keys.dtype)
     counts = sketch.counts if sketch.counts is not None else exact_pos  # not read without MEAN
-    combine = isinstance(step, DecodeSplits)
+    chunk_top, chunk_pos = store.tops
     with torch.cuda.device(device):
-        if combine:
-            chunk_top, chunk_pos = position_pass(step, scores=store.scores_buffer, order=store.order)
-            splits_args = (step.acc, step.max, step.sum, step.out, step.vague_share())
-            shapes = dict(G=step.group, GP=step.group_pad, SP=step.splits_pad, LINEAR_STEP=step.linear)
-            splits = step.splits
+        if isinstance(step, DecodeSplits):
+            position_pass(step, scores=store.scores_buffer, order=store.order, tops=store.tops)
+            combine_splits(step)
         else:
-            chunk_top, chunk_pos = position_pass(None, scores=store.scores_buffer, mass=step.contiguous(),
-                                                 part=store.part, codes=store.codes, length=store.length)
-            splits_args = (chunk_top,) * 5  # the decode's buffers, not read without COMBINE
-            shapes = dict(G=1, GP=16, SP=1, LINEAR_STEP=False)
-            splits = 1
-        _compress[(b * h,)](
-            store.scores_buffer, chunk_top, chunk_pos, *splits_args, store.part, store.codes, exact_keys,
-            exact_values, exact_pos, sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets,
-            sketch.row_terms, store.length, store.recent_start, candidate_size, pairs[0], pairs[1], pairs[2],
-            estimates[0], estimates[1], h, e, sketch.width, store.part.stride(1), store.codes.stride(1),
-            chunk_top.shape[1], splits, float(replace_rate),
-            **shapes, COMBINE=combine,
-            D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
-            SIGNED_KEYS=sketch.signed_keys, LINEAR=sketch.combine == "mean", PAIRS=PAIRS_PER_ROUND,
-            BLOCK_E=BLOCK_SLOTS, BLOCK_C=BLOCK_CHUNKS, CHUNK=CHUNK_POSITIONS, num_warps=8,
-        )
+            position_pass(None, scores=store.scores_buffer, mass=step.contiguous(), part=store.part,
+                          codes=store.codes, length=store.length, tops=store.tops)
+
+        def algorithm_3() -> None:
+            _compress[(b * h,)](
+                store.scores_buffer, chunk_top, chunk_pos, store.part, store.codes, exact_keys,
+                exact_values, exact_pos, sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets,
+                sketch.row_terms, store.length, store.recent_start, candidate_size, pairs[0], pairs[1], pairs[2],
+                estimates[0], estimates[1], h, e, sketch.width, store.part.stride(1), store.codes.stride(1),
+                chunk_top.shape[1], float(replace_rate),
+                D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
+                SIGNED_KEYS=sketch.signed_keys, LINEAR=sketch.combine == "mean", PAIRS=PAIRS_PER_ROUND,
+                BLOCK_E=BLOCK_SLOTS, BLOCK_C=BLOCK_CHUNKS, CHUNK=CHUNK_POSITIONS, num_warps=8,
+            )
+
+        if beside:
+            side_stream.launch_beside(device, algorithm_3)
+        else:
+            algorithm_3()
+
+
+@functools.lru_cache(maxsize=4)
+def _swap_scratch(device: torch.device, heads: int, head_dim: int, dtype: torch.dtype):
+    """``_compress``'s scratch, ``(3, heads, PAIRS_PER_ROUND)`` int32 pairs and ``(2, heads, PAIRS_PER_ROUND,
+    head_dim)`` estimates: one per device and shape, at a fixed address (a CUDA graph replays it, and a launch on
+    the side stream must not read memory that the current stream's allocator hands out again). One Algorithm 3 runs
+    at a time on a device: the side stream's are joined before the next layer's step."""
+    return (torch.empty(3, heads, PAIRS_PER_ROUND, dtype=torch.int32, device=device),
+            torch.empty(2, heads, PAIRS_PER_ROUND, head_dim, dtype=dtype, device=device))

@@ -38,7 +38,7 @@ Then the attention itself, two launches:
   buckets' values, the Vague share of the output;
 * ``_combine``: merges the splits into the output and turns the logits into each position's attention mass,
   summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V. On the
-  in-place step, ``_position_pass`` adds the mass straight to the scores and the compress kernel merges the output
+  in-place step, ``_position_pass`` adds the mass straight to the scores and ``_combine`` merges only the output
   (:mod:`.inplace_step`).
 """
 
@@ -491,8 +491,11 @@ def _position_mass(LOGITS, rows, gmask, p, inside, top, inv, stride):
 def _combine(
     LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, VAGUE_OUT, LENGTH, span, splits,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
-    LINEAR: tl.constexpr, BLOCK: tl.constexpr,
+    LINEAR: tl.constexpr, WITH_MASS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Grid ``(B * Hkv, cdiv(span, BLOCK))``: the splits merged into the output (the first program of each KV
+    head) and, WITH_MASS, each position's attention mass. Without it (the in-place step, whose position pass takes
+    the mass) the grid is ``(B * Hkv, 1)``."""
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     gi = tl.arange(0, GP)
@@ -502,10 +505,11 @@ def _combine(
     if blk == 0:
         _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, VAGUE_OUT, GP, D, DP, SP, ROWS,
                         LINEAR)
-    p = blk * BLOCK + tl.arange(0, BLOCK)
-    attended = p < tl.load(LENGTH).to(tl.int32)
-    mass = tl.where(attended, _position_mass(LOGITS, rows, gmask, p, attended, top, inv, span), 0.0)
-    tl.store(MASS + bh * span + p, mass, mask=p < span)
+    if WITH_MASS:
+        p = blk * BLOCK + tl.arange(0, BLOCK)
+        attended = p < tl.load(LENGTH).to(tl.int32)
+        mass = tl.where(attended, _position_mass(LOGITS, rows, gmask, p, attended, top, inv, span), 0.0)
+        tl.store(MASS + bh * span + p, mass, mask=p < span)
 
 
 @triton.jit
@@ -624,6 +628,14 @@ def _position_pass(
         tl.store(CHUNK_POS + bh * chunks + chunk, best_pos)
 
 
+def chunk_tops(heads: int, span: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers for :func:`position_pass`'s highest Vague score of each chunk of ``span`` positions and its position,
+    ``(heads, chunks)`` fp32 and int32."""
+    chunks = triton.cdiv(span, CHUNK_POSITIONS)
+    return (torch.empty(heads, chunks, dtype=torch.float32, device=device),
+            torch.empty(heads, chunks, dtype=torch.int32, device=device))
+
+
 def bucket_order(codes: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``length`` positions of each row listed by bucket (stably), and their codes: ``(B, r, length)``
     int32 each, from the bucket codes ``(B, r, >= length)`` of :func:`slot_codes`. A position's buckets never
@@ -723,13 +735,20 @@ def decode_attention(query, exact_keys, exact_values, exact_pos, sketch, part, c
     if splits.linear:
         position_pass(splits, order=order)
     mass = torch.empty(*exact_pos.shape[:2], span, dtype=torch.float32, device=query.device)
-    _combine[(splits.batch * splits.kv_heads, triton.cdiv(span, BLOCK_MASS))](
-        splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass, splits.vague_share(), length,
-        span, splits.splits,
-        G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.splits_pad,
-        ROWS=splits.rows, LINEAR=splits.linear, BLOCK=BLOCK_MASS, num_warps=4,
-    )
+    combine_splits(splits, mass)
     return splits.output(), mass
+
+
+def combine_splits(splits: DecodeSplits, mass: torch.Tensor | None = None) -> None:
+    """Launch ``_combine`` on the current CUDA device: the splits merged into ``splits.out``, and each position's
+    attention mass into ``mass`` ``(B, Hkv, span)`` fp32 when given."""
+    span = splits.span
+    _combine[(splits.batch * splits.kv_heads, triton.cdiv(span, BLOCK_MASS) if mass is not None else 1)](
+        splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass if mass is not None else splits.logits,
+        splits.vague_share(), splits.length, span, splits.splits,
+        G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.splits_pad,
+        ROWS=splits.rows, LINEAR=splits.linear, WITH_MASS=mass is not None, BLOCK=BLOCK_MASS, num_warps=4,
+    )
 
 
 @dataclass
@@ -881,13 +900,15 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
 def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
                   part: torch.Tensor | None = None, codes: torch.Tensor | None = None,
                   length: torch.Tensor | None = None,
-                  order: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  order: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  tops: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Launch ``_position_pass`` on the current CUDA device: the linear combine's bucket weights from the decode's
     logits (``step``), then ``_bucket_values``, their product with the buckets' values; and with ``scores``
     ``(B, Hkv, capacity)`` their update by the step's mass and each chunk's highest Vague score. The mass comes
     from ``step``'s logits, or from ``mass`` ``(B, Hkv, N)`` when ``step`` is None (then ``part``, ``codes`` and
     ``length`` say what the store holds). ``order``: the :func:`bucket_order` of the first positions, which the
-    weights are summed through (the later positions, or all without it, one by one).
+    weights are summed through (the later positions, or all without it, one by one). ``tops``: where to write
+    the chunks' highest scores (new buffers when None).
 
     Returns:
         with ``scores``, each chunk's highest Vague score ``(B * Hkv, chunks)`` fp32 and its position (int32,
@@ -901,8 +922,7 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
     device = part.device
     chunk_top = chunk_pos = None
     if scores is not None:
-        chunk_top = torch.empty(b * hkv, chunks, dtype=torch.float32, device=device)
-        chunk_pos = torch.empty(b * hkv, chunks, dtype=torch.int32, device=device)
+        chunk_top, chunk_pos = tops if tops is not None else chunk_tops(b * hkv, span, device)
     placeholder = part  # pointers the pass does not read in this mode
     from_logits = step is not None
     weights = step.weights if from_logits and step.linear else placeholder

@@ -78,6 +78,9 @@ class CompressedLayer(CacheLayerMixin):
         self.budget = budget
         self.logical_len = 0
         self.offsets: torch.Tensor | None = None  # (B,) left-padding per sequence, set at the first observe
+        # Set by the cache before each update: whether another layer of the same device runs after this one in the
+        # step, so that this layer may leave work on the device's side stream (kernels/side_stream.py).
+        self.followed_on_device = False
         self.prompt_lengths: torch.Tensor | None = None  # (B,) non-padding prompt tokens
 
     # -- transformers' CacheLayerMixin ---------------------------------------------------------------------------

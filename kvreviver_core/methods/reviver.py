@@ -56,9 +56,11 @@ POSITION_BYTES = 4  # int32 position per exact slot and KV head
 
 class ReviverLayer(CompressedLayer):
     def __init__(self, layer_idx: int, budget: Budget, estimator: Estimator = "sum", seed: int = 0,
-                 fused: bool | str = "auto", signed_keys: bool = False, combine: Combine = "median") -> None:
+                 fused: bool | str = "auto", signed_keys: bool = False, combine: Combine = "median",
+                 overlap: bool = True) -> None:
         super().__init__(layer_idx, budget)
         self.fused = fused
+        self.overlap = overlap
         self.signed_keys = signed_keys
         self.combine = combine
         self._decode = None  # the fused decode attention chosen by update() for the step in progress
@@ -262,7 +264,8 @@ class ReviverLayer(CompressedLayer):
         ``mass`` may also be the decode's split-K results (``kernels.inplace_step.attend``)."""
         if self._inplace is not None:  # the Recent bookkeeping ran on the device, in append
             self._kernels.compress(self._inplace, mass, self.exact_keys, self.exact_values, self.exact_pos, self.sketch,
-                                   self.candidate_size, self.budget.replace_rate)
+                                   self.candidate_size, self.budget.replace_rate,
+                                   beside=self.overlap and self.followed_on_device)
             return
         # Decode runs this for every layer and token, so the common step (no fold) avoids host reads: the Recent
         # bookkeeping lives on the host, and the only sync is the swap test's count of Vague tokens to pair.
@@ -402,6 +405,8 @@ class KVReviverMethod(Method):
         fused: decode attention straight from the compressed store (no revival): ``"auto"`` uses the Triton
             kernel on CUDA, ``True`` also the pure-torch reference elsewhere, ``"reference"`` the reference
             everywhere, ``False`` never (see :mod:`kvreviver_core.kernels`).
+        overlap: on the in-place decode step (CUDA), run Algorithm 3 on a side stream beside the rest of the
+            model's step (:mod:`kvreviver_core.kernels.side_stream`); the same results either way.
     """
 
     estimator: str = "sum"
@@ -409,6 +414,7 @@ class KVReviverMethod(Method):
     combine: str = "median"
     seed: int = 0
     fused: bool | str = "auto"
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -420,7 +426,9 @@ class KVReviverMethod(Method):
         if not isinstance(self.signed_keys, bool):
             raise ValueError(f"signed_keys must be true or false, got {self.signed_keys!r}")
         check_fused_option(self.fused)
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be true or false, got {self.overlap!r}")
 
     def make_layer(self, layer_idx: int, budget: Budget) -> CompressedLayer:
         return ReviverLayer(layer_idx, budget, estimator=self.estimator, seed=self.seed, fused=self.fused,
-                            signed_keys=self.signed_keys, combine=self.combine)
+                            signed_keys=self.signed_keys, combine=self.combine, overlap=self.overlap)
