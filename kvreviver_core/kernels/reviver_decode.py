@@ -18,8 +18,11 @@ Under the sketch's linear combine (``combine="mean"``: the rows' estimates avera
 token's logit is the mean of its r buckets' logits, and the Vague share of the output is the buckets' values
 weighted by the softmax numerators of their tokens. So ``_bucket_logits`` takes the query's logit of every bucket,
 the split-K pass reads 3 of those scalars per Vague position, ``_position_pass`` sums each bucket's (signed) weights,
-and the combine multiplies them by the bucket values: each bucket is read once, and on an H200 the kernel is faster
-than SDPA over the full cache (BENCHMARKS.md, issue 7).
+and ``_bucket_values`` multiplies them by the bucket values: each bucket is read once, and on an H200 the kernel is
+faster than SDPA over the full cache (BENCHMARKS.md, issue 7). There the split-K pass's programs of KV heads attend
+the exact slots only; the Vague positions have programs of their own, each for a range of positions and 8 query
+heads, so that a position's bucket logits (slot-major) and its logits (position-major, for the bucket sums) are read
+and written 32 bytes at a time.
 
 The part map ``(B, Hkv, L)`` int8 says what each position is for each KV head: ``MASKED`` (padding), ``VAGUE`` or
 ``EXACT`` (a sequence without sketch buckets attends its exact tokens only). A layer on the in-place decode path
@@ -32,7 +35,8 @@ are built for the step:
 Then the attention itself, two launches:
 
 * ``_decode_split``: grid ``(B * Hkv, splits)``. Each program owns one KV head (all G query heads of its group,
-   so keys are loaded once for the group) and one slice of the exact slots and of the positions. It runs an online
+   so keys are loaded once for the group) and one slice of the exact slots and of the positions (under the linear
+   combine, the exact slots only, and the positions go to the Vague programs past ``B * Hkv``). It runs an online
    softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
 * under the linear combine, ``_position_pass``: the buckets' weights, and ``_bucket_values``: their product with the
   buckets' values, the Vague share of the output;
@@ -71,7 +75,9 @@ NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
-BLOCK_LINEAR = 256  # positions per loop step of the main kernel under the linear combine (no vector gathers)
+BLOCK_LINEAR = 256  # positions per loop step of the linear combine's Vague programs (no vector gathers)
+VAGUE_RANGE = 1024  # positions per Vague program under the linear combine (about: a whole number of ranges per split)
+VAGUE_HEADS = 8  # query heads per Vague program: a 32-byte sector of fp32 logits, at each position
 BLOCK_BUCKETS = 64  # buckets per program of _bucket_logits and of _bucket_values
 CHUNK_POSITIONS = 1024  # positions per program of _position_pass: Algorithm 3 rescans one such chunk at a swap
 BLOCK_PASS = 1024  # positions per loop step of _position_pass (one step a chunk: no chain of dependent reads)
@@ -204,33 +210,55 @@ def _estimate_rows(S, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di,
 
 
 @triton.jit
-def _bucket_logit_rows(QK_ROWS, SLOT_ROWS, p, inside, vague, gmask, code_stride, ROWS: tl.constexpr,
-                       SIGNED_KEYS: tl.constexpr):
-    """Vague positions' logits ``(VP, BLOCK)`` under the linear combine: the sum over rows of the (signed) logit
-    of the position's bucket, ``QK_ROWS`` (VP, 1) pointing at each query head's bucket logits. The codes and
-    bucket logits of every position ``inside`` are read (small, cached), so that no read waits on the part map."""
-    slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(SLOT_ROWS, p, inside, code_stride, ROWS)
-    lmask = gmask[:, None] & inside[None, :]
-    s = tl.load(QK_ROWS + slot0[None, :], mask=lmask, other=0.0)
-    if SIGNED_KEYS:
-        s = s * sign0.to(tl.float32)[None, :]
-    if ROWS == 3:
-        s1 = tl.load(QK_ROWS + slot1[None, :], mask=lmask, other=0.0)
-        s2 = tl.load(QK_ROWS + slot2[None, :], mask=lmask, other=0.0)
+def _vague_range(QK, PART, part_stride, SLOT_ROWS, code_stride, LOGITS, VLOGITS, PART_M, PART_L, TOP, b, heads,
+                 first, positions, L, nb, Hkv, Hq, span, slots, columns, column, G: tl.constexpr, ROWS: tl.constexpr,
+                 SIGNED_KEYS: tl.constexpr, HB: tl.constexpr, BLOCK: tl.constexpr):
+    """Linear combine: the logits of positions ``[first, first + positions)`` of sequence ``b`` for the query heads
+    ``heads`` ``(HB,)``. A Vague position's logit is the sum over the rows of its buckets' (signed) logits, gathered
+    from ``QK`` ``(B, slots, Hq)``: slot-major, so that one gather reads the logits of HB heads from one sector. They
+    go to LOGITS ``(B, Hq, span)`` at the positions not held exactly and to VLOGITS ``(B, span, Hq)`` (-inf where not
+    Vague); their running max and sum of exponentials to column ``column`` of PART_M / PART_L, the max to TOP."""
+    hmask = heads < Hq
+    qh = b.to(tl.int64) * Hq + heads  # rows of LOGITS, PART_M, PART_L, TOP
+    part_rows = PART + (b.to(tl.int64) * Hkv + heads // G)[:, None] * part_stride  # (HB, 1)
+    qk_heads = QK + b.to(tl.int64) * slots * Hq + heads[:, None]  # (HB, 1)
+    m = tl.full((HB,), float("-inf"), tl.float32)
+    l = tl.zeros((HB,), tl.float32)
+    for start in range(0, tl.minimum(positions, L - first), BLOCK):
+        p = first + start + tl.arange(0, BLOCK)
+        inside = p < L
+        both = hmask[:, None] & inside[None, :]
+        kind = tl.load(part_rows + p[None, :], mask=both, other=_EXACT)
+        # The codes and bucket logits of every position inside are read (small, cached), so that no read waits on
+        # the part map.
+        slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(SLOT_ROWS, p, inside, code_stride, ROWS)
+        s = tl.load(qk_heads + slot0[None, :] * Hq, mask=both, other=0.0)
         if SIGNED_KEYS:
-            s1 = s1 * sign1.to(tl.float32)[None, :]
-            s2 = s2 * sign2.to(tl.float32)[None, :]
-        s = s + s1 + s2
-    return tl.where(vague[None, :], s, float("-inf"))
+            s = s * sign0.to(tl.float32)[None, :]
+        if ROWS == 3:
+            s1 = tl.load(qk_heads + slot1[None, :] * Hq, mask=both, other=0.0)
+            s2 = tl.load(qk_heads + slot2[None, :] * Hq, mask=both, other=0.0)
+            if SIGNED_KEYS:
+                s1 = s1 * sign1.to(tl.float32)[None, :]
+                s2 = s2 * sign2.to(tl.float32)[None, :]
+            s = s + s1 + s2
+        s = tl.where((kind == _VAGUE) & (nb > 0), s, float("-inf"))
+        m, l = _online_sum(m, l, s)
+        tl.store(LOGITS + qh[:, None] * span + p[None, :], s, mask=both & (kind != _EXACT))
+        tl.store(VLOGITS + (b.to(tl.int64) * span + p[None, :]) * Hq + heads[:, None], s, mask=both)
+    tl.store(PART_M + qh * columns + column, m, mask=hmask)
+    tl.store(PART_L + qh * columns + column, l, mask=hmask)
+    tl.atomic_max(TOP + qh, m, mask=hmask, sem="relaxed")
 
 
 @triton.jit
-def _bucket_logits(Q, stride_qb, stride_qh, SK, SCNT, QK, W, VAGUE_OUT, Hkv, slots, scale,
+def _bucket_logits(Q, stride_qb, stride_qh, SK, SCNT, QK, W, VAGUE_OUT, TOP, Hkv, slots, scale,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MEAN: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Linear combine: every bucket's logit ``scale * q . key`` (``scale`` = softmax scale / rows; divided by the
-    bucket's count for MEAN), ``(B, Hq, slots)`` fp32, and zeros in the same place of ``W`` for this step's
-    bucket weights (:func:`_position_pass`) and in the Vague share ``VAGUE_OUT`` ``(B, Hq, D)`` (:func:`_bucket_values`)."""
+    bucket's count for MEAN), ``QK`` ``(B, slots, Hq)`` fp32, and zeros in this step's bucket weights ``W`` ``(B, Hq,
+    slots)`` (:func:`_position_pass`) and in the Vague share ``VAGUE_OUT`` ``(B, Hq, D)`` (:func:`_bucket_values`);
+    -inf in the heads' highest logits ``TOP`` ``(B, Hq)``, which the split-K programs raise."""
     bh = tl.program_id(0)
     b, h = bh // Hkv, bh % Hkv
     gi, di = tl.arange(0, GP), tl.arange(0, DP)
@@ -245,13 +273,14 @@ def _bucket_logits(Q, stride_qb, stride_qh, SK, SCNT, QK, W, VAGUE_OUT, Hkv, slo
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     if MEAN:
         qk = qk / tl.maximum(tl.load(SCNT + head + j, mask=jmask, other=1), 1).to(tl.float32)[None, :]
-    rows = (b.to(tl.int64) * Hkv * G + qh)[:, None] * slots + j[None, :]
+    heads = b.to(tl.int64) * Hkv * G + qh  # query-head rows
     both = gmask[:, None] & jmask[None, :]
-    tl.store(QK + rows, qk, mask=both)
-    tl.store(W + rows, tl.zeros((GP, BLOCK), tl.float32), mask=both)
+    tl.store(QK + (b.to(tl.int64) * slots + j[None, :]) * (Hkv * G) + qh[:, None], qk, mask=both)
+    tl.store(W + heads[:, None] * slots + j[None, :], tl.zeros((GP, BLOCK), tl.float32), mask=both)
     if tl.program_id(1) == 0:
-        tl.store(VAGUE_OUT + (b.to(tl.int64) * Hkv * G + qh)[:, None] * D + di[None, :],
-                 tl.zeros((GP, DP), tl.float32), mask=gmask[:, None] & dmask[None, :])
+        tl.store(VAGUE_OUT + heads[:, None] * D + di[None, :], tl.zeros((GP, DP), tl.float32),
+                 mask=gmask[:, None] & dmask[None, :])
+        tl.store(TOP + heads, tl.full((GP,), float("-inf"), tl.float32), mask=gmask)
 
 
 @triton.jit
@@ -281,19 +310,6 @@ def _online_sum(m, l, s):
 
 
 @triton.jit
-def _fold_group_rows(m, l, acc, m_v, l_v, GP: tl.constexpr, VP: tl.constexpr):
-    """Merge a running max and sum kept over VP <= GP rows (no output of their own) into the GP-row state."""
-    if VP == GP:
-        m_in, l_in = m_v, l_v
-    else:
-        same = tl.arange(0, GP)[:, None] == tl.arange(0, VP)[None, :]
-        m_in = tl.max(tl.where(same, m_v[None, :], float("-inf")), 1)
-        l_in = tl.sum(tl.where(same, l_v[None, :], 0.0), 1)
-    m_new, alpha, scale = _online_rescale(m, m_in[:, None])  # a block of one logit per row, m_in
-    return m_new, l * alpha + l_in * tl.sum(scale, 1), acc * alpha[:, None]
-
-
-@triton.jit
 def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, di, dmask, scaling,
                  D: tl.constexpr, ROWS: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr):
     """Rebuild one block of Vague positions from the sketch and fold it into the online softmax.
@@ -311,24 +327,43 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
     return s, m, l, acc
 
 
-@triton.jit(do_not_specialize=["span", "slots_per_split", "pos_per_split"])
+@triton.jit(do_not_specialize=["span", "slots_per_split", "pos_per_split", "columns", "vague_rows"])
 def _decode_split(
     Q, stride_qb, stride_qh,
     EK, EV, EPOS, PART, part_stride,
     SK, SV, SCNT, BUCKETS, SLOTS, code_stride, QK,
-    LOGITS, VLOGITS, PART_ACC, PART_M, PART_L, LENGTH,
-    scaling, Hkv, E, span, width, slots_per_split, pos_per_split,
+    LOGITS, VLOGITS, PART_ACC, PART_M, PART_L, TOP, LENGTH,
+    scaling, batch, Hkv, E, span, width, slots_per_split, pos_per_split, columns, vague_rows, head_groups,
     G: tl.constexpr, GP: tl.constexpr, VP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
     HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, HB: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Grid ``(B * Hkv, splits)``. The query products run on tensor cores, whose tiles have GP >= 16 rows (on an
-    H200 the CUDA cores were slower even for one query head: 449 against 331 us at 128k). The positions' loop keeps
-    VP rows: GP for the median's rebuilt keys (products too), else the group's own (``next_power_of_2(G)``), so a
-    small group does not carry 16 rows of logits per position."""
+    """Grid ``(B * Hkv, splits)``: a program per KV head and split, whose partial results go to column ``split`` of
+    PART_M / PART_L (rows ``columns`` apart) and of PART_ACC (rows ``splits`` apart). The query products run on
+    tensor cores, whose tiles have GP >= 16 rows (on an H200 the CUDA cores were slower even for one query head:
+    449 against 331 us at 128k). The positions' loop keeps VP rows: GP for the median's rebuilt keys (products
+    too), else the group's own (``next_power_of_2(G)``), so a small group does not carry 16 rows of logits per
+    position.
+
+    Under LINEAR these programs attend the exact slots only, and the Vague positions have programs of their own,
+    past ``B * Hkv`` on the grid's first axis: ``B * head_groups * vague_rows`` more, each of ``HB`` query heads and
+    one range of ``pos_per_split`` positions (:func:`_vague_range`, columns ``splits`` on), so that every read and
+    write of a position's logits covers the heads of a sector. All programs raise TOP to their highest logit."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
+    L = tl.load(LENGTH).to(tl.int32)  # positions to attend; the grid covers span >= L of them
+    if LINEAR:
+        if bh >= batch * Hkv:
+            program = bh - batch * Hkv
+            vague_range = (program % vague_rows) * splits + split
+            group = (program // vague_rows) % head_groups
+            b = program // (vague_rows * head_groups)
+            _vague_range(QK, PART, part_stride, SLOTS + b.to(tl.int64) * ROWS * code_stride, code_stride, LOGITS,
+                         VLOGITS, PART_M, PART_L, TOP, b, group * HB + tl.arange(0, HB),
+                         vague_range * pos_per_split, pos_per_split, L, tl.load(BUCKETS + b), Hkv, Hkv * G, span,
+                         ROWS * width, columns, splits + vague_range, G, ROWS, SIGNED_KEYS, HB, BLOCK_V)
+            return
     b = bh // Hkv
     h = bh % Hkv
     bh64 = bh.to(tl.int64)
@@ -339,7 +374,6 @@ def _decode_split(
     qh = h * G + gi
     q = tl.load(Q + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + di[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
-    L = tl.load(LENGTH).to(tl.int32)  # positions to attend; the grid covers span >= L of them
     logit_rows = LOGITS + (b.to(tl.int64) * Hkv * G + qh)[:, None] * span  # (GP, 1) row starts
     part_row = PART + bh64 * part_stride
 
@@ -363,52 +397,40 @@ def _decode_split(
         tl.store(logit_rows + pos[None, :], s, mask=gmask[:, None] & (pos >= 0)[None, :])
         m, l, acc = _online_softmax(m, l, acc, s, v)
 
-    # Every position not held exactly: Vague (rebuilt from the sketch) or masked. Each is written exactly once.
-    vi = tl.arange(0, VP)
-    vmask = vi < G
-    vh = h * G + vi
-    position_rows = (b.to(tl.int64) * Hkv * G + vh)[:, None] * span  # (VP, 1) row starts of LOGITS
-    vague_heads = b.to(tl.int64) * span * (Hkv * G) + vh[:, None]  # (VP, 1): VLOGITS is (B, span, Hq)
-    m_v = tl.full((VP,), float("-inf"), tl.float32)  # LINEAR's running max and sum over the Vague positions
-    l_v = tl.zeros((VP,), tl.float32)
-    nb = tl.load(BUCKETS + b)
-    sbase = bh64 * (ROWS * width)  # this KV head's first bucket
-    head_keys, head_values, head_counts = SK + sbase * D, SV + sbase * D, SCNT + sbase
-    slot_rows = SLOTS + b.to(tl.int64) * ROWS * code_stride
-    qk_rows = QK + (b.to(tl.int64) * Hkv * G + vh)[:, None] * (ROWS * width)  # (VP, 1): LINEAR's bucket logits
-    for start in range(0, tl.minimum(pos_per_split, L - split * pos_per_split), BLOCK_V):
-        p = split * pos_per_split + start + tl.arange(0, BLOCK_V)
-        inside = p < L
-        kind = tl.load(part_row + p, mask=inside, other=_EXACT)
-        free = kind != _EXACT
-        vague = (kind == _VAGUE) & (nb > 0)
-        s = tl.full((VP, BLOCK_V), float("-inf"), tl.float32)
-        if LINEAR:  # the values come in through the buckets' weights (_position_pass, _bucket_values)
-            s = _bucket_logit_rows(qk_rows, slot_rows, p, inside, vague, vmask, code_stride, ROWS, SIGNED_KEYS)
-            m_v, l_v = _online_sum(m_v, l_v, s)
-            # Vague logits only (-inf at exact positions): what the bucket sums gather in bucket order, so that
-            # they gather no part map too. Position-major, so that one gather reads every head's logit of a
-            # position in whole 32-byte sectors, where head-major rows took a sector per head for 4 bytes.
-            tl.store(VLOGITS + vague_heads + p[None, :].to(tl.int64) * (Hkv * G), s,
-                     mask=vmask[:, None] & inside[None, :])
-        elif HAS_SKETCH:
-            if SKIP_EMPTY:
-                if tl.max(vague.to(tl.int32), 0) > 0:
+    if not LINEAR:
+        # Every position not held exactly: Vague (rebuilt from the sketch) or masked. Each is written exactly once.
+        vi = tl.arange(0, VP)
+        vmask = vi < G
+        position_rows = (b.to(tl.int64) * Hkv * G + h * G + vi)[:, None] * span  # (VP, 1) row starts of LOGITS
+        nb = tl.load(BUCKETS + b)
+        sbase = bh64 * (ROWS * width)  # this KV head's first bucket
+        head_keys, head_values, head_counts = SK + sbase * D, SV + sbase * D, SCNT + sbase
+        slot_rows = SLOTS + b.to(tl.int64) * ROWS * code_stride
+        for start in range(0, tl.minimum(pos_per_split, L - split * pos_per_split), BLOCK_V):
+            p = split * pos_per_split + start + tl.arange(0, BLOCK_V)
+            inside = p < L
+            kind = tl.load(part_row + p, mask=inside, other=_EXACT)
+            free = kind != _EXACT
+            vague = (kind == _VAGUE) & (nb > 0)
+            s = tl.full((VP, BLOCK_V), float("-inf"), tl.float32)
+            if HAS_SKETCH:
+                if SKIP_EMPTY:
+                    if tl.max(vague.to(tl.int32), 0) > 0:
+                        s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
+                                                    head_keys, head_values, head_counts, di, dmask, scaling, D,
+                                                    ROWS, MEAN, SIGNED_KEYS)
+                else:
                     s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
                                                 head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
                                                 MEAN, SIGNED_KEYS)
-            else:
-                s, m, l, acc = _vague_block(q, m, l, acc, p, vague, slot_rows, code_stride,
-                                            head_keys, head_values, head_counts, di, dmask, scaling, D, ROWS,
-                                            MEAN, SIGNED_KEYS)
-        tl.store(LOGITS + position_rows + p[None, :], s, mask=vmask[:, None] & free[None, :])
-    if LINEAR:
-        m, l, acc = _fold_group_rows(m, l, acc, m_v, l_v, GP, VP)
+            tl.store(LOGITS + position_rows + p[None, :], s, mask=vmask[:, None] & free[None, :])
 
-    part = (bh64 * G + gi) * splits + split  # (GP,) rows of PART_M / PART_L
-    tl.store(PART_M + part, m, mask=gmask)
-    tl.store(PART_L + part, l, mask=gmask)
-    tl.store(PART_ACC + part[:, None] * D + di[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+    rows = bh64 * G + gi  # (GP,) query-head rows
+    tl.store(PART_M + rows * columns + split, m, mask=gmask)
+    tl.store(PART_L + rows * columns + split, l, mask=gmask)
+    tl.store(PART_ACC + (rows * splits + split)[:, None] * D + di[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+    if LINEAR:
+        tl.atomic_max(TOP + rows, m, mask=gmask, sem="relaxed")
 
 
 @triton.jit
@@ -453,11 +475,12 @@ def _bucket_values(W, SV, SCNT, VAGUE_OUT, Hkv, slots, G: tl.constexpr, GP: tl.c
 
 
 @triton.jit
-def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, VAGUE_OUT,
+def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, columns, splits, VAGUE_OUT,
                     GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
                     LINEAR: tl.constexpr):
-    """Merge the splits' partial outputs into the attention output of the query heads ``rows`` (with LINEAR, plus
-    the Vague tokens' share ``VAGUE_OUT`` that ``_bucket_values`` summed).
+    """Merge the ``splits`` partial outputs (the first columns of PART_M, whose rows are ``columns`` apart; SP >=
+    splits) into the attention output of the query heads ``rows`` (with LINEAR, plus the Vague tokens' share
+    ``VAGUE_OUT`` that ``_bucket_values`` summed).
 
     The splits are read ``SPLITS_PER_READ`` at a time in an unrolled loop, so the reads do not wait on each other
     (a loop of one split at a time waited on one read after the other: ~0.4 us each)."""
@@ -468,7 +491,8 @@ def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, VAGUE_
         si = first + tl.arange(0, _SPLITS_PER_READ)
         taken = gmask[:, None] & (si < splits)[None, :]  # (GP, S)
         part_rows = rows[:, None] * splits + si[None, :]
-        weight = tl.exp(tl.load(PART_M + part_rows, mask=taken, other=float("-inf")) - top[:, None])
+        weight = tl.exp(tl.load(PART_M + rows[:, None] * columns + si[None, :], mask=taken, other=float("-inf"))
+                        - top[:, None])
         part = tl.load(PART_ACC + part_rows[:, :, None] * D + di[None, None, :],
                        mask=taken[:, :, None] & dmask[None, None, :], other=0.0)
         out += tl.sum(part * weight[:, :, None], 1)
@@ -489,9 +513,9 @@ def _position_mass(LOGITS, rows, gmask, p, inside, top, inv, stride):
 
 @triton.jit(do_not_specialize=["span"])
 def _combine(
-    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, VAGUE_OUT, LENGTH, span, splits,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
-    LINEAR: tl.constexpr, WITH_MASS: tl.constexpr, BLOCK: tl.constexpr,
+    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, VAGUE_OUT, LENGTH, span, columns, splits,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, SPA: tl.constexpr,
+    ROWS: tl.constexpr, LINEAR: tl.constexpr, WITH_MASS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Grid ``(B * Hkv, cdiv(span, BLOCK))``: the splits merged into the output (the first program of each KV
     head) and, WITH_MASS, each position's attention mass. Without it (the in-place step, whose position pass takes
@@ -501,10 +525,10 @@ def _combine(
     gi = tl.arange(0, GP)
     gmask = gi < G
     rows = bh * G + gi  # query heads of this KV group
-    top, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
+    top, inv = _split_totals(PART_M, PART_L, rows, gmask, columns, SP)
     if blk == 0:
-        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, splits, VAGUE_OUT, GP, D, DP, SP, ROWS,
-                        LINEAR)
+        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, columns, splits, VAGUE_OUT, GP, D, DP, SPA,
+                        ROWS, LINEAR)
     if WITH_MASS:
         p = blk * BLOCK + tl.arange(0, BLOCK)
         attended = p < tl.load(LENGTH).to(tl.int32)
@@ -529,7 +553,7 @@ def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, heads, rows, hmask, top,
     the split-K pass's Vague logits ``VLOGITS`` ``(span, Hq)`` of this sequence, -inf elsewhere). The order lists
     positions by bucket, so a block holds runs of one bucket: a prefix sum, and at each run's end one atomic add of
     the sum (and one of its negation to the next run's bucket), instead of one atomic add per position on a few hot
-    addresses. ``heads`` are the query heads ``(HP,)``, ``rows`` their rows of ``W`` and of the splits' totals."""
+    addresses. ``heads`` are the query heads ``(HP,)``, ``rows`` their rows of ``W``, ``top`` their highest logits."""
     i = tl.arange(0, BLOCK)
     idx = first + i
     listed = idx < sorted_n
@@ -550,7 +574,7 @@ def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, heads, rows, hmask, top,
 
 @triton.jit(do_not_specialize=["chunks", "sorted_n"])
 def _position_pass(
-    LOGITS, VLOGITS, PART_M, PART_L, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS,
+    LOGITS, VLOGITS, PART_M, PART_L, TOP, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS,
     LENGTH, batch, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, splits, chunks,
     G: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
     FROM_LOGITS: tl.constexpr, LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -563,8 +587,9 @@ def _position_pass(
       bucket's weight in each row ``W`` ``(B, Hq, slots)``: what ``_bucket_values`` multiplies by the buckets' values.
       The first ``sorted_n`` positions go through their bucket order ``ORDER`` / ``ORDER_CODES`` ``(B, ROWS,
       sorted_n)`` (:func:`bucket_order`), ``BLOCK_ORDER`` entries of one row of one sequence a program, for all its
-      ``HP >= Hq`` query heads at once: the programs past ``B * Hkv`` in the grid's first axis. The later positions
-      go one by one.
+      ``HP >= Hq`` query heads at once: the programs past ``B * Hkv`` in the grid's first axis, which take the max
+      from ``TOP`` ``(B, Hq)`` (the splits' totals, ``columns`` per head, would be read again by each). The later
+      positions go one by one.
     * With SCORE, adds the step's attention mass to the cumulative scores ``(B, Hkv, >= N)`` (rows
       ``row_stride`` apart, as the part map's), from the logits (FROM_LOGITS) or from ``MASS`` (rows
       ``mass_stride`` apart), and writes the chunk's highest Vague score and its first position to ``CHUNK_TOP`` /
@@ -580,7 +605,8 @@ def _position_pass(
             heads = tl.arange(0, HP)
             hmask = heads < Hkv * G
             head_rows = ob * Hkv * G + heads
-            head_top = _split_totals(PART_M, PART_L, head_rows, hmask, splits, SP)[0]
+            head_top = tl.load(TOP + head_rows, mask=hmask, other=0.0)
+            head_top = tl.where(head_top == float("-inf"), 0.0, head_top)  # as _split_totals' top
             _sorted_bucket_sums(VLOGITS + ob * span * Hkv * G, ORDER + ob * ROWS * sorted_n,
                                 ORDER_CODES + ob * ROWS * sorted_n, W, heads, head_rows, hmask, head_top,
                                 chunk * CHUNK + block * BLOCK_ORDER, sorted_n, Hkv * G, slots, row, BLOCK_ORDER)
@@ -745,23 +771,26 @@ def combine_splits(splits: DecodeSplits, mass: torch.Tensor | None = None) -> No
     span = splits.span
     _combine[(splits.batch * splits.kv_heads, triton.cdiv(span, BLOCK_MASS) if mass is not None else 1)](
         splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass if mass is not None else splits.logits,
-        splits.vague_share(), splits.length, span, splits.splits,
-        G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.splits_pad,
-        ROWS=splits.rows, LINEAR=splits.linear, WITH_MASS=mass is not None, BLOCK=BLOCK_MASS, num_warps=4,
+        splits.vague_share(), splits.length, span, splits.columns, splits.splits,
+        G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.columns_pad,
+        SPA=splits.splits_pad, ROWS=splits.rows, LINEAR=splits.linear, WITH_MASS=mass is not None,
+        BLOCK=BLOCK_MASS, num_warps=4,
     )
 
 
 @dataclass
 class DecodeSplits:
     """The split-K pass's results (``_decode_split``), before they are combined: the output buffer to combine
-    into ``(B, Hq, D)``, the logits ``(B, Hq, span)`` (the attended positions first), each split's partial
-    output, max and sum, and what the step read: the part map, the bucket codes and the length on the device.
+    into ``(B, Hq, D)``, the logits ``(B, Hq, span)`` (the attended positions first), the partial max and sum of
+    each of ``columns`` programs per query head ``(B, Hq, columns)`` and the partial outputs of the first
+    ``splits`` ``(B, Hq, splits, D)`` (the others, the linear combine's Vague ranges, have none), and what the step
+    read: the part map, the bucket codes and the length on the device.
 
     Under the linear combine (``sketch.combine == "mean"``) also the buckets' weights ``(B, Hq, slots)`` fp32, the
     sketch's values ``(B, Hkv, slots, D)`` and counts (None without the ``"mean"`` estimator), and the Vague share
     of the output ``(B, Hq, D)`` fp32: :func:`position_pass` sums the weights and multiplies them by the values
     into it, before a combine. And the Vague logits ``(B, span, Hq)`` fp32, position-major (-inf at other
-    positions), which the weights are summed from.
+    positions), which the weights are summed from, and each query head's highest logit ``top`` ``(B, Hq)``.
     """
 
     out: torch.Tensor
@@ -784,6 +813,11 @@ class DecodeSplits:
     counts: torch.Tensor | None = None
     vague_out: torch.Tensor | None = None
     vague_logits: torch.Tensor | None = None
+    top: torch.Tensor | None = None
+    columns: int = 0
+
+    def __post_init__(self) -> None:
+        self.columns = max(self.columns, self.splits)
 
     @property
     def linear(self) -> bool:
@@ -809,6 +843,10 @@ class DecodeSplits:
     @property
     def splits_pad(self) -> int:
         return max(SPLITS_PER_READ, triton.next_power_of_2(self.splits))
+
+    @property
+    def columns_pad(self) -> int:
+        return max(SPLITS_PER_READ, triton.next_power_of_2(self.columns))
 
     def output(self) -> torch.Tensor:
         """The combined output in transformers' layout ``(B, 1, Hq, D)`` (once a combine has run)."""
@@ -845,7 +883,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
 
     has_sketch = sketch is not None
     linear = has_sketch and sketch.combine == "mean"
-    bucket_logits = weights = counts = vague_out = vague_logits = None
+    bucket_logits = weights = counts = vague_out = vague_logits = top = None
     if has_sketch:
         sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
         counts = sketch.counts.contiguous() if sketch.counts is not None else None
@@ -854,13 +892,14 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         # Hashed once for all KV heads: hashing inside the main loop, per head, made the kernel 1.6x slower.
         slots = codes if codes is not None else slot_codes(sketch, span)
         if linear:
-            bucket_logits = torch.empty(b, hq, rows * width, dtype=torch.float32, device=device)
-            weights = torch.empty_like(bucket_logits)  # zeroed by _bucket_logits, as is vague_out
-            vague_out = torch.empty(b, hq, d, dtype=torch.float32, device=device)
+            bucket_logits = torch.empty(b, rows * width, hq, dtype=torch.float32, device=device)  # slot-major
+            weights = torch.empty(b, hq, rows * width, dtype=torch.float32, device=device)  # zeroed by _bucket_logits,
+            vague_out = torch.empty(b, hq, d, dtype=torch.float32, device=device)  # as is vague_out, and top is -inf
             vague_logits = torch.empty(b, span, hq, dtype=torch.float32, device=device)  # position-major
+            top = torch.empty(b, hq, dtype=torch.float32, device=device)
             _bucket_logits[(b * hkv, triton.cdiv(rows * width, BLOCK_BUCKETS))](
                 q, q.stride(0), q.stride(1), sk, counts if counts is not None else exact_pos, bucket_logits, weights,
-                vague_out, hkv, rows * width, float(scaling) / rows,
+                vague_out, top, hkv, rows * width, float(scaling) / rows,
                 G=group, GP=gp, D=d, DP=dp, MEAN=counts is not None, BLOCK=BLOCK_BUCKETS,
             )
     else:
@@ -869,32 +908,42 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         width, rows, signed_keys = 1, 1, False
 
     block_v = BLOCK_LINEAR if linear else BLOCK_VAGUE
-    splits = _split_plan(max(triton.cdiv(span, block_v), triton.cdiv(max(e, 1), BLOCK_EXACT)), b * hkv,
-                         PROGRAMS_PER_SM_LINEAR if linear else PROGRAMS_PER_SM, device)
-    slots_per_split = triton.cdiv(triton.cdiv(max(e, 1), splits), BLOCK_EXACT) * BLOCK_EXACT
-    pos_per_split = triton.cdiv(triton.cdiv(span, splits), block_v) * block_v
+    exact_blocks = triton.cdiv(max(e, 1), BLOCK_EXACT)
+    if linear:  # the splits attend the exact slots, and vague_rows x splits ranges of positions are Vague programs
+        splits = _split_plan(exact_blocks, b * hkv, PROGRAMS_PER_SM_LINEAR, device)
+        vague_rows = triton.cdiv(triton.cdiv(span, VAGUE_RANGE), splits)
+        pos_per_split = triton.cdiv(triton.cdiv(span, vague_rows * splits), block_v) * block_v
+        heads_per_range = min(VAGUE_HEADS, triton.next_power_of_2(hq))
+        head_groups = triton.cdiv(hq, heads_per_range)
+    else:
+        splits = _split_plan(max(triton.cdiv(span, block_v), exact_blocks), b * hkv, PROGRAMS_PER_SM, device)
+        vague_rows, head_groups, heads_per_range = 0, 1, 1
+        pos_per_split = triton.cdiv(triton.cdiv(span, splits), block_v) * block_v
+    slots_per_split = triton.cdiv(exact_blocks, splits) * BLOCK_EXACT
+    columns = splits * (1 + vague_rows)
 
     logits = torch.empty(b, hq, span, dtype=torch.float32, device=device)
     part_acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
-    part_m = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
-    part_l = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
-    _decode_split[(b * hkv, splits)](
+    part_m = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
+    part_l = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
+    _decode_split[(b * hkv + b * head_groups * vague_rows, splits)](
         q, q.stride(0), q.stride(1),
         exact_keys, exact_values, exact_pos, part, part.stride(1),
         sk, sv, counts if counts is not None else exact_pos, buckets, slots, slots.stride(1) if has_sketch else 0,
         bucket_logits if linear else logits,
-        logits, vague_logits if linear else logits, part_acc, part_m, part_l, length,
-        float(scaling), hkv, e, span, width, slots_per_split, pos_per_split,
-        G=group, GP=gp, VP=gp if has_sketch and not linear else triton.next_power_of_2(group), D=d, DP=dp,
+        logits, vague_logits if linear else logits, part_acc, part_m, part_l, top if linear else logits, length,
+        float(scaling), b, hkv, e, span, width, slots_per_split, pos_per_split, columns, max(vague_rows, 1),
+        head_groups,
+        G=group, GP=gp, VP=gp if has_sketch else triton.next_power_of_2(group), D=d, DP=dp,
         ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
-        SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT, BLOCK_V=block_v,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, HB=heads_per_range, BLOCK_E=BLOCK_EXACT,
+        BLOCK_V=block_v, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
     return DecodeSplits(out, logits, part_acc, part_m, part_l, part, slots if has_sketch else None, length, b, hkv,
                         group, d, span, splits, rows, weights, sv if linear else None, counts if linear else None,
-                        vague_out, vague_logits)
+                        vague_out, vague_logits, top, columns)
 
 
 def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
@@ -933,15 +982,16 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
     _position_pass[(b * hkv + b * sorted_rows * (CHUNK_POSITIONS // block_order), chunks)](
         step.logits if from_logits else placeholder, step.vague_logits if from_logits and step.linear else placeholder,
         step.max if from_logits else placeholder,
-        step.sum if from_logits else placeholder, mass if mass is not None else placeholder, part,
+        step.sum if from_logits else placeholder, step.top if from_logits and step.linear else placeholder,
+        mass if mass is not None else placeholder, part,
         codes if codes is not None else placeholder, order_positions, order_codes, weights,
         scores if scores is not None else placeholder,
         chunk_top if chunk_top is not None else placeholder, chunk_pos if chunk_pos is not None else placeholder,
         length, b, hkv, step.span if from_logits else 0, part.stride(1), mass.stride(1) if mass is not None else 0,
         codes.stride(1) if codes is not None else 0, order_positions.shape[-1] if order is not None else 0,
-        step.slots if from_logits else 0, step.splits if from_logits else 1, chunks,
+        step.slots if from_logits else 0, step.columns if from_logits else 1, chunks,
         G=step.group if from_logits else 1, GP=triton.next_power_of_2(step.group) if from_logits else 1,
-        HP=heads_pad, SP=step.splits_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
+        HP=heads_pad, SP=step.columns_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
         FROM_LOGITS=from_logits, LINEAR=from_logits and step.linear, SCORE=scores is not None,
         CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, BLOCK_ORDER=block_order,
         num_warps=PASS_WARPS,
