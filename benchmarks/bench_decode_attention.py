@@ -52,15 +52,14 @@ from kvreviver_core.results import ResultStore
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
 # Knobs of reviver_decode swept per context and combine, the defaults first
 KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT"),
-         "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM_LINEAR", "NUM_STAGES", "BLOCK_EXACT", "VAGUE_RANGE",
+         "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM_LINEAR", "NUM_STAGES", "BLOCK_EXACT", "VAGUE_RANGES",
                   "VAGUE_HEADS", "ORDER_TILE")}
 CONFIGS = {"median": [(32, 4, 8, 2, 32), (32, 4, 8, 2, 16), (16, 4, 8, 2, 32)],
-           "mean": [(256, 4, 4, 2, 32, 1024, 8, 1024), (256, 4, 4, 2, 32, 512, 8, 1024),
-                    (256, 4, 4, 2, 32, 2048, 8, 1024), (256, 4, 4, 2, 32, 1024, 16, 1024),
-                    (256, 4, 4, 2, 32, 1024, 32, 1024), (128, 4, 4, 2, 32, 1024, 8, 1024),
-                    (512, 8, 4, 2, 32, 1024, 8, 1024), (256, 4, 8, 2, 32, 1024, 8, 1024),
-                    (256, 4, 2, 2, 32, 1024, 8, 1024), (256, 4, 4, 2, 64, 1024, 8, 1024),
-                    (256, 4, 4, 2, 16, 1024, 8, 1024), (256, 4, 4, 2, 32, 1024, 8, 512)]}
+           "mean": [(256, 4, 4, 2, 32, 64, 8, 1024), (256, 4, 4, 2, 32, 32, 8, 1024),
+                    (256, 4, 4, 2, 32, 128, 8, 1024), (256, 4, 4, 2, 32, 64, 16, 1024),
+                    (128, 4, 4, 2, 32, 64, 8, 1024), (256, 4, 8, 2, 32, 64, 8, 1024),
+                    (256, 4, 2, 2, 32, 64, 8, 1024), (256, 4, 4, 2, 64, 64, 8, 1024),
+                    (256, 4, 4, 2, 32, 64, 8, 512)]}
 FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of an H100 (50 MB) or H200 (60 MB)
 
 

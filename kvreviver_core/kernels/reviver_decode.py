@@ -76,7 +76,8 @@ NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
 BLOCK_LINEAR = 256  # positions per loop step of the linear combine's Vague programs (no vector gathers)
-VAGUE_RANGE = 1024  # positions per Vague program under the linear combine (about: a whole number of ranges per split)
+VAGUE_RANGES = 64  # position ranges per sequence for the linear combine's Vague programs (about: whole rows of splits)
+MIN_VAGUE_RANGE = 512  # and the fewest positions in a range
 VAGUE_HEADS = 8  # query heads per Vague program: a 32-byte sector of fp32 logits, at each position
 BLOCK_BUCKETS = 64  # buckets per program of _bucket_logits and of _bucket_values
 CHUNK_POSITIONS = 1024  # positions per program of _position_pass: Algorithm 3 rescans one such chunk at a swap
@@ -911,7 +912,8 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     exact_blocks = triton.cdiv(max(e, 1), BLOCK_EXACT)
     if linear:  # the splits attend the exact slots, and vague_rows x splits ranges of positions are Vague programs
         splits = _split_plan(exact_blocks, b * hkv, PROGRAMS_PER_SM_LINEAR, device)
-        vague_rows = triton.cdiv(triton.cdiv(span, VAGUE_RANGE), splits)
+        vague_range = max(MIN_VAGUE_RANGE, triton.cdiv(span, VAGUE_RANGES))
+        vague_rows = triton.cdiv(triton.cdiv(span, vague_range), splits)
         pos_per_split = triton.cdiv(triton.cdiv(span, vague_rows * splits), block_v) * block_v
         heads_per_range = min(VAGUE_HEADS, triton.next_power_of_2(hq))
         head_groups = triton.cdiv(hq, heads_per_range)
