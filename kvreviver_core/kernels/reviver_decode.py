@@ -808,6 +808,7 @@ class DecodeSplits:
     head_dim: int
     span: int
     splits: int
+    columns: int
     rows: int = 1
     weights: torch.Tensor | None = None
     bucket_values: torch.Tensor | None = None
@@ -815,10 +816,6 @@ class DecodeSplits:
     vague_out: torch.Tensor | None = None
     vague_logits: torch.Tensor | None = None
     top: torch.Tensor | None = None
-    columns: int = 0
-
-    def __post_init__(self) -> None:
-        self.columns = max(self.columns, self.splits)
 
     @property
     def linear(self) -> bool:
@@ -944,8 +941,8 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
     return DecodeSplits(out, logits, part_acc, part_m, part_l, part, slots if has_sketch else None, length, b, hkv,
-                        group, d, span, splits, rows, weights, sv if linear else None, counts if linear else None,
-                        vague_out, vague_logits, top, columns)
+                        group, d, span, splits, columns, rows, weights, sv if linear else None,
+                        counts if linear else None, vague_out, vague_logits, top)
 
 
 def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
