@@ -286,7 +286,9 @@ class InplaceStore:
     Besides the scores, part map and codes (module docstring) it keeps on the device what a step reads or moves,
     so that no step needs the host: the logical length ``length`` ``(1,)`` (the step's token included once
     :func:`append` ran), the Recent count ``recent_count`` ``(B,)`` and the first Recent position
-    ``recent_start`` ``(B, 1, 1)``. The host only tracks the length (:meth:`advance`) to grow the buffers.
+    ``recent_start`` ``(B, 1, 1)``. The host only tracks the length (:meth:`advance`) to grow the buffers. And
+    ``tops``, the position pass's highest Vague score of each chunk and its position (step scratch, kept at a fixed
+    address because Algorithm 3 may read it on the side stream after the step's other buffers are freed).
 
     Args:
         scores: ``(B, H, N)`` fp32, the layer's cumulative scores; exact_pos: ``(B, H, E)`` int32 (-1 = empty);

@@ -304,7 +304,7 @@ def _online_softmax(m, l, acc, s, v):
 
 @triton.jit
 def _online_sum(m, l, s):
-    """Fold logits ``s`` (VP, BLOCK) whose values are summed elsewhere (the linear combine's buckets) into the
+    """Fold logits ``s`` (rows, BLOCK) whose values are summed elsewhere (the linear combine's buckets) into the
     running max and sum."""
     m_new, alpha, p = _online_rescale(m, s)
     return m_new, l * alpha + tl.sum(p, 1)
