@@ -435,12 +435,13 @@ def _decode_split(
 
 
 @triton.jit
-def _split_totals(PART_M, PART_L, rows, gmask, splits, SP: tl.constexpr):
-    """The query heads' overall max and 1 / softmax denominator over the splits' partial results."""
+def _split_totals(PART_M, PART_L, rows, gmask, columns, SP: tl.constexpr):
+    """The query heads' overall max and 1 / softmax denominator over the ``columns`` partial results of each
+    (``SP >= columns``): the splits' and, under the linear combine, the Vague ranges'."""
     si = tl.arange(0, SP)
-    pmask = gmask[:, None] & (si < splits)[None, :]
-    part_m = tl.load(PART_M + rows[:, None] * splits + si[None, :], mask=pmask, other=float("-inf"))
-    part_l = tl.load(PART_L + rows[:, None] * splits + si[None, :], mask=pmask, other=0.0)
+    pmask = gmask[:, None] & (si < columns)[None, :]
+    part_m = tl.load(PART_M + rows[:, None] * columns + si[None, :], mask=pmask, other=float("-inf"))
+    part_l = tl.load(PART_L + rows[:, None] * columns + si[None, :], mask=pmask, other=0.0)
     top = tl.max(part_m, 1)
     top = tl.where(top == float("-inf"), 0.0, top)
     total = tl.sum(part_l * tl.exp(part_m - top[:, None]), 1)
@@ -576,7 +577,7 @@ def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, heads, rows, hmask, top,
 @triton.jit(do_not_specialize=["chunks", "sorted_n"])
 def _position_pass(
     LOGITS, VLOGITS, PART_M, PART_L, TOP, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS,
-    LENGTH, batch, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, splits, chunks,
+    LENGTH, batch, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, columns, chunks,
     G: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
     FROM_LOGITS: tl.constexpr, LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_ORDER: tl.constexpr,
@@ -621,7 +622,7 @@ def _position_pass(
     top = tl.zeros((GP,), tl.float32)
     inv = tl.zeros((GP,), tl.float32)
     if FROM_LOGITS:
-        top, inv = _split_totals(PART_M, PART_L, rows, gmask, splits, SP)
+        top, inv = _split_totals(PART_M, PART_L, rows, gmask, columns, SP)
     code_rows = CODES + b * ROWS * code_stride
     part_row = PART + bh * row_stride
     best = tl.full((), float("-inf"), tl.float32)
