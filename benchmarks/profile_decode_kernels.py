@@ -9,9 +9,11 @@ Llama-2-7B shapes (32 heads, head_dim 128, bf16), budget 10%, one real ``Reviver
   attention, the position pass and Algorithm 3).
 
 and prints each GPU kernel's mean time per call, with its share. One JSON line per (context, combine, part) goes to
-``--out``.
+``--out``. With ``--plain`` it only runs the parts (3 warm-up calls, then ``--calls``), with no profiler of its own, so
+that Nsight Compute can read the kernels' counters (``ncu_decode_kernels.sh``).
 
 Usage on a GPU machine: python benchmarks/profile_decode_kernels.py [--contexts 8192,32768] [--combines median,mean]
+[--parts attention,step] [--plain]
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--parts", default="attention,step")
+    parser.add_argument("--plain", action="store_true", help="run the parts without torch.profiler (for ncu)")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_kernels.jsonl"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -80,7 +84,13 @@ def main() -> None:
                                                                      length, d**-0.5, order=order),
                 "step": layer_step(layer, h, d, 1, d**-0.5),
             }
-            for name, fn in parts.items():
+            for name in args.parts.split(","):
+                fn = parts[name]
+                if args.plain:
+                    for _ in range(3 + args.calls):
+                        fn()
+                    torch.cuda.synchronize()
+                    continue
                 times = kernel_times(fn, args.calls)
                 total = sum(times.values())
                 row = {"device": device, "context": context, "combine": combine, "part": name,
