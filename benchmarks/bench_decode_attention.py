@@ -32,6 +32,7 @@ Usage: python benchmarks/bench_decode_attention.py [--contexts 8192,32768,131072
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import types
@@ -53,13 +54,30 @@ HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100",
 # Knobs of reviver_decode swept per context and combine, the defaults first
 KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT"),
          "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM_LINEAR", "NUM_STAGES", "BLOCK_EXACT", "VAGUE_RANGES",
-                  "VAGUE_HEADS", "ORDER_TILE")}
+                  "VAGUE_HEADS", "ORDER_TILE", "PASS_WARPS")}
 CONFIGS = {"median": [(32, 4, 8, 2, 32), (32, 4, 8, 2, 16), (16, 4, 8, 2, 32)],
-           "mean": [(256, 4, 4, 2, 32, 64, 8, 1024), (256, 4, 4, 2, 32, 32, 8, 1024),
-                    (256, 4, 4, 2, 32, 128, 8, 1024), (256, 4, 4, 2, 32, 64, 16, 1024),
-                    (128, 4, 4, 2, 32, 64, 8, 1024), (256, 4, 8, 2, 32, 64, 8, 1024),
-                    (256, 4, 2, 2, 32, 64, 8, 1024), (256, 4, 4, 2, 64, 64, 8, 1024),
-                    (256, 4, 4, 2, 32, 64, 8, 512)]}
+           "mean": [(256, 4, 4, 2, 32, 64, 8, 1024, 8), (256, 4, 4, 2, 32, 32, 8, 1024, 8),
+                    (256, 4, 4, 2, 32, 128, 8, 1024, 8), (256, 4, 4, 2, 32, 64, 16, 1024, 8),
+                    (128, 4, 4, 2, 32, 64, 8, 1024, 8), (256, 4, 8, 2, 32, 64, 8, 1024, 8),
+                    (256, 4, 2, 2, 32, 64, 8, 1024, 8), (256, 4, 4, 2, 64, 64, 8, 1024, 8),
+                    (256, 4, 4, 2, 32, 64, 8, 512, 8)]}
+
+
+def knob_grid(spec: str, combine: str) -> list[tuple]:
+    """The configurations of ``--grid`` (``"KNOB=a,b;KNOB=c"``): every combination of the listed values, the other
+    knobs at their defaults, the defaults first."""
+    knobs = KNOBS[combine]
+    values = [[getattr(reviver_decode, knob)] for knob in knobs]
+    for item in filter(None, spec.split(";")):
+        name, _, listed = item.partition("=")
+        if name not in knobs:
+            raise SystemExit(f"--grid: {name!r} is not a knob of the {combine} combine ({', '.join(knobs)})")
+        values[knobs.index(name)] = [int(v) for v in listed.split(",")]
+    configs = [tuple(getattr(reviver_decode, knob) for knob in knobs)]
+    configs += [c for c in itertools.product(*values) if c != configs[0]]
+    return configs
+
+
 FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of an H100 (50 MB) or H200 (60 MB)
 
 
@@ -202,7 +220,8 @@ def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
         return reviver_decode.decode_attention(query, *store, sketch, part, codes, length_tensor, length, scaling,
                                                order=order)
 
-    knobs, configs = KNOBS[combine], CONFIGS[combine]
+    knobs = KNOBS[combine]
+    configs = knob_grid(args.grid, combine) if args.grid else CONFIGS[combine]
     defaults = tuple(getattr(reviver_decode, k) for k in knobs)
     sweep = {}
     for config in configs:
@@ -266,6 +285,8 @@ def main() -> None:
     parser.add_argument("--combines", default="median,mean", help="the sketch's row combines, one row each")
     parser.add_argument("--sdpa-backends", default="flash,efficient,math",
                         help="SDPA backends of the full-cache baseline (flash, efficient, math, cudnn)")
+    parser.add_argument("--grid", default="",
+                        help='sweep these knob values instead of the built-in configurations: "KNOB=a,b;KNOB=c"')
     parser.add_argument("--out", type=Path, default=Path("runs/bench_decode_attention.jsonl"))
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -18,12 +18,14 @@ it (:mod:`kvreviver_core.graphs`). A step is the length's increment and these Tr
 (:func:`attend`, whose grid covers the capacity; under the linear combine after ``_bucket_logits``), then
 :func:`compress`:
 
-0. ``_position_pass``, a grid over (sequence, KV head, chunk of 1024 positions): the step's attention mass added to
-   the scores, and each chunk's highest Vague score (under the linear combine also the buckets' weights);
+0. under the linear combine, ``_position_pass``'s bucket sums: the buckets' weights, and ``_bucket_values``: their
+   product with the bucket values, the Vague share of the output;
 1. ``_combine`` without the mass: the attention output, which is all the model waits for;
-2. ``_compress``, one program per (sequence, KV head), Algorithm 3: on the device's side stream
-   (:mod:`.side_stream`) when another layer follows in the step, so that it runs beside the rest of the step.
-   It folds the lowest-scored Candidates beyond the Candidate share into the sketch (after a Recent hand-over);
+2. on the device's side stream (:mod:`.side_stream`) when another layer follows in the step, so that they run beside
+   the rest of the step: ``_position_pass``'s score programs, a grid over (sequence, KV head, chunk of 1024
+   positions), which add the step's attention mass to the scores and keep each chunk's highest Vague score; then
+   ``_compress``, one program per (sequence, KV head), Algorithm 3. It folds the lowest-scored Candidates beyond the
+   Candidate share into the sketch (after a Recent hand-over);
 3. then the paper's swap loop: while the lowest Candidate's score x ReplaceRate is below the highest Vague score, the
    Vague token returns to the exact store holding the sketch's estimate of it, which is deleted from the sketch,
    and the Candidate is inserted in its place. The highest Vague score comes from the chunks' highest; a swap
@@ -402,9 +404,10 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
             their logits (``_combine``'s work, without its mass).
         exact store as in ``append``; sketch: the layer's :class:`~kvreviver_core.sketch.VagueSketch` (``width``
             > 0, 1 or 3 rows); candidate_size: ``(B,)`` the Candidate share.
-        beside: launch ``_compress`` on the device's side stream (:mod:`.side_stream`), so that it runs beside
-            what the model does next; the caller joins it before anything reads the store again. The mass, the
-            buckets' weights and the output are on the current stream before it starts.
+        beside: launch the scores' update and ``_compress`` on the device's side stream (:mod:`.side_stream`), so
+            that they run beside what the model does next; the caller joins it before anything reads the store
+            again. The buckets' weights and the output are on the current stream before they start, and the step's
+            logits and partial sums are kept until the join.
     """
     b, h, e, d = exact_keys.shape
     device = exact_keys.device
@@ -413,13 +416,24 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
     chunk_top, chunk_pos = store.tops
     with torch.cuda.device(device):
         if isinstance(step, DecodeSplits):
-            position_pass(step, scores=store.scores_buffer, order=store.order, tops=store.tops)
+            # The output waits on the bucket weights, not on the scores: those are Algorithm 3's, beside it.
+            if step.linear:
+                position_pass(step, order=store.order)
             combine_splits(step)
+            read_beside = (step.logits, step.max, step.sum)
+
+            def add_mass() -> None:
+                position_pass(step, scores=store.scores_buffer, tops=store.tops, bucket_weights=False)
         else:
-            position_pass(None, scores=store.scores_buffer, mass=step.contiguous(), part=store.part,
-                          codes=store.codes, length=store.length, tops=store.tops)
+            mass = step.contiguous()
+            read_beside = (mass,)
+
+            def add_mass() -> None:
+                position_pass(None, scores=store.scores_buffer, mass=mass, part=store.part, codes=store.codes,
+                              length=store.length, tops=store.tops)
 
         def algorithm_3() -> None:
+            add_mass()
             _compress[(b * h,)](
                 store.scores_buffer, chunk_top, chunk_pos, store.part, store.codes, exact_keys,
                 exact_values, exact_pos, sketch.keys, sketch.values, counts, sketch.buckets, sketch.offsets,
@@ -432,7 +446,7 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
             )
 
         if beside:
-            side_stream.launch_beside(device, algorithm_3)
+            side_stream.launch_beside(device, algorithm_3, keep=read_beside)
         else:
             algorithm_3()
 

@@ -82,7 +82,7 @@ VAGUE_HEADS = 8  # query heads per Vague program: a 32-byte sector of fp32 logit
 BLOCK_BUCKETS = 64  # buckets per program of _bucket_logits and of _bucket_values
 CHUNK_POSITIONS = 1024  # positions per program of _position_pass: Algorithm 3 rescans one such chunk at a swap
 BLOCK_PASS = 1024  # positions per loop step of _position_pass (one step a chunk: no chain of dependent reads)
-PASS_WARPS = 8
+PASS_WARPS = 4
 ORDER_TILE = 1024  # (query heads x bucket order entries) per program of _position_pass's bucket sums
 MASKED, VAGUE, EXACT = 0, 1, 2  # the part map's codes
 _VAGUE = tl.constexpr(VAGUE)
@@ -591,7 +591,7 @@ def _position_pass(
       sorted_n)`` (:func:`bucket_order`), ``BLOCK_ORDER`` entries of one row of one sequence a program, for all its
       ``HP >= Hq`` query heads at once: the programs past ``B * Hkv`` in the grid's first axis, which take the max
       from ``TOP`` ``(B, Hq)`` (the splits' totals, ``columns`` per head, would be read again by each). The later
-      positions go one by one.
+      positions go one by one (without SCORE, the programs of chunks the order lists whole return at once).
     * With SCORE, adds the step's attention mass to the cumulative scores ``(B, Hkv, >= N)`` (rows
       ``row_stride`` apart, as the part map's), from the logits (FROM_LOGITS) or from ``MASS`` (rows
       ``mass_stride`` apart), and writes the chunk's highest Vague score and its first position to ``CHUNK_TOP`` /
@@ -612,6 +612,9 @@ def _position_pass(
             _sorted_bucket_sums(VLOGITS + ob * span * Hkv * G, ORDER + ob * ROWS * sorted_n,
                                 ORDER_CODES + ob * ROWS * sorted_n, W, heads, head_rows, hmask, head_top,
                                 chunk * CHUNK + block * BLOCK_ORDER, sorted_n, Hkv * G, slots, row, BLOCK_ORDER)
+            return
+    if LINEAR and not SCORE:
+        if (chunk + 1) * CHUNK <= sorted_n:  # every position listed in the order: the order programs sum them
             return
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hkv
@@ -950,14 +953,16 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
                   part: torch.Tensor | None = None, codes: torch.Tensor | None = None,
                   length: torch.Tensor | None = None,
                   order: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  tops: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  tops: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  bucket_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Launch ``_position_pass`` on the current CUDA device: the linear combine's bucket weights from the decode's
     logits (``step``), then ``_bucket_values``, their product with the buckets' values; and with ``scores``
     ``(B, Hkv, capacity)`` their update by the step's mass and each chunk's highest Vague score. The mass comes
     from ``step``'s logits, or from ``mass`` ``(B, Hkv, N)`` when ``step`` is None (then ``part``, ``codes`` and
     ``length`` say what the store holds). ``order``: the :func:`bucket_order` of the first positions, which the
     weights are summed through (the later positions, or all without it, one by one). ``tops``: where to write
-    the chunks' highest scores (new buffers when None).
+    the chunks' highest scores (new buffers when None). ``bucket_weights=False``: the scores only, whatever the
+    combine (the in-place step sums the weights first, in a launch without ``scores``, and the scores beside).
 
     Returns:
         with ``scores``, each chunk's highest Vague score ``(B * Hkv, chunks)`` fp32 and its position (int32,
@@ -974,29 +979,30 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
         chunk_top, chunk_pos = tops if tops is not None else chunk_tops(b * hkv, span, device)
     placeholder = part  # pointers the pass does not read in this mode
     from_logits = step is not None
-    weights = step.weights if from_logits and step.linear else placeholder
+    linear = from_logits and step.linear and bucket_weights
+    weights = step.weights if linear else placeholder
     order_positions, order_codes = order if order is not None else (placeholder, placeholder)
-    sorted_rows = codes.shape[1] if order is not None and from_logits and step.linear else 0
-    heads_pad = triton.next_power_of_2(hkv * step.group) if from_logits else 1
+    sorted_rows = codes.shape[1] if order is not None and linear else 0
+    heads_pad = triton.next_power_of_2(hkv * step.group) if linear else 1
     block_order = min(CHUNK_POSITIONS, max(16, ORDER_TILE // heads_pad))
     _position_pass[(b * hkv + b * sorted_rows * (CHUNK_POSITIONS // block_order), chunks)](
-        step.logits if from_logits else placeholder, step.vague_logits if from_logits and step.linear else placeholder,
+        step.logits if from_logits else placeholder, step.vague_logits if linear else placeholder,
         step.max if from_logits else placeholder,
-        step.sum if from_logits else placeholder, step.top if from_logits and step.linear else placeholder,
+        step.sum if from_logits else placeholder, step.top if linear else placeholder,
         mass if mass is not None else placeholder, part,
         codes if codes is not None else placeholder, order_positions, order_codes, weights,
         scores if scores is not None else placeholder,
         chunk_top if chunk_top is not None else placeholder, chunk_pos if chunk_pos is not None else placeholder,
         length, b, hkv, step.span if from_logits else 0, part.stride(1), mass.stride(1) if mass is not None else 0,
-        codes.stride(1) if codes is not None else 0, order_positions.shape[-1] if order is not None else 0,
-        step.slots if from_logits else 0, step.columns if from_logits else 1, chunks,
+        codes.stride(1) if codes is not None else 0, order_positions.shape[-1] if sorted_rows else 0,
+        step.slots if linear else 0, step.columns if from_logits else 1, chunks,
         G=step.group if from_logits else 1, GP=triton.next_power_of_2(step.group) if from_logits else 1,
         HP=heads_pad, SP=step.columns_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
-        FROM_LOGITS=from_logits, LINEAR=from_logits and step.linear, SCORE=scores is not None,
+        FROM_LOGITS=from_logits, LINEAR=linear, SCORE=scores is not None,
         CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, BLOCK_ORDER=block_order,
         num_warps=PASS_WARPS,
     )
-    if from_logits and step.linear:
+    if linear:
         _bucket_values[(b * hkv, triton.cdiv(step.slots, BLOCK_BUCKETS))](
             step.weights, step.bucket_values, step.counts if step.counts is not None else step.weights,
             step.vague_out, hkv, step.slots, G=step.group, GP=step.group_pad, D=step.head_dim,

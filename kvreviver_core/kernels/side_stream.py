@@ -10,12 +10,14 @@ and marks the device pending; :func:`join` makes the current stream wait for the
 reads or changes a store that had work launched beside must join first: :class:`~kvreviver_core.cache.CompressedCache`
 joins before every layer's update, and a layer launches beside only when another layer of the same device follows
 it in the step, so a step ends joined (as a CUDA graph capture must). The side stream is serial: one join covers
-all the work launched beside so far.
+all the work launched beside so far. Tensors that the work reads and nobody else holds (a step's scratch) are
+kept with it until the join: the current stream's allocator could hand their memory out again before the side
+stream is done.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,6 +28,7 @@ class _SideStream:
         self.forked = torch.cuda.Event()
         self.done = torch.cuda.Event()
         self.pending = False
+        self.kept: list[torch.Tensor] = []
 
 
 _SIDE: dict[torch.device, _SideStream] = {}
@@ -35,9 +38,9 @@ def _device(device: torch.device) -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_beside(device: torch.device, launch: Callable[[], None]) -> None:
+def launch_beside(device: torch.device, launch: Callable[[], None], keep: Sequence[torch.Tensor] = ()) -> None:
     """Run ``launch`` (kernel launches) on ``device``'s side stream, after the work already on the current stream
-    (in line off CUDA: a CPU has no streams)."""
+    (in line off CUDA: a CPU has no streams), holding the tensors ``keep`` it reads until the next :func:`join`."""
     if device.type != "cuda":
         launch()
         return
@@ -51,6 +54,7 @@ def launch_beside(device: torch.device, launch: Callable[[], None]) -> None:
         launch()
     side.done.record(side.stream)
     side.pending = True
+    side.kept.extend(keep)
 
 
 def join(device: torch.device) -> None:
@@ -61,3 +65,4 @@ def join(device: torch.device) -> None:
     if side is not None and side.pending:
         torch.cuda.current_stream(side.stream.device).wait_event(side.done)
         side.pending = False
+        side.kept.clear()  # freed after the wait: what the current stream allocates next runs after the side's reads
