@@ -20,9 +20,9 @@ weighted by the softmax numerators of their tokens. So ``_bucket_logits`` takes 
 the split-K pass reads 3 of those scalars per Vague position, ``_position_pass`` sums each bucket's (signed) weights,
 and ``_bucket_values`` multiplies them by the bucket values: each bucket is read once, and on an H200 the kernel is
 faster than SDPA over the full cache (BENCHMARKS.md, issue 7). There the split-K pass's programs of KV heads attend
-the exact slots only; the Vague positions have programs of their own, each for a range of positions and 8 query
-heads, so that a position's bucket logits (slot-major) and its logits (position-major, for the bucket sums) are read
-and written 32 bytes at a time.
+the exact slots only, beside programs that take the bucket logits. The Vague positions are a launch of their own
+(``_vague_logits``), each program a range of positions and 8 query heads, so that a position's bucket logits
+(slot-major) and its logits (position-major, for the bucket sums) are read and written 32 bytes at a time.
 
 The part map ``(B, Hkv, L)`` int8 says what each position is for each KV head: ``MASKED`` (padding), ``VAGUE`` or
 ``EXACT`` (a sequence without sketch buckets attends its exact tokens only). A layer on the in-place decode path
@@ -32,12 +32,13 @@ are built for the step:
 0. ``_slot_map``: every position's r bucket slots and signs, ``(B, r, L)`` int32, hashed once for all KV heads;
 1. the part map's copy and ``_mark_exact``.
 
-Then the attention itself, two launches:
+Then the attention itself:
 
 * ``_decode_split``: grid ``(B * Hkv, splits)``. Each program owns one KV head (all G query heads of its group,
    so keys are loaded once for the group) and one slice of the exact slots and of the positions (under the linear
-   combine, the exact slots only, and the positions go to the Vague programs past ``B * Hkv``). It runs an online
-   softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
+   combine, the exact slots only, and more programs on the grid's second axis take the bucket logits). It runs an
+   online softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
+* under the linear combine, ``_vague_logits``: the Vague positions' logits, and their partial max and sum;
 * under the linear combine, ``_position_pass``: the buckets' weights, and ``_bucket_values``: their product with the
   buckets' values, the Vague share of the output;
 * ``_combine``: merges the splits into the output and turns the logits into each position's attention mass,
@@ -210,29 +211,43 @@ def _estimate_rows(S, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di,
     return x.to(S.dtype.element_ty)
 
 
-@triton.jit
-def _vague_range(QK, PART, part_stride, SLOT_ROWS, code_stride, LOGITS, VLOGITS, PART_M, PART_L, TOP, b, heads,
-                 first, positions, L, nb, Hkv, Hq, span, slots, columns, column, G: tl.constexpr, ROWS: tl.constexpr,
-                 SIGNED_KEYS: tl.constexpr, HB: tl.constexpr, BLOCK: tl.constexpr):
-    """Linear combine: the logits of positions ``[first, first + positions)`` of sequence ``b`` for the query heads
-    ``heads`` ``(HB,)``. A Vague position's logit is the sum over the rows of its buckets' (signed) logits, gathered
-    from ``QK`` ``(B, slots, Hq)``: slot-major, so that one gather reads the logits of HB heads from one sector. They
-    go to LOGITS ``(B, Hq, span)`` at the positions not held exactly and to VLOGITS ``(B, span, Hq)`` (-inf where not
-    Vague); their running max and sum of exponentials to column ``column`` of PART_M / PART_L, the max to TOP."""
+@triton.jit(do_not_specialize=["span", "pos_per_split", "columns", "vague_rows"])
+def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PART_M, PART_L, TOP, BUCKETS, LENGTH,
+                  Hkv, span, width, pos_per_split, columns, vague_rows, head_groups, G: tl.constexpr,
+                  ROWS: tl.constexpr, SIGNED_KEYS: tl.constexpr, HB: tl.constexpr, SPE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Linear combine, after :func:`_decode_split`: grid ``(B * head_groups * vague_rows, splits)``, a program per
+    range of ``pos_per_split`` positions of one sequence ``b`` and ``HB`` query heads. A Vague position's logit is the
+    sum over the rows of its buckets' (signed) logits, gathered from ``QK`` ``(B, slots, Hq)``: slot-major, so that
+    one gather reads the logits of HB heads from one sector. They go to LOGITS ``(B, Hq, span)`` at the positions not
+    held exactly and to VLOGITS ``(B, span, Hq)`` (-inf where not Vague); their running max and sum of exponentials
+    to column ``splits + range`` of PART_M / PART_L. TOP gets the heads' highest logit over these and over the exact
+    splits' columns (``splits <= SPE``), which a kernel of their own (its programs' registers) left to these."""
+    program = tl.program_id(0)
+    splits = tl.num_programs(1)
+    vague_range = (program % vague_rows) * splits + tl.program_id(1)
+    heads = ((program // vague_rows) % head_groups) * HB + tl.arange(0, HB)
+    b = program // (vague_rows * head_groups)
+    first = vague_range * pos_per_split
+    L = tl.load(LENGTH).to(tl.int32)
+    nb = tl.load(BUCKETS + b)
+    Hq = Hkv * G
+    slots = ROWS * width
+    slot_rows = SLOTS + b.to(tl.int64) * ROWS * code_stride
     hmask = heads < Hq
     qh = b.to(tl.int64) * Hq + heads  # rows of LOGITS, PART_M, PART_L, TOP
     part_rows = PART + (b.to(tl.int64) * Hkv + heads // G)[:, None] * part_stride  # (HB, 1)
     qk_heads = QK + b.to(tl.int64) * slots * Hq + heads[:, None]  # (HB, 1)
     m = tl.full((HB,), float("-inf"), tl.float32)
     l = tl.zeros((HB,), tl.float32)
-    for start in range(0, tl.minimum(positions, L - first), BLOCK):
+    for start in range(0, tl.minimum(pos_per_split, L - first), BLOCK):
         p = first + start + tl.arange(0, BLOCK)
         inside = p < L
         both = hmask[:, None] & inside[None, :]
         kind = tl.load(part_rows + p[None, :], mask=both, other=_EXACT)
         # The codes and bucket logits of every position inside are read (small, cached), so that no read waits on
         # the part map.
-        slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(SLOT_ROWS, p, inside, code_stride, ROWS)
+        slot0, slot1, slot2, sign0, sign1, sign2 = _row_slots(slot_rows, p, inside, code_stride, ROWS)
         s = tl.load(qk_heads + slot0[None, :] * Hq, mask=both, other=0.0)
         if SIGNED_KEYS:
             s = s * sign0.to(tl.float32)[None, :]
@@ -247,27 +262,28 @@ def _vague_range(QK, PART, part_stride, SLOT_ROWS, code_stride, LOGITS, VLOGITS,
         m, l = _online_sum(m, l, s)
         tl.store(LOGITS + qh[:, None] * span + p[None, :], s, mask=both & (kind != _EXACT))
         tl.store(VLOGITS + (b.to(tl.int64) * span + p[None, :]) * Hq + heads[:, None], s, mask=both)
+    column = splits + vague_range
     tl.store(PART_M + qh * columns + column, m, mask=hmask)
     tl.store(PART_L + qh * columns + column, l, mask=hmask)
-    tl.atomic_max(TOP + qh, m, mask=hmask, sem="relaxed")
+    si = tl.arange(0, SPE)
+    exact_m = tl.load(PART_M + qh[:, None] * columns + si[None, :], mask=hmask[:, None] & (si < splits)[None, :],
+                      other=float("-inf"))
+    tl.atomic_max(TOP + qh, tl.maximum(m, tl.max(exact_m, 1)), mask=hmask, sem="relaxed")
 
 
 @triton.jit
-def _bucket_logits(Q, stride_qb, stride_qh, SK, SCNT, QK, W, VAGUE_OUT, TOP, Hkv, slots, scale,
-                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MEAN: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """Linear combine: every bucket's logit ``scale * q . key`` (``scale`` = softmax scale / rows; divided by the
-    bucket's count for MEAN), ``QK`` ``(B, slots, Hq)`` fp32, and zeros in this step's bucket weights ``W`` ``(B, Hq,
-    slots)`` (:func:`_position_pass`) and in the Vague share ``VAGUE_OUT`` ``(B, Hq, D)`` (:func:`_bucket_values`);
-    -inf in the heads' highest logits ``TOP`` ``(B, Hq)``, which the split-K programs raise."""
-    bh = tl.program_id(0)
+def _bucket_logits(q, bh, block, SK, SCNT, QK, W, VAGUE_OUT, TOP, Hkv, slots, scale, G: tl.constexpr,
+                   GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Linear combine, block ``block`` of KV head ``bh``'s buckets: their logits ``scale * q . key`` (``q`` the
+    group's queries ``(GP, DP)``, ``scale`` = softmax scale / rows; divided by the bucket's count for MEAN), ``QK``
+    ``(B, slots, Hq)`` fp32, and zeros in this step's bucket weights ``W`` ``(B, Hq, slots)`` (:func:`_position_pass`)
+    and in the Vague share ``VAGUE_OUT`` ``(B, Hq, D)`` (:func:`_bucket_values`); -inf in the heads' highest logits
+    ``TOP`` ``(B, Hq)``, which :func:`_vague_logits` raises."""
     b, h = bh // Hkv, bh % Hkv
     gi, di = tl.arange(0, GP), tl.arange(0, DP)
     gmask, dmask = gi < G, di < D
     qh = h * G + gi
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + di[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    j = block * BLOCK + tl.arange(0, BLOCK)
     jmask = j < slots
     head = bh.to(tl.int64) * slots
     k = tl.load(SK + (head + j)[:, None] * D + di[None, :], mask=jmask[:, None] & dmask[None, :], other=0.0)
@@ -278,7 +294,7 @@ def _bucket_logits(Q, stride_qb, stride_qh, SK, SCNT, QK, W, VAGUE_OUT, TOP, Hkv
     both = gmask[:, None] & jmask[None, :]
     tl.store(QK + (b.to(tl.int64) * slots + j[None, :]) * (Hkv * G) + qh[:, None], qk, mask=both)
     tl.store(W + heads[:, None] * slots + j[None, :], tl.zeros((GP, BLOCK), tl.float32), mask=both)
-    if tl.program_id(1) == 0:
+    if block == 0:
         tl.store(VAGUE_OUT + heads[:, None] * D + di[None, :], tl.zeros((GP, DP), tl.float32),
                  mask=gmask[:, None] & dmask[None, :])
         tl.store(TOP + heads, tl.full((GP,), float("-inf"), tl.float32), mask=gmask)
@@ -328,16 +344,16 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
     return s, m, l, acc
 
 
-@triton.jit(do_not_specialize=["span", "slots_per_split", "pos_per_split", "columns", "vague_rows"])
+@triton.jit(do_not_specialize=["span", "slots_per_split", "pos_per_split", "columns", "splits"])
 def _decode_split(
     Q, stride_qb, stride_qh,
     EK, EV, EPOS, PART, part_stride,
-    SK, SV, SCNT, BUCKETS, SLOTS, code_stride, QK,
-    LOGITS, VLOGITS, PART_ACC, PART_M, PART_L, TOP, LENGTH,
-    scaling, batch, Hkv, E, span, width, slots_per_split, pos_per_split, columns, vague_rows, head_groups,
+    SK, SV, SCNT, BUCKETS, SLOTS, code_stride, QK, W, VAGUE_OUT, TOP,
+    LOGITS, PART_ACC, PART_M, PART_L, LENGTH,
+    scaling, bucket_scale, Hkv, E, span, width, slots_per_split, pos_per_split, columns, splits,
     G: tl.constexpr, GP: tl.constexpr, VP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
     HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr, HB: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Grid ``(B * Hkv, splits)``: a program per KV head and split, whose partial results go to column ``split`` of
     PART_M / PART_L (rows ``columns`` apart) and of PART_ACC (rows ``splits`` apart). The query products run on
@@ -346,25 +362,13 @@ def _decode_split(
     too), else the group's own (``next_power_of_2(G)``), so a small group does not carry 16 rows of logits per
     position.
 
-    Under LINEAR these programs attend the exact slots only, and the Vague positions have programs of their own,
-    past ``B * Hkv`` on the grid's first axis: ``B * head_groups * vague_rows`` more, each of ``HB`` query heads and
-    one range of ``pos_per_split`` positions (:func:`_vague_range`, columns ``splits`` on), so that every read and
-    write of a position's logits covers the heads of a sector. All programs raise TOP to their highest logit."""
+    Under LINEAR these programs attend the exact slots only, and the grid's second axis has ``cdiv(ROWS * width,
+    BLOCK_B)`` more programs, past ``splits``, that take the buckets' logits (:func:`_bucket_logits`, scaled by
+    ``bucket_scale``): neither waits on the other. The Vague positions are :func:`_vague_logits`'s, a launch of its own after this one, so that its
+    programs' registers (a position's gathers for several heads) do not limit how many of these run at once."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    splits = tl.num_programs(1)
     L = tl.load(LENGTH).to(tl.int32)  # positions to attend; the grid covers span >= L of them
-    if LINEAR:
-        if bh >= batch * Hkv:
-            program = bh - batch * Hkv
-            vague_range = (program % vague_rows) * splits + split
-            group = (program // vague_rows) % head_groups
-            b = program // (vague_rows * head_groups)
-            _vague_range(QK, PART, part_stride, SLOTS + b.to(tl.int64) * ROWS * code_stride, code_stride, LOGITS,
-                         VLOGITS, PART_M, PART_L, TOP, b, group * HB + tl.arange(0, HB),
-                         vague_range * pos_per_split, pos_per_split, L, tl.load(BUCKETS + b), Hkv, Hkv * G, span,
-                         ROWS * width, columns, splits + vague_range, G, ROWS, SIGNED_KEYS, HB, BLOCK_V)
-            return
     b = bh // Hkv
     h = bh % Hkv
     bh64 = bh.to(tl.int64)
@@ -375,6 +379,11 @@ def _decode_split(
     qh = h * G + gi
     q = tl.load(Q + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + di[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if LINEAR:
+        if split >= splits:
+            _bucket_logits(q, bh, split - splits, SK, SCNT, QK, W, VAGUE_OUT, TOP, Hkv, ROWS * width, bucket_scale, G,
+                           GP, D, DP, MEAN, BLOCK_B)
+            return
     logit_rows = LOGITS + (b.to(tl.int64) * Hkv * G + qh)[:, None] * span  # (GP, 1) row starts
     part_row = PART + bh64 * part_stride
 
@@ -430,8 +439,6 @@ def _decode_split(
     tl.store(PART_M + rows * columns + split, m, mask=gmask)
     tl.store(PART_L + rows * columns + split, l, mask=gmask)
     tl.store(PART_ACC + (rows * splits + split)[:, None] * D + di[None, :], acc, mask=gmask[:, None] & dmask[None, :])
-    if LINEAR:
-        tl.atomic_max(TOP + rows, m, mask=gmask, sem="relaxed")
 
 
 @triton.jit
@@ -865,8 +872,9 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     the positions to attend, ``(1,)`` int64 on the device, and ``span >= length`` the positions the grid and the
     logits cover (host int). A step whose length only the device knows, as in a CUDA graph, can run this way.
 
-    Under the sketch's linear combine, a first launch (``_bucket_logits``) takes the query's logit of every bucket,
-    and the split-K pass reads a Vague position's logit as the sum of its r buckets' logits.
+    Under the sketch's linear combine, programs of the split-K launch also take the query's logit of every bucket
+    (``_bucket_logits``), and a second launch (``_vague_logits``) reads a Vague position's logit as the sum of its r
+    buckets' logits.
     """
     b, hq, _, d = query.shape
     hkv, e = exact_keys.shape[1], exact_keys.shape[2]
@@ -899,11 +907,6 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
             vague_out = torch.empty(b, hq, d, dtype=torch.float32, device=device)  # as is vague_out, and top is -inf
             vague_logits = torch.empty(b, span, hq, dtype=torch.float32, device=device)  # position-major
             top = torch.empty(b, hq, dtype=torch.float32, device=device)
-            _bucket_logits[(b * hkv, triton.cdiv(rows * width, BLOCK_BUCKETS))](
-                q, q.stride(0), q.stride(1), sk, counts if counts is not None else exact_pos, bucket_logits, weights,
-                vague_out, top, hkv, rows * width, float(scaling) / rows,
-                G=group, GP=gp, D=d, DP=dp, MEAN=counts is not None, BLOCK=BLOCK_BUCKETS,
-            )
     else:
         sk, sv, slots = exact_keys, exact_values, exact_pos  # not read without a sketch
         buckets = torch.zeros(b, dtype=torch.long, device=device)
@@ -911,16 +914,15 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
 
     block_v = BLOCK_LINEAR if linear else BLOCK_VAGUE
     exact_blocks = triton.cdiv(max(e, 1), BLOCK_EXACT)
+    bucket_blocks = triton.cdiv(rows * width, BLOCK_BUCKETS) if linear else 0
     if linear:  # the splits attend the exact slots, and vague_rows x splits ranges of positions are Vague programs
         splits = _split_plan(exact_blocks, b * hkv, PROGRAMS_PER_SM_LINEAR, device)
         vague_range = max(MIN_VAGUE_RANGE, triton.cdiv(span, VAGUE_RANGES))
         vague_rows = triton.cdiv(triton.cdiv(span, vague_range), splits)
         pos_per_split = triton.cdiv(triton.cdiv(span, vague_rows * splits), block_v) * block_v
-        heads_per_range = min(VAGUE_HEADS, triton.next_power_of_2(hq))
-        head_groups = triton.cdiv(hq, heads_per_range)
     else:
         splits = _split_plan(max(triton.cdiv(span, block_v), exact_blocks), b * hkv, PROGRAMS_PER_SM, device)
-        vague_rows, head_groups, heads_per_range = 0, 1, 1
+        vague_rows = 0
         pos_per_split = triton.cdiv(triton.cdiv(span, splits), block_v) * block_v
     slots_per_split = triton.cdiv(exact_blocks, splits) * BLOCK_EXACT
     columns = splits * (1 + vague_rows)
@@ -929,19 +931,30 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     part_acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
     part_m = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
     part_l = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
-    _decode_split[(b * hkv + b * head_groups * vague_rows, splits)](
+    placeholder = logits  # pointers a launch does not read in its mode
+    counts_or_not = counts if counts is not None else exact_pos
+    _decode_split[(b * hkv, splits + bucket_blocks)](
         q, q.stride(0), q.stride(1),
         exact_keys, exact_values, exact_pos, part, part.stride(1),
-        sk, sv, counts if counts is not None else exact_pos, buckets, slots, slots.stride(1) if has_sketch else 0,
-        bucket_logits if linear else logits,
-        logits, vague_logits if linear else logits, part_acc, part_m, part_l, top if linear else logits, length,
-        float(scaling), b, hkv, e, span, width, slots_per_split, pos_per_split, columns, max(vague_rows, 1),
-        head_groups,
+        sk, sv, counts_or_not, buckets, slots, slots.stride(1) if has_sketch else 0,
+        bucket_logits if linear else placeholder, weights if linear else placeholder,
+        vague_out if linear else placeholder, top if linear else placeholder,
+        logits, part_acc, part_m, part_l, length,
+        float(scaling), float(scaling) / rows, hkv, e, span, width, slots_per_split, pos_per_split, columns, splits,
         G=group, GP=gp, VP=gp if has_sketch else triton.next_power_of_2(group), D=d, DP=dp,
         ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
-        SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, HB=heads_per_range, BLOCK_E=BLOCK_EXACT,
-        BLOCK_V=block_v, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT,
+        BLOCK_V=block_v, BLOCK_B=BLOCK_BUCKETS, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
+    if linear:
+        heads_per_range = min(VAGUE_HEADS, triton.next_power_of_2(hq))
+        head_groups = triton.cdiv(hq, heads_per_range)
+        _vague_logits[(b * head_groups * vague_rows, splits)](
+            bucket_logits, part, part.stride(1), slots, slots.stride(1), logits, vague_logits, part_m, part_l, top,
+            buckets, length, hkv, span, width, pos_per_split, columns, vague_rows, head_groups,
+            G=group, ROWS=rows, SIGNED_KEYS=signed_keys, HB=heads_per_range,
+            SPE=max(2, triton.next_power_of_2(splits)), BLOCK=block_v, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
     return DecodeSplits(out, logits, part_acc, part_m, part_l, part, slots if has_sketch else None, length, b, hkv,
