@@ -51,16 +51,26 @@ from kvreviver_core.results import ResultStore
 
 # Datasheet HBM bandwidth (bytes/s) by device-name substring, most specific first.
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
-# Knobs of reviver_decode swept per context and combine, the defaults first
+# Knobs of reviver_decode swept per context and combine: the defaults, then each of these values in turn
 KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT"),
          "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM_LINEAR", "NUM_STAGES", "BLOCK_EXACT", "VAGUE_RANGES",
-                  "VAGUE_HEADS", "ORDER_TILE", "PASS_WARPS")}
-CONFIGS = {"median": [(32, 4, 8, 2, 32), (32, 4, 8, 2, 16), (16, 4, 8, 2, 32)],
-           "mean": [(256, 4, 4, 2, 32, 64, 8, 1024, 8), (256, 4, 4, 2, 32, 32, 8, 1024, 8),
-                    (256, 4, 4, 2, 32, 128, 8, 1024, 8), (256, 4, 4, 2, 32, 64, 16, 1024, 8),
-                    (128, 4, 4, 2, 32, 64, 8, 1024, 8), (256, 4, 8, 2, 32, 64, 8, 1024, 8),
-                    (256, 4, 2, 2, 32, 64, 8, 1024, 8), (256, 4, 4, 2, 64, 64, 8, 1024, 8),
-                    (256, 4, 4, 2, 32, 64, 8, 512, 8)]}
+                  "VAGUE_HEADS", "ORDER_TILE", "PASS_WARPS", "SPLIT_BALANCE")}
+VARIATIONS = {"median": {"BLOCK_EXACT": (16,), "BLOCK_VAGUE": (16,)},
+              "mean": {"VAGUE_RANGES": (32, 128), "VAGUE_HEADS": (16,), "BLOCK_LINEAR": (128,), "SPLIT_BALANCE": (1, 8),
+                       "PROGRAMS_PER_SM_LINEAR": (4,), "BLOCK_EXACT": (64,), "ORDER_TILE": (512,)}}
+
+
+def one_at_a_time(combine: str) -> list[tuple]:
+    """The built-in sweep: the defaults, then the defaults with one knob changed to each value of VARIATIONS."""
+    knobs = KNOBS[combine]
+    defaults = tuple(getattr(reviver_decode, knob) for knob in knobs)
+    configs = [defaults]
+    for knob, values in VARIATIONS[combine].items():
+        for value in values:
+            config = list(defaults)
+            config[knobs.index(knob)] = value
+            configs.append(tuple(config))
+    return configs
 
 
 def knob_grid(spec: str, combine: str) -> list[tuple]:
@@ -221,7 +231,7 @@ def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
                                                order=order)
 
     knobs = KNOBS[combine]
-    configs = knob_grid(args.grid, combine) if args.grid else CONFIGS[combine]
+    configs = knob_grid(args.grid, combine) if args.grid else one_at_a_time(combine)
     defaults = tuple(getattr(reviver_decode, k) for k in knobs)
     sweep = {}
     for config in configs:

@@ -50,6 +50,7 @@ Then the attention itself:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,11 @@ BLOCK_VAGUE = 32  # positions per loop step (3 gathered rows each for keys and v
 BLOCK_MASS = 1024  # positions per program in the combine kernel
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 8  # split-K target: programs of the main kernel per multiprocessor
-PROGRAMS_PER_SM_LINEAR = 4  # the same under the linear combine, whose splits each read fewer, longer blocks
+PROGRAMS_PER_SM_LINEAR = 8  # the most under the linear combine, whose splits attend the exact slots only
+# Under the linear combine about sqrt(SPLIT_BALANCE x exact blocks) splits a KV head: a split's chain of blocks read
+# one after the other against the merge's cost per split. On an H200 at batch 1 the fastest were 9, 17 and 33 splits
+# at 8k, 32k and 128k (26, 103 and 410 blocks): BENCHMARKS.md, issue 7.
+SPLIT_BALANCE = 3
 NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
@@ -916,7 +921,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     exact_blocks = triton.cdiv(max(e, 1), BLOCK_EXACT)
     bucket_blocks = triton.cdiv(rows * width, BLOCK_BUCKETS) if linear else 0
     if linear:  # the splits attend the exact slots, and vague_rows x splits ranges of positions are Vague programs
-        splits = _split_plan(exact_blocks, b * hkv, PROGRAMS_PER_SM_LINEAR, device)
+        splits = _split_plan(math.isqrt(SPLIT_BALANCE * exact_blocks - 1) + 1, b * hkv, PROGRAMS_PER_SM_LINEAR, device)
         vague_range = max(MIN_VAGUE_RANGE, triton.cdiv(span, VAGUE_RANGES))
         vague_rows = triton.cdiv(triton.cdiv(span, vague_range), splits)
         pos_per_split = triton.cdiv(triton.cdiv(span, vague_rows * splits), block_v) * block_v
