@@ -405,8 +405,9 @@ class KVReviverMethod(Method):
         fused: decode attention straight from the compressed store (no revival): ``"auto"`` uses the Triton
             kernel on CUDA, ``True`` also the pure-torch reference elsewhere, ``"reference"`` the reference
             everywhere, ``False`` never (see :mod:`kvreviver_core.kernels`).
-        overlap: on the in-place decode step (CUDA), run Algorithm 3 on a side stream beside the rest of the
-            model's step (:mod:`kvreviver_core.kernels.side_stream`); the same results either way.
+        overlap: on the in-place decode step (CUDA), run the cumulative scores' update and Algorithm 3 on a side
+            stream beside the rest of the model's step (:mod:`kvreviver_core.kernels.side_stream`); the same results
+            either way.
     """
 
     estimator: str = "sum"
