@@ -937,11 +937,10 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     part_m = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
     part_l = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
     placeholder = logits  # pointers a launch does not read in its mode
-    counts_or_not = counts if counts is not None else exact_pos
     _decode_split[(b * hkv, splits + bucket_blocks)](
         q, q.stride(0), q.stride(1),
         exact_keys, exact_values, exact_pos, part, part.stride(1),
-        sk, sv, counts_or_not, buckets, slots, slots.stride(1) if has_sketch else 0,
+        sk, sv, counts if counts is not None else exact_pos, buckets, slots, slots.stride(1) if has_sketch else 0,
         bucket_logits if linear else placeholder, weights if linear else placeholder,
         vague_out if linear else placeholder, top if linear else placeholder,
         logits, part_acc, part_m, part_l, length,
