@@ -227,7 +227,7 @@ def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PA
     one gather reads the logits of HB heads from one sector. They go to LOGITS ``(B, Hq, span)`` at the positions not
     held exactly and to VLOGITS ``(B, span, Hq)`` (-inf where not Vague); their running max and sum of exponentials
     to column ``splits + range`` of PART_M / PART_L. TOP gets the heads' highest logit over these and over the exact
-    splits' columns (``splits <= SPE``), which a kernel of their own (its programs' registers) left to these."""
+    splits' columns (``splits <= SPE``): the exact programs, one launch before, leave TOP to these."""
     program = tl.program_id(0)
     splits = tl.num_programs(1)
     vague_range = (program % vague_rows) * splits + tl.program_id(1)
@@ -369,8 +369,9 @@ def _decode_split(
 
     Under LINEAR these programs attend the exact slots only, and the grid's second axis has ``cdiv(ROWS * width,
     BLOCK_B)`` more programs, past ``splits``, that take the buckets' logits (:func:`_bucket_logits`, scaled by
-    ``bucket_scale``): neither waits on the other. The Vague positions are :func:`_vague_logits`'s, a launch of its own after this one, so that its
-    programs' registers (a position's gathers for several heads) do not limit how many of these run at once."""
+    ``bucket_scale``): neither waits on the other. The Vague positions are :func:`_vague_logits`'s, a launch of its
+    own after this one, so that its programs' registers (a position's gathers for several heads) do not limit how
+    many of these run at once."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     L = tl.load(LENGTH).to(tl.int32)  # positions to attend; the grid covers span >= L of them
