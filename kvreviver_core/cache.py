@@ -32,7 +32,7 @@ class CompressedCache(Cache):
         following = self.layers[layer_idx + 1] if layer_idx + 1 < len(self.layers) else None
         layer.followed_on_device = getattr(following, "device", None) == key_states.device
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
-        attention.announce_layer(layer_idx, self.layers[layer_idx])
+        attention.announce_layer(layer_idx, layer)
         return keys, values
 
     def decode_graph_key(self) -> tuple | None:
