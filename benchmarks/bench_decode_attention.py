@@ -81,8 +81,11 @@ def knob_grid(spec: str, combine: str) -> list[tuple]:
     for item in filter(None, spec.split(";")):
         name, _, listed = item.partition("=")
         if name not in knobs:
-            raise SystemExit(f"--grid: {name!r} is not a knob of the {combine} combine ({', '.join(knobs)})")
-        values[knobs.index(name)] = [int(v) for v in listed.split(",")]
+            raise ValueError(f"--grid: {name!r} is not a knob of the {combine} combine ({', '.join(knobs)})")
+        try:
+            values[knobs.index(name)] = [int(v) for v in listed.split(",")]
+        except ValueError:
+            raise ValueError(f"--grid: {name}'s values must be integers, got {listed!r}") from None
     configs = [tuple(getattr(reviver_decode, knob) for knob in knobs)]
     configs += [c for c in itertools.product(*values) if c != configs[0]]
     return configs
@@ -299,6 +302,11 @@ def main() -> None:
                         help='sweep these knob values instead of the built-in configurations: "KNOB=a,b;KNOB=c"')
     parser.add_argument("--out", type=Path, default=Path("runs/bench_decode_attention.jsonl"))
     args = parser.parse_args()
+    try:
+        for combine in args.combines.split(","):
+            knob_grid(args.grid, combine)
+    except ValueError as error:
+        parser.error(str(error))
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (and Triton)")
     from triton.testing import do_bench

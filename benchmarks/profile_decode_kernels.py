@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="run the parts without torch.profiler (for ncu)")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_kernels.jsonl"))
     args = parser.parse_args()
+    unknown = set(args.parts.split(",")) - {"attention", "step"}
+    if unknown:
+        parser.error(f"--parts: unknown part(s) {', '.join(sorted(unknown))} (attention, step)")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (and Triton)")
     device = torch.cuda.get_device_name()
