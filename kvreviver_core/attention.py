@@ -106,6 +106,7 @@ def scored_attention(
         early = _sdpa(query[:, :, :first_scored], key, value, _rows(mask, 0, first_scored, t, n, query.device), scaling)
         out[:, :, :, :first_scored] = early.transpose(1, 2).reshape(b, hkv, group, first_scored, -1)
     q = query.view(b, hkv, group, t, d)
+    wide = torch.promote_types(query.dtype, torch.float32)  # the softmax in fp32, or the inputs' dtype if wider
     k_t = key.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, 1, D, N)
     v = value.unsqueeze(2)
     # Every chunk reads all the keys and values of its sequences. With the whole batch in each chunk, a chunk holds
@@ -118,7 +119,7 @@ def scored_attention(
         rows = slice(first, min(b, first + sequences))
         for start in range(first_scored, t, chunk):
             stop = min(t, start + chunk)
-            logits = torch.matmul(q[rows, :, :, start:stop], k_t[rows]).float().mul_(scaling)  # (b', Hkv, G, c, N)
+            logits = torch.matmul(q[rows, :, :, start:stop], k_t[rows]).to(wide).mul_(scaling)  # (b', Hkv, G, c, N)
             allowed = _rows(mask, start, stop, t, n, query.device)  # (B or 1, 1 or Hkv, c, N)
             allowed = (allowed[rows] if allowed.shape[0] > 1 else allowed).unsqueeze(2)
             probs = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)

@@ -15,8 +15,8 @@ The length, the Recent count and the first Recent position live on the device to
 there, so one step's launches and arguments are those of the next until a buffer grows: a CUDA graph can replay
 it (:mod:`kvreviver_core.graphs`). A step is the length's increment and these Triton launches: :func:`append`
 (``_append``, which also does the Recent bookkeeping) before attention, the decode kernel's split-K pass
-(:func:`attend`, whose grid covers the capacity; under the linear combine with the bucket logits, then
-``_vague_logits``), then :func:`compress`:
+(:func:`attend`, whose grid covers the capacity; under the linear combine the bucket logits, then
+``_vague_logits``, while the exact splits run on the side stream), then :func:`compress`:
 
 0. under the linear combine, ``_position_pass``'s bucket sums: the buckets' weights, and ``_bucket_values``: their
    product with the bucket values, the Vague share of the output;

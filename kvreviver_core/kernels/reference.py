@@ -86,13 +86,14 @@ def reviver_decode_reference(
     b, hq, _, d = query.shape
     hkv, length = exact_keys.shape[1], key_valid.shape[1]
     group = hq // hkv
-    q = query.reshape(b, hkv, group, d).float()
+    wide = torch.promote_types(query.dtype, torch.float32)  # fp32, or the inputs' dtype if wider
+    q = query.reshape(b, hkv, group, d).to(wide)
     key_valid = key_valid.to(torch.bool)
 
     pos = exact_pos.long()
     filled = pos >= 0
     exact_ok = filled & key_valid.gather(1, pos.clamp(min=0).view(b, -1)).view(b, hkv, -1)
-    exact_logits = torch.matmul(q, exact_keys.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, E)
+    exact_logits = torch.matmul(q, exact_keys.to(wide).transpose(-1, -2)) * scaling  # (B, Hkv, G, E)
     exact_logits = exact_logits.masked_fill(~exact_ok.unsqueeze(2), float("-inf"))
 
     vague = key_valid.unsqueeze(1) & ~exact_position_map(exact_pos, length)
@@ -104,22 +105,22 @@ def reviver_decode_reference(
             vague_logits.append(exact_logits.new_full((b, hkv, group, stop - start), float("-inf")))
             continue
         keys, _ = sketch.query(_positions(b, hkv, start, stop, query.device))
-        logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, c)
+        logits = torch.matmul(q, keys.to(wide).transpose(-1, -2)) * scaling  # (B, Hkv, G, c)
         vague_logits.append(logits.masked_fill(~vague[:, :, start:stop].unsqueeze(2), float("-inf")))
 
     probs = torch.softmax(torch.cat([exact_logits, *vague_logits], dim=-1), dim=-1).nan_to_num_(0.0)
     exact_probs, vague_probs = probs.split([exact_logits.shape[-1], length], dim=-1)
 
-    out = torch.matmul(exact_probs, exact_values.float())  # (B, Hkv, G, D)
+    out = torch.matmul(exact_probs, exact_values.to(wide))  # (B, Hkv, G, D)
     if sketch is not None:
         for start, stop in chunks:
             _, values = sketch.query(_positions(b, hkv, start, stop, query.device))
-            out += torch.matmul(vague_probs[..., start:stop], values.float())
+            out += torch.matmul(vague_probs[..., start:stop], values.to(wide))
 
     mass = exact_probs.new_zeros(b, hkv, length + 1)
     mass.scatter_add_(2, torch.where(filled, pos, length), exact_probs.sum(dim=2))
     mass = mass[:, :, :length] + vague_probs.sum(dim=2)
-    return out.to(query.dtype).reshape(b, 1, hq, d), mass
+    return out.to(query.dtype).reshape(b, 1, hq, d), mass.float()
 
 
 def _positions(batch: int, heads: int, start: int, stop: int, device) -> torch.Tensor:

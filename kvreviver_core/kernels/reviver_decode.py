@@ -40,7 +40,9 @@ Then the attention itself:
    online softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
 * under the linear combine, ``_vague_logits``: the Vague positions' logits, and their partial max and sum;
 * under the linear combine, ``_position_pass``: the buckets' weights, and ``_bucket_values``: their product with the
-  buckets' values, the Vague share of the output;
+  buckets' values, the Vague share of the output. This chain (bucket logits, Vague logits, weights, values) takes
+  its softmax numerators relative to the heads' highest Vague logit, so it needs nothing of the exact splits: those
+  run on the device's side stream (:mod:`.side_stream`) at the same time, and the combine joins them;
 * ``_combine``: merges the splits into the output and turns the logits into each position's attention mass,
   summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V. On the
   in-place step, ``_position_pass`` adds the mass straight to the scores and ``_combine`` merges only the output
@@ -57,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvreviver_core.kernels import side_stream
 from kvreviver_core.kernels.reference import check_decode_inputs
 from kvreviver_core.sketch import _MIX_1, _MIX_2, VagueSketch, _wrap64
 
@@ -72,7 +75,10 @@ BLOCK_VAGUE = 32  # positions per loop step (3 gathered rows each for keys and v
 BLOCK_MASS = 1024  # positions per program in the combine kernel
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 8  # split-K target: programs of the main kernel per multiprocessor
-PROGRAMS_PER_SM_LINEAR = 8  # the most under the linear combine, whose splits attend the exact slots only
+# The most under the linear combine, whose splits attend the exact slots only, beside the Vague chain: about one
+# program per multiprocessor leaves the rest of each to the chain (on an H200 at batch 1, 1 program per SM was the
+# fastest of 1, 2, 4 and 8 at 8k and 32k: BENCHMARKS.md, issue 7).
+PROGRAMS_PER_SM_LINEAR = 1
 # Under the linear combine about sqrt(SPLIT_BALANCE x exact blocks) splits a KV head: a split's chain of blocks read
 # one after the other against the merge's cost per split. On an H200 at batch 1 the fastest were 9, 17 and 33 splits
 # at 8k, 32k and 128k (26, 103 and 410 blocks): BENCHMARKS.md, issue 7.
@@ -80,6 +86,7 @@ SPLIT_BALANCE = 3
 NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
+EXACT_BESIDE = True  # under the linear combine, the exact splits on the side stream, beside the Vague chain
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
 BLOCK_LINEAR = 256  # positions per loop step of the linear combine's Vague programs (no vector gathers)
 VAGUE_RANGES = 64  # position ranges per sequence for the linear combine's Vague programs (about: whole rows of splits)
@@ -217,17 +224,16 @@ def _estimate_rows(S, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di,
 
 
 @triton.jit(do_not_specialize=["span", "pos_per_split", "columns", "vague_rows"])
-def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PART_M, PART_L, TOP, BUCKETS, LENGTH,
-                  Hkv, span, width, pos_per_split, columns, vague_rows, head_groups, G: tl.constexpr,
-                  ROWS: tl.constexpr, SIGNED_KEYS: tl.constexpr, HB: tl.constexpr, SPE: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PART_M, PART_L, VAGUE_TOP, BUCKETS,
+                  LENGTH, Hkv, span, width, pos_per_split, columns, vague_rows, head_groups, G: tl.constexpr,
+                  ROWS: tl.constexpr, SIGNED_KEYS: tl.constexpr, HB: tl.constexpr, BLOCK: tl.constexpr):
     """Linear combine, after :func:`_decode_split`: grid ``(B * head_groups * vague_rows, splits)``, a program per
     range of ``pos_per_split`` positions of one sequence ``b`` and ``HB`` query heads. A Vague position's logit is the
     sum over the rows of its buckets' (signed) logits, gathered from ``QK`` ``(B, slots, Hq)``: slot-major, so that
     one gather reads the logits of HB heads from one sector. They go to LOGITS ``(B, Hq, span)`` at the positions not
     held exactly and to VLOGITS ``(B, span, Hq)`` (-inf where not Vague); their running max and sum of exponentials
-    to column ``splits + range`` of PART_M / PART_L. TOP gets the heads' highest logit over these and over the exact
-    splits' columns (``splits <= SPE``): the exact programs, one launch before, leave TOP to these."""
+    to column ``splits + range`` of PART_M / PART_L, and their max to VAGUE_TOP (the heads' highest Vague logit, the
+    reference of the Vague numerators: it reads nothing of the exact splits, which may still be running)."""
     program = tl.program_id(0)
     splits = tl.num_programs(1)
     vague_range = (program % vague_rows) * splits + tl.program_id(1)
@@ -240,7 +246,7 @@ def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PA
     slots = ROWS * width
     slot_rows = SLOTS + b.to(tl.int64) * ROWS * code_stride
     hmask = heads < Hq
-    qh = b.to(tl.int64) * Hq + heads  # rows of LOGITS, PART_M, PART_L, TOP
+    qh = b.to(tl.int64) * Hq + heads  # rows of LOGITS, PART_M, PART_L, VAGUE_TOP
     part_rows = PART + (b.to(tl.int64) * Hkv + heads // G)[:, None] * part_stride  # (HB, 1)
     qk_heads = QK + b.to(tl.int64) * slots * Hq + heads[:, None]  # (HB, 1)
     m = tl.full((HB,), float("-inf"), tl.float32)
@@ -270,20 +276,17 @@ def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PA
     column = splits + vague_range
     tl.store(PART_M + qh * columns + column, m, mask=hmask)
     tl.store(PART_L + qh * columns + column, l, mask=hmask)
-    si = tl.arange(0, SPE)
-    exact_m = tl.load(PART_M + qh[:, None] * columns + si[None, :], mask=hmask[:, None] & (si < splits)[None, :],
-                      other=float("-inf"))
-    tl.atomic_max(TOP + qh, tl.maximum(m, tl.max(exact_m, 1)), mask=hmask, sem="relaxed")
+    tl.atomic_max(VAGUE_TOP + qh, m, mask=hmask, sem="relaxed")
 
 
 @triton.jit
-def _bucket_logits(q, bh, block, SK, SCNT, QK, W, VAGUE_OUT, TOP, Hkv, slots, scale, G: tl.constexpr,
+def _bucket_logits(q, bh, block, SK, SCNT, QK, W, VAGUE_OUT, VAGUE_TOP, Hkv, slots, scale, G: tl.constexpr,
                    GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """Linear combine, block ``block`` of KV head ``bh``'s buckets: their logits ``scale * q . key`` (``q`` the
     group's queries ``(GP, DP)``, ``scale`` = softmax scale / rows; divided by the bucket's count for MEAN), ``QK``
     ``(B, slots, Hq)`` fp32, and zeros in this step's bucket weights ``W`` ``(B, Hq, slots)`` (:func:`_position_pass`)
-    and in the Vague share ``VAGUE_OUT`` ``(B, Hq, D)`` (:func:`_bucket_values`); -inf in the heads' highest logits
-    ``TOP`` ``(B, Hq)``, which :func:`_vague_logits` raises."""
+    and in the Vague share ``VAGUE_OUT`` ``(B, Hq, D)`` (:func:`_bucket_values`); -inf in the heads' highest Vague
+    logits ``VAGUE_TOP`` ``(B, Hq)``, which :func:`_vague_logits` raises."""
     b, h = bh // Hkv, bh % Hkv
     gi, di = tl.arange(0, GP), tl.arange(0, DP)
     gmask, dmask = gi < G, di < D
@@ -302,7 +305,7 @@ def _bucket_logits(q, bh, block, SK, SCNT, QK, W, VAGUE_OUT, TOP, Hkv, slots, sc
     if block == 0:
         tl.store(VAGUE_OUT + heads[:, None] * D + di[None, :], tl.zeros((GP, DP), tl.float32),
                  mask=gmask[:, None] & dmask[None, :])
-        tl.store(TOP + heads, tl.full((GP,), float("-inf"), tl.float32), mask=gmask)
+        tl.store(VAGUE_TOP + heads, tl.full((GP,), float("-inf"), tl.float32), mask=gmask)
 
 
 @triton.jit
@@ -349,31 +352,32 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
     return s, m, l, acc
 
 
-@triton.jit(do_not_specialize=["span", "slots_per_split", "pos_per_split", "columns", "splits"])
+@triton.jit(do_not_specialize=["span", "slots_per_split", "pos_per_split", "columns", "splits", "first_program"])
 def _decode_split(
     Q, stride_qb, stride_qh,
     EK, EV, EPOS, PART, part_stride,
-    SK, SV, SCNT, BUCKETS, SLOTS, code_stride, QK, W, VAGUE_OUT, TOP,
+    SK, SV, SCNT, BUCKETS, SLOTS, code_stride, QK, W, VAGUE_OUT, VAGUE_TOP,
     LOGITS, PART_ACC, PART_M, PART_L, LENGTH,
-    scaling, bucket_scale, Hkv, E, span, width, slots_per_split, pos_per_split, columns, splits,
+    scaling, bucket_scale, Hkv, E, span, width, slots_per_split, pos_per_split, columns, splits, first_program,
     G: tl.constexpr, GP: tl.constexpr, VP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
     HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
     SKIP_EMPTY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Grid ``(B * Hkv, splits)``: a program per KV head and split, whose partial results go to column ``split`` of
-    PART_M / PART_L (rows ``columns`` apart) and of PART_ACC (rows ``splits`` apart). The query products run on
+    """Grid ``(B * Hkv, programs)``: a program per KV head and split (``first_program`` + its index on the grid's
+    second axis), whose partial results go to column ``split`` of PART_M / PART_L (rows ``columns`` apart) and of
+    PART_ACC (rows ``splits`` apart). The query products run on
     tensor cores, whose tiles have GP >= 16 rows (on an H200 the CUDA cores were slower even for one query head:
     449 against 331 us at 128k). The positions' loop keeps VP rows: GP for the median's rebuilt keys (products
     too), else the group's own (``next_power_of_2(G)``), so a small group does not carry 16 rows of logits per
     position.
 
-    Under LINEAR these programs attend the exact slots only, and the grid's second axis has ``cdiv(ROWS * width,
-    BLOCK_B)`` more programs, past ``splits``, that take the buckets' logits (:func:`_bucket_logits`, scaled by
-    ``bucket_scale``): neither waits on the other. The Vague positions are :func:`_vague_logits`'s, a launch of its
-    own after this one, so that its programs' registers (a position's gathers for several heads) do not limit how
-    many of these run at once."""
+    Under LINEAR these programs attend the exact slots only, and the ``cdiv(ROWS * width, BLOCK_B)`` programs past
+    ``splits`` take the buckets' logits (:func:`_bucket_logits`, scaled by ``bucket_scale``): a launch of their own
+    (``first_program = splits``), since neither waits on the other. The Vague positions are :func:`_vague_logits`'s,
+    a launch of its own after the bucket logits, so that its programs' registers (a position's gathers for several
+    heads) do not limit how many of these run at once."""
     bh = tl.program_id(0)
-    split = tl.program_id(1)
+    split = first_program + tl.program_id(1)
     L = tl.load(LENGTH).to(tl.int32)  # positions to attend; the grid covers span >= L of them
     b = bh // Hkv
     h = bh % Hkv
@@ -387,8 +391,8 @@ def _decode_split(
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     if LINEAR:
         if split >= splits:
-            _bucket_logits(q, bh, split - splits, SK, SCNT, QK, W, VAGUE_OUT, TOP, Hkv, ROWS * width, bucket_scale, G,
-                           GP, D, DP, MEAN, BLOCK_B)
+            _bucket_logits(q, bh, split - splits, SK, SCNT, QK, W, VAGUE_OUT, VAGUE_TOP, Hkv, ROWS * width,
+                           bucket_scale, G, GP, D, DP, MEAN, BLOCK_B)
             return
     logit_rows = LOGITS + (b.to(tl.int64) * Hkv * G + qh)[:, None] * span  # (GP, 1) row starts
     part_row = PART + bh64 * part_stride
@@ -463,6 +467,15 @@ def _split_totals(PART_M, PART_L, rows, gmask, columns, SP: tl.constexpr):
 
 
 @triton.jit
+def _vague_reference(VAGUE_TOP, rows, mask):
+    """The linear combine's reference for the Vague softmax numerators of the query heads ``rows``: their highest
+    Vague logit (0 without one, as :func:`_split_totals`' top). It is at most the overall max, so the combine's
+    rescaling of the Vague share cannot overflow."""
+    top = tl.load(VAGUE_TOP + rows, mask=mask, other=float("-inf"))
+    return tl.where(top == float("-inf"), 0.0, top)
+
+
+@triton.jit
 def _bucket_values(W, SV, SCNT, VAGUE_OUT, Hkv, slots, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                    DP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """Linear combine, after ``_position_pass``: grid ``(B * Hkv, cdiv(slots, BLOCK))``. One block of buckets'
@@ -490,12 +503,12 @@ def _bucket_values(W, SV, SCNT, VAGUE_OUT, Hkv, slots, G: tl.constexpr, GP: tl.c
 
 
 @triton.jit
-def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, columns, splits, VAGUE_OUT,
+def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, columns, splits, VAGUE_OUT, VAGUE_TOP,
                     GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
                     LINEAR: tl.constexpr):
     """Merge the ``splits`` partial outputs (the first columns of PART_M, whose rows are ``columns`` apart; SP >=
     splits) into the attention output of the query heads ``rows`` (with LINEAR, plus the Vague tokens' share
-    ``VAGUE_OUT`` that ``_bucket_values`` summed).
+    ``VAGUE_OUT`` that ``_bucket_values`` summed relative to the heads' highest Vague logit ``VAGUE_TOP``).
 
     The splits are read ``SPLITS_PER_READ`` at a time in an unrolled loop, so the reads do not wait on each other
     (a loop of one split at a time waited on one read after the other: ~0.4 us each)."""
@@ -514,7 +527,10 @@ def _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, columns, split
     outputs = rows[:, None] * D + di[None, :]
     both = gmask[:, None] & dmask[None, :]
     if LINEAR:
-        out += tl.load(VAGUE_OUT + outputs, mask=both, other=0.0) / ROWS
+        vague_top = tl.load(VAGUE_TOP + rows, mask=gmask, other=float("-inf"))
+        # Without a Vague logit the share is 0, and exp(0 - top) could overflow.
+        rescale = tl.where(vague_top == float("-inf"), 0.0, tl.exp(vague_top - top))
+        out += tl.load(VAGUE_OUT + outputs, mask=both, other=0.0) * (rescale / ROWS)[:, None]
     out = out * inv[:, None]
     tl.store(OUT + outputs, out.to(OUT.dtype.element_ty), mask=both)
 
@@ -528,7 +544,7 @@ def _position_mass(LOGITS, rows, gmask, p, inside, top, inv, stride):
 
 @triton.jit(do_not_specialize=["span"])
 def _combine(
-    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, VAGUE_OUT, LENGTH, span, columns, splits,
+    LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, VAGUE_OUT, VAGUE_TOP, LENGTH, span, columns, splits,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, SPA: tl.constexpr,
     ROWS: tl.constexpr, LINEAR: tl.constexpr, WITH_MASS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -542,8 +558,8 @@ def _combine(
     rows = bh * G + gi  # query heads of this KV group
     top, inv = _split_totals(PART_M, PART_L, rows, gmask, columns, SP)
     if blk == 0:
-        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, columns, splits, VAGUE_OUT, GP, D, DP, SPA,
-                        ROWS, LINEAR)
+        _combine_output(PART_ACC, PART_M, OUT, rows, gmask, top, inv, columns, splits, VAGUE_OUT, VAGUE_TOP, GP, D,
+                        DP, SPA, ROWS, LINEAR)
     if WITH_MASS:
         p = blk * BLOCK + tl.arange(0, BLOCK)
         attended = p < tl.load(LENGTH).to(tl.int32)
@@ -568,7 +584,8 @@ def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, heads, rows, hmask, top,
     the split-K pass's Vague logits ``VLOGITS`` ``(span, Hq)`` of this sequence, -inf elsewhere). The order lists
     positions by bucket, so a block holds runs of one bucket: a prefix sum, and at each run's end one atomic add of
     the sum (and one of its negation to the next run's bucket), instead of one atomic add per position on a few hot
-    addresses. ``heads`` are the query heads ``(HP,)``, ``rows`` their rows of ``W``, ``top`` their highest logits."""
+    addresses. ``heads`` are the query heads ``(HP,)``, ``rows`` their rows of ``W``, ``top`` their highest Vague
+    logits."""
     i = tl.arange(0, BLOCK)
     idx = first + i
     listed = idx < sorted_n
@@ -589,7 +606,7 @@ def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, heads, rows, hmask, top,
 
 @triton.jit(do_not_specialize=["chunks", "sorted_n"])
 def _position_pass(
-    LOGITS, VLOGITS, PART_M, PART_L, TOP, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS,
+    LOGITS, VLOGITS, PART_M, PART_L, VAGUE_TOP, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS,
     LENGTH, batch, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, columns, chunks,
     G: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
     FROM_LOGITS: tl.constexpr, LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -598,13 +615,13 @@ def _position_pass(
     """One pass over the positions, ``CHUNK`` per program, after the split-K pass: grid ``(B * Hkv, chunks)``, and
     with a bucket order ``(B * Hkv + B * ROWS * CHUNK / BLOCK_ORDER, chunks)``.
 
-    * With LINEAR, adds each Vague position's softmax numerator ``exp(logit - max)``, times its sign, to its
-      bucket's weight in each row ``W`` ``(B, Hq, slots)``: what ``_bucket_values`` multiplies by the buckets' values.
+    * With LINEAR, adds each Vague position's softmax numerator ``exp(logit - vague max)`` (the heads' highest
+      Vague logit ``VAGUE_TOP`` ``(B, Hq)``), times its sign, to its bucket's weight in each row ``W``
+      ``(B, Hq, slots)``: what ``_bucket_values`` multiplies by the buckets' values.
       The first ``sorted_n`` positions go through their bucket order ``ORDER`` / ``ORDER_CODES`` ``(B, ROWS,
       sorted_n)`` (:func:`bucket_order`), ``BLOCK_ORDER`` entries of one row of one sequence a program, for all its
-      ``HP >= Hq`` query heads at once: the programs past ``B * Hkv`` in the grid's first axis, which take the max
-      from ``TOP`` ``(B, Hq)`` (the splits' totals, ``columns`` per head, would be read again by each). The later
-      positions go one by one (without SCORE, the programs of chunks the order lists whole return at once).
+      ``HP >= Hq`` query heads at once: the programs past ``B * Hkv`` in the grid's first axis. The later positions
+      go one by one (without SCORE, the programs of chunks the order lists whole return at once).
     * With SCORE, adds the step's attention mass to the cumulative scores ``(B, Hkv, >= N)`` (rows
       ``row_stride`` apart, as the part map's), from the logits (FROM_LOGITS) or from ``MASS`` (rows
       ``mass_stride`` apart), and writes the chunk's highest Vague score and its first position to ``CHUNK_TOP`` /
@@ -620,10 +637,9 @@ def _position_pass(
             heads = tl.arange(0, HP)
             hmask = heads < Hkv * G
             head_rows = ob * Hkv * G + heads
-            head_top = tl.load(TOP + head_rows, mask=hmask, other=0.0)
-            head_top = tl.where(head_top == float("-inf"), 0.0, head_top)  # as _split_totals' top
             _sorted_bucket_sums(VLOGITS + ob * span * Hkv * G, ORDER + ob * ROWS * sorted_n,
-                                ORDER_CODES + ob * ROWS * sorted_n, W, heads, head_rows, hmask, head_top,
+                                ORDER_CODES + ob * ROWS * sorted_n, W, heads, head_rows, hmask,
+                                _vague_reference(VAGUE_TOP, head_rows, hmask),
                                 chunk * CHUNK + block * BLOCK_ORDER, sorted_n, Hkv * G, slots, row, BLOCK_ORDER)
             return
     if LINEAR and not SCORE:
@@ -637,8 +653,11 @@ def _position_pass(
     rows = bh * G + gi
     top = tl.zeros((GP,), tl.float32)
     inv = tl.zeros((GP,), tl.float32)
-    if FROM_LOGITS:
+    if FROM_LOGITS and SCORE:  # the mass, over every split: the exact ones have been joined (position_pass)
         top, inv = _split_totals(PART_M, PART_L, rows, gmask, columns, SP)
+    vague_top = top
+    if LINEAR:  # the Vague numerators need none of the exact splits, which may still be running
+        vague_top = _vague_reference(VAGUE_TOP, rows, gmask)
     code_rows = CODES + b * ROWS * code_stride
     part_row = PART + bh * row_stride
     best = tl.full((), float("-inf"), tl.float32)
@@ -649,16 +668,19 @@ def _position_pass(
         kind = tl.load(part_row + p, mask=inside, other=0)
         vague = inside & (kind == _VAGUE)
         if FROM_LOGITS:
-            logits = tl.load(LOGITS + rows[:, None] * span + p[None, :], mask=gmask[:, None] & inside[None, :],
+            read = vague  # without SCORE, not the exact positions' logits, which the exact splits may be writing
+            if SCORE:
+                read = inside
+            logits = tl.load(LOGITS + rows[:, None] * span + p[None, :], mask=gmask[:, None] & read[None, :],
                              other=float("-inf"))
-            numerators = tl.exp(logits - top[:, None])
             if LINEAR:
                 unlisted = vague & (p >= sorted_n)  # Vague since the order was built
+                numerators = tl.exp(logits - vague_top[:, None])
                 for code_row in tl.static_range(ROWS):
                     slot, sign = _slot_of(code_rows, p, unlisted, code_stride, code_row)
                     tl.atomic_add(W + rows[:, None] * slots + slot[None, :], numerators * sign.to(tl.float32)[None, :],
                                   mask=gmask[:, None] & unlisted[None, :], sem="relaxed")
-            mass = tl.sum(numerators * inv[:, None], 0)
+            mass = tl.sum(tl.exp(logits - top[:, None]) * inv[:, None], 0)
         else:
             mass = tl.load(MASS + bh * mass_stride + p, mask=inside, other=0.0)
         if SCORE:
@@ -787,9 +809,10 @@ def combine_splits(splits: DecodeSplits, mass: torch.Tensor | None = None) -> No
     """Launch ``_combine`` on the current CUDA device: the splits merged into ``splits.out``, and each position's
     attention mass into ``mass`` ``(B, Hkv, span)`` fp32 when given."""
     span = splits.span
+    side_stream.join(splits.out.device)  # the exact splits, under the linear combine
     _combine[(splits.batch * splits.kv_heads, triton.cdiv(span, BLOCK_MASS) if mass is not None else 1)](
         splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass if mass is not None else splits.logits,
-        splits.vague_share(), splits.length, span, splits.columns, splits.splits,
+        splits.vague_share(), splits.vague_top if splits.linear else splits.logits, splits.length, span, splits.columns, splits.splits,
         G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.columns_pad,
         SPA=splits.splits_pad, ROWS=splits.rows, LINEAR=splits.linear, WITH_MASS=mass is not None,
         BLOCK=BLOCK_MASS, num_warps=4,
@@ -808,7 +831,8 @@ class DecodeSplits:
     sketch's values ``(B, Hkv, slots, D)`` and counts (None without the ``"mean"`` estimator), and the Vague share
     of the output ``(B, Hq, D)`` fp32: :func:`position_pass` sums the weights and multiplies them by the values
     into it, before a combine. And the Vague logits ``(B, span, Hq)`` fp32, position-major (-inf at other
-    positions), which the weights are summed from, and each query head's highest logit ``top`` ``(B, Hq)``.
+    positions), which the weights are summed from, and each query head's highest Vague logit ``vague_top``
+    ``(B, Hq)``, their reference. Then the exact splits run on the side stream, and the combine joins it.
     """
 
     out: torch.Tensor
@@ -832,7 +856,7 @@ class DecodeSplits:
     counts: torch.Tensor | None = None
     vague_out: torch.Tensor | None = None
     vague_logits: torch.Tensor | None = None
-    top: torch.Tensor | None = None
+    vague_top: torch.Tensor | None = None
 
     @property
     def linear(self) -> bool:
@@ -878,9 +902,10 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     the positions to attend, ``(1,)`` int64 on the device, and ``span >= length`` the positions the grid and the
     logits cover (host int). A step whose length only the device knows, as in a CUDA graph, can run this way.
 
-    Under the sketch's linear combine, programs of the split-K launch also take the query's logit of every bucket
+    Under the sketch's linear combine, programs of ``_decode_split`` also take the query's logit of every bucket
     (``_bucket_logits``), and a second launch (``_vague_logits``) reads a Vague position's logit as the sum of its r
-    buckets' logits.
+    buckets' logits. The exact splits then run on the side stream (``EXACT_BESIDE``), so whoever reads the splits'
+    partial results before :func:`combine_splits` must join it first (:func:`position_pass` does, for the mass).
     """
     b, hq, _, d = query.shape
     hkv, e = exact_keys.shape[1], exact_keys.shape[2]
@@ -899,7 +924,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
 
     has_sketch = sketch is not None
     linear = has_sketch and sketch.combine == "mean"
-    bucket_logits = weights = counts = vague_out = vague_logits = top = None
+    bucket_logits = weights = counts = vague_out = vague_logits = vague_top = None
     if has_sketch:
         sk, sv = sketch.keys.to(query.dtype).contiguous(), sketch.values.to(query.dtype).contiguous()
         counts = sketch.counts.contiguous() if sketch.counts is not None else None
@@ -910,9 +935,9 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         if linear:
             bucket_logits = torch.empty(b, rows * width, hq, dtype=torch.float32, device=device)  # slot-major
             weights = torch.empty(b, hq, rows * width, dtype=torch.float32, device=device)  # zeroed by _bucket_logits,
-            vague_out = torch.empty(b, hq, d, dtype=torch.float32, device=device)  # as is vague_out, and top is -inf
+            vague_out = torch.empty(b, hq, d, dtype=torch.float32, device=device)  # as is this; vague_top is -inf
             vague_logits = torch.empty(b, span, hq, dtype=torch.float32, device=device)  # position-major
-            top = torch.empty(b, hq, dtype=torch.float32, device=device)
+            vague_top = torch.empty(b, hq, dtype=torch.float32, device=device)
     else:
         sk, sv, slots = exact_keys, exact_values, exact_pos  # not read without a sketch
         buckets = torch.zeros(b, dtype=torch.long, device=device)
@@ -938,33 +963,48 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     part_m = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
     part_l = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
     placeholder = logits  # pointers a launch does not read in its mode
-    _decode_split[(b * hkv, splits + bucket_blocks)](
-        q, q.stride(0), q.stride(1),
-        exact_keys, exact_values, exact_pos, part, part.stride(1),
-        sk, sv, counts if counts is not None else exact_pos, buckets, slots, slots.stride(1) if has_sketch else 0,
-        bucket_logits if linear else placeholder, weights if linear else placeholder,
-        vague_out if linear else placeholder, top if linear else placeholder,
-        logits, part_acc, part_m, part_l, length,
-        float(scaling), float(scaling) / rows, hkv, e, span, width, slots_per_split, pos_per_split, columns, splits,
-        G=group, GP=gp, VP=gp if has_sketch else triton.next_power_of_2(group), D=d, DP=dp,
-        ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
-        SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT,
-        BLOCK_V=block_v, BLOCK_B=BLOCK_BUCKETS, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )
+
+    def launch_split(first_program: int, programs: int) -> None:
+        _decode_split[(b * hkv, programs)](
+            q, q.stride(0), q.stride(1),
+            exact_keys, exact_values, exact_pos, part, part.stride(1),
+            sk, sv, counts if counts is not None else exact_pos, buckets, slots, slots.stride(1) if has_sketch else 0,
+            bucket_logits if linear else placeholder, weights if linear else placeholder,
+            vague_out if linear else placeholder, vague_top if linear else placeholder,
+            logits, part_acc, part_m, part_l, length,
+            float(scaling), float(scaling) / rows, hkv, e, span, width, slots_per_split, pos_per_split, columns,
+            splits, first_program,
+            G=group, GP=gp, VP=gp if has_sketch else triton.next_power_of_2(group), D=d, DP=dp,
+            ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
+            SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT,
+            BLOCK_V=block_v, BLOCK_B=BLOCK_BUCKETS, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+
+    if not linear:
+        launch_split(0, splits)
+    elif EXACT_BESIDE:
+        # The exact splits and the Vague chain (bucket logits, Vague logits, bucket sums and values) need nothing
+        # of each other before the combine, which joins the side stream: they run at the same time.
+        side_stream.launch_beside(device, lambda: launch_split(0, splits),
+                                  keep=(q, exact_keys, exact_values, exact_pos, part, logits, part_acc, part_m, part_l,
+                                        length))
+        launch_split(splits, bucket_blocks)
+    else:
+        launch_split(0, splits + bucket_blocks)
     if linear:
         heads_per_range = min(VAGUE_HEADS, triton.next_power_of_2(hq))
         head_groups = triton.cdiv(hq, heads_per_range)
         _vague_logits[(b * head_groups * vague_rows, splits)](
-            bucket_logits, part, part.stride(1), slots, slots.stride(1), logits, vague_logits, part_m, part_l, top,
-            buckets, length, hkv, span, width, pos_per_split, columns, vague_rows, head_groups,
-            G=group, ROWS=rows, SIGNED_KEYS=signed_keys, HB=heads_per_range,
-            SPE=max(2, triton.next_power_of_2(splits)), BLOCK=block_v, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            bucket_logits, part, part.stride(1), slots, slots.stride(1), logits, vague_logits, part_m, part_l,
+            vague_top, buckets, length, hkv, span, width, pos_per_split, columns, vague_rows, head_groups,
+            G=group, ROWS=rows, SIGNED_KEYS=signed_keys, HB=heads_per_range, BLOCK=block_v, num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES,
         )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
     return DecodeSplits(out, logits, part_acc, part_m, part_l, part, slots if has_sketch else None, length, b, hkv,
                         group, d, span, splits, columns, rows, weights, sv if linear else None,
-                        counts if linear else None, vague_out, vague_logits, top)
+                        counts if linear else None, vague_out, vague_logits, vague_top)
 
 
 def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
@@ -997,6 +1037,8 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
         chunk_top, chunk_pos = tops if tops is not None else chunk_tops(b * hkv, span, device)
     placeholder = part  # pointers the pass does not read in this mode
     from_logits = step is not None
+    if from_logits and scores is not None:
+        side_stream.join(device)  # the mass is over every split, the exact ones included
     linear = from_logits and step.linear and bucket_weights
     weights = step.weights if linear else placeholder
     order_positions, order_codes = order if order is not None else (placeholder, placeholder)
@@ -1006,7 +1048,7 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
     _position_pass[(b * hkv + b * sorted_rows * (CHUNK_POSITIONS // block_order), chunks)](
         step.logits if from_logits else placeholder, step.vague_logits if linear else placeholder,
         step.max if from_logits else placeholder,
-        step.sum if from_logits else placeholder, step.top if linear else placeholder,
+        step.sum if from_logits else placeholder, step.vague_top if linear else placeholder,
         mass if mass is not None else placeholder, part,
         codes if codes is not None else placeholder, order_positions, order_codes, weights,
         scores if scores is not None else placeholder,

@@ -4,7 +4,9 @@ KVReviver's Algorithm 3 (the in-place step's ``_compress``: folds and swap-backs
 store, and nothing reads that store again before the layer's next step. At batch 1 it is one program per KV head,
 a chain of dependent reads that leaves most of the GPU idle for 10-20 us a layer. Launched on the side stream, it
 runs beside the layer's output projection and MLP and the next layer's projections instead of before them, and so
-does the update of the cumulative scores that it reads (the model's output does not wait on the scores).
+does the update of the cumulative scores that it reads (the model's output does not wait on the scores). Within
+the attention itself, under the linear combine, the exact splits run there beside the Vague chain, and the combine
+joins them (:mod:`.reviver_decode`).
 
 The protocol: :func:`launch_beside` forks from the current stream (the work sees everything launched before it)
 and marks the device pending; :func:`join` makes the current stream wait for the side stream's work so far. Whoever
