@@ -20,7 +20,8 @@ weighted by the softmax numerators of their tokens. So ``_bucket_logits`` takes 
 the split-K pass reads 3 of those scalars per Vague position, ``_position_pass`` sums each bucket's (signed) weights,
 and ``_bucket_values`` multiplies them by the bucket values: each bucket is read once, and on an H200 the kernel is
 faster than SDPA over the full cache (BENCHMARKS.md, issue 7). There the split-K pass's programs of KV heads attend
-the exact slots only, beside programs that take the bucket logits. The Vague positions are a launch of their own
+the exact slots only, on a side stream, while a launch of the same kernel's other programs takes the bucket logits.
+The Vague positions are a launch of their own
 (``_vague_logits``), each program a range of positions and 8 query heads, so that a position's bucket logits
 (slot-major) and its logits (position-major, for the bucket sums) are read and written 32 bytes at a time.
 
@@ -36,7 +37,7 @@ Then the attention itself:
 
 * ``_decode_split``: grid ``(B * Hkv, splits)``. Each program owns one KV head (all G query heads of its group,
    so keys are loaded once for the group) and one slice of the exact slots and of the positions (under the linear
-   combine, the exact slots only, and more programs on the grid's second axis take the bucket logits). It runs an
+   combine, the exact slots only, and a second launch's programs take the bucket logits). It runs an
    online softmax and writes its partial output, max and sum, plus the raw logit of every position it owns;
 * under the linear combine, ``_vague_logits``: the Vague positions' logits, and their partial max and sum;
 * under the linear combine, ``_position_pass``: the buckets' weights, and ``_bucket_values``: their product with the
