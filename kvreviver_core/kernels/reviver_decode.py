@@ -813,7 +813,8 @@ def combine_splits(splits: DecodeSplits, mass: torch.Tensor | None = None) -> No
     side_stream.join(splits.out.device)  # the exact splits, under the linear combine
     _combine[(splits.batch * splits.kv_heads, triton.cdiv(span, BLOCK_MASS) if mass is not None else 1)](
         splits.logits, splits.acc, splits.max, splits.sum, splits.out, mass if mass is not None else splits.logits,
-        splits.vague_share(), splits.vague_top if splits.linear else splits.logits, splits.length, span, splits.columns, splits.splits,
+        splits.vague_share(), splits.vague_top if splits.linear else splits.logits, splits.length, span,
+        splits.columns, splits.splits,
         G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.columns_pad,
         SPA=splits.splits_pad, ROWS=splits.rows, LINEAR=splits.linear, WITH_MASS=mass is not None,
         BLOCK=BLOCK_MASS, num_warps=4,
