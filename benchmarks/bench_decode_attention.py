@@ -61,10 +61,15 @@ VARIATIONS = {"median": {"BLOCK_EXACT": (16,), "BLOCK_VAGUE": (16,)},
                        "EXACT_BESIDE": (0,)}}
 
 
+def default_config(combine: str) -> tuple:
+    """The knobs' values in reviver_decode now, in KNOBS order."""
+    return tuple(getattr(reviver_decode, knob) for knob in KNOBS[combine])
+
+
 def one_at_a_time(combine: str) -> list[tuple]:
     """The built-in sweep: the defaults, then the defaults with one knob changed to each value of VARIATIONS."""
     knobs = KNOBS[combine]
-    defaults = tuple(getattr(reviver_decode, knob) for knob in knobs)
+    defaults = default_config(combine)
     configs = [defaults]
     for knob, values in VARIATIONS[combine].items():
         for value in values:
@@ -78,7 +83,8 @@ def knob_grid(spec: str, combine: str) -> list[tuple]:
     """The configurations of ``--grid`` (``"KNOB=a,b;KNOB=c"``): every combination of the listed values, the other
     knobs at their defaults, the defaults first."""
     knobs = KNOBS[combine]
-    values = [[getattr(reviver_decode, knob)] for knob in knobs]
+    defaults = default_config(combine)
+    values = [[value] for value in defaults]
     for item in filter(None, spec.split(";")):
         name, _, listed = item.partition("=")
         if name not in knobs:
@@ -87,9 +93,7 @@ def knob_grid(spec: str, combine: str) -> list[tuple]:
             values[knobs.index(name)] = [int(v) for v in listed.split(",")]
         except ValueError:
             raise ValueError(f"--grid: {name}'s values must be integers, got {listed!r}") from None
-    configs = [tuple(getattr(reviver_decode, knob) for knob in knobs)]
-    configs += [c for c in itertools.product(*values) if c != configs[0]]
-    return configs
+    return [defaults] + [c for c in itertools.product(*values) if c != defaults]
 
 
 FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of an H100 (50 MB) or H200 (60 MB)
@@ -236,7 +240,7 @@ def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
 
     knobs = KNOBS[combine]
     configs = knob_grid(args.grid, combine) if args.grid else one_at_a_time(combine)
-    defaults = tuple(getattr(reviver_decode, k) for k in knobs)
+    defaults = default_config(combine)
     sweep = {}
     for config in configs:
         for knob, value in zip(knobs, config):

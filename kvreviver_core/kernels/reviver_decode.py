@@ -80,9 +80,11 @@ PROGRAMS_PER_SM = 8  # split-K target: programs of the main kernel per multiproc
 # program per multiprocessor leaves the rest of each to the chain (on an H200 at batch 1, 1 program per SM was the
 # fastest of 1, 2, 4 and 8 at 8k and 32k: BENCHMARKS.md, issue 7).
 PROGRAMS_PER_SM_LINEAR = 1
-# Under the linear combine about sqrt(SPLIT_BALANCE x exact blocks) splits a KV head: a split's chain of blocks read
-# one after the other against the merge's cost per split. On an H200 at batch 1 the fastest were 9, 17 and 33 splits
-# at 8k, 32k and 128k (26, 103 and 410 blocks): BENCHMARKS.md, issue 7.
+# Under the linear combine at most about sqrt(SPLIT_BALANCE x exact blocks) splits a KV head: a split's chain of
+# blocks read one after the other against the merge's cost per split. With 8 programs per SM (the exact splits not
+# beside) the fastest on an H200 at batch 1 were 9, 17 and 33 splits at 8k, 32k and 128k (26, 103 and 410 blocks).
+# At one program per SM and batch 1 the per-SM bound (5 splits on 132 SMs, 32 KV heads) binds from 6
+# blocks on.
 SPLIT_BALANCE = 3
 NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
