@@ -88,6 +88,9 @@ def measure(model, method: str, context: int, mode: str, args) -> dict:
         for _ in range(args.profiled):
             token = step(token)
         torch.cuda.synchronize()
+    if args.trace is not None:  # the streams' timeline (chrome://tracing, Perfetto)
+        args.trace.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(args.trace / f"{method.replace(':', '_').replace('=', '-')}_{context}_{mode}.json.gz"))
     events = prof.key_averages()
     if args.ops:
         print(f"\n## {method}, context {context}: ops by calls over {args.profiled} tokens")
@@ -141,6 +144,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="measure every (context, method) this many times")
     parser.add_argument("--modes", default="eager", help="eager (each step from Python), graphs (steps replayed from "
                         "CUDA graphs, the full cache in its static layout), or both: eager,graphs")
+    parser.add_argument("--trace", type=Path, default=None, help="also write each run's profiler trace (Chrome JSON, "
+                        "gzipped) into this folder, for the streams' timeline")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_e2e.jsonl"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
