@@ -14,6 +14,12 @@ lengths). :class:`~kvreviver_core.methods.reviver.ReviverLayer` qualifies on its
 
 A key seen for the first time runs eagerly (Triton compiles its variants outside any capture); the second step with
 that key is captured, and the steps after it replay the capture. A new key (a buffer grew) drops the old graph.
+
+The capture runs on a stream of higher priority than the default, and torch instantiates graphs with their kernels'
+captured priorities. So what a cache launches on its own side stream (KVReviver's scores and Algorithm 3,
+:mod:`kvreviver_core.kernels.side_stream`, created at the default priority) gives way to the model's kernels when
+both wait for free multiprocessors: the output projection after the attention need not wait for 1024 score
+programs to leave.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Hashable
 import torch
 
 from kvreviver_core.generation import greedy_next
+
+CAPTURE_PRIORITY = -1  # the captured kernels' stream priority (lower is higher; the default stream's is 0)
 
 
 @dataclass
@@ -54,6 +62,7 @@ class GraphedDecode:
         self._captured: _Captured | None = None
         self._seen: Hashable | None = None
         self.steps = {"eager": 0, "captured": 0, "replayed": 0}
+        self._capture_stream = torch.cuda.Stream(next(model.parameters()).device, priority=CAPTURE_PRIORITY)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """One greedy decode step from ``token`` ``(B, 1)``: the next token ``(B, 1)``."""
@@ -84,7 +93,8 @@ class GraphedDecode:
     def _capture(self, token: torch.Tensor) -> _Captured:
         token_in = token.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # a pool of its own: the previous capture's went with it
+        # A pool of its own: the previous capture's went with it.
+        with torch.cuda.graph(graph, stream=self._capture_stream):
             token_out = self._forward(token_in)
         return _Captured(graph, token_in, token_out)
 

@@ -88,6 +88,9 @@ PROGRAMS_PER_SM_LINEAR = 1
 SPLIT_BALANCE = 3
 NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
+# And under the linear combine, for the split-K launches and _vague_logits: on an H200 at 32k and batch 1, 3 stages
+# took 43.3 against 45.8 us a step (BENCHMARKS.md, issue 7).
+NUM_STAGES_LINEAR = 3
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 EXACT_BESIDE = True  # under the linear combine, the exact splits on the side stream, beside the Vague chain
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
@@ -981,7 +984,8 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
             G=group, GP=gp, VP=gp if has_sketch else triton.next_power_of_2(group), D=d, DP=dp,
             ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
             SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT,
-            BLOCK_V=block_v, BLOCK_B=BLOCK_BUCKETS, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            BLOCK_V=block_v, BLOCK_B=BLOCK_BUCKETS, num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES_LINEAR if linear else NUM_STAGES,
         )
 
     if not linear:
@@ -1002,7 +1006,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
             bucket_logits, part, part.stride(1), slots, slots.stride(1), logits, vague_logits, part_m, part_l,
             vague_top, buckets, length, hkv, span, width, pos_per_split, columns, vague_rows, head_groups,
             G=group, ROWS=rows, SIGNED_KEYS=signed_keys, HB=heads_per_range, BLOCK=block_v, num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES,
+            num_stages=NUM_STAGES_LINEAR,
         )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
