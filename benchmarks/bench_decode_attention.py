@@ -53,12 +53,12 @@ from kvreviver_core.results import ResultStore
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
 # Knobs of reviver_decode swept per context and combine: the defaults, then each of these values in turn
 KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT"),
-         "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM_LINEAR", "NUM_STAGES_LINEAR", "BLOCK_EXACT", "VAGUE_RANGES",
-                  "VAGUE_HEADS", "ORDER_TILE", "PASS_WARPS", "SPLIT_BALANCE", "EXACT_BESIDE")}
+         "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM_LINEAR", "NUM_STAGES_LINEAR", "BLOCK_EXACT",
+                  "VAGUE_RANGES", "VAGUE_HEADS", "ORDER_TILE", "PASS_WARPS", "SPLIT_BALANCE", "EXACT_BESIDE")}
 VARIATIONS = {"median": {"BLOCK_EXACT": (16,), "BLOCK_VAGUE": (16,)},
               "mean": {"VAGUE_RANGES": (32, 128), "VAGUE_HEADS": (16,), "BLOCK_LINEAR": (128,), "SPLIT_BALANCE": (1, 8),
-                       "PROGRAMS_PER_SM_LINEAR": (4,), "BLOCK_EXACT": (64,), "ORDER_TILE": (512,),
-                       "EXACT_BESIDE": (0,)}}
+                       "PROGRAMS_PER_SM_LINEAR": (2, 8), "NUM_STAGES_LINEAR": (2,), "BLOCK_EXACT": (64,),
+                       "ORDER_TILE": (512,), "EXACT_BESIDE": (0,)}}
 
 
 def default_config(combine: str) -> tuple:

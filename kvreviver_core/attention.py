@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kvreviver_core.ops import accumulation_dtype
+
 if TYPE_CHECKING:
     from kvreviver_core.methods.base import CompressedLayer
 
@@ -106,7 +108,7 @@ def scored_attention(
         early = _sdpa(query[:, :, :first_scored], key, value, _rows(mask, 0, first_scored, t, n, query.device), scaling)
         out[:, :, :, :first_scored] = early.transpose(1, 2).reshape(b, hkv, group, first_scored, -1)
     q = query.view(b, hkv, group, t, d)
-    wide = torch.promote_types(query.dtype, torch.float32)  # the softmax in fp32, or the inputs' dtype if wider
+    wide = accumulation_dtype(query.dtype)  # the softmax
     k_t = key.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, 1, D, N)
     v = value.unsqueeze(2)
     # Every chunk reads all the keys and values of its sequences. With the whole batch in each chunk, a chunk holds

@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that sums and softmaxes over ``dtype`` inputs are taken in: fp32, or ``dtype`` if it is wider (fp64
+    inputs, as the fp64 tests use, must not lose digits to fp32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def add_at(target: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> None:
     """``target[b, h, index[b, h, m]] += source[b, h, m]`` in place, in the same order on every run.
 

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from kvreviver_core.ops import add_at
+from kvreviver_core.ops import accumulation_dtype, add_at
 
 Estimator = Literal["sum", "mean"]
 ESTIMATORS: tuple[str, ...] = ("sum", "mean")
@@ -68,7 +68,7 @@ def combine_rows(stacked: torch.Tensor, combine: Combine) -> torch.Tensor:
     or the storage dtype if wider, in row order and divided once, as the kernels do)."""
     if combine == "median":
         return median_of_rows(stacked)
-    wide = torch.promote_types(stacked.dtype, torch.float32)
+    wide = accumulation_dtype(stacked.dtype)
     total = stacked[:, :, 0].to(wide)
     for row in range(1, stacked.shape[2]):
         total = total + stacked[:, :, row].to(wide)

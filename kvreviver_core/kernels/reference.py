@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from kvreviver_core.ops import accumulation_dtype
 from kvreviver_core.sketch import VagueSketch
 
 # Positions reconstructed from the sketch per chunk: bounds the reference's transient memory.
@@ -86,7 +87,7 @@ def reviver_decode_reference(
     b, hq, _, d = query.shape
     hkv, length = exact_keys.shape[1], key_valid.shape[1]
     group = hq // hkv
-    wide = torch.promote_types(query.dtype, torch.float32)  # fp32, or the inputs' dtype if wider
+    wide = accumulation_dtype(query.dtype)
     q = query.reshape(b, hkv, group, d).to(wide)
     key_valid = key_valid.to(torch.bool)
 

@@ -31,7 +31,7 @@ from kvreviver_core.budget import Budget
 from kvreviver_core.methods.base import CompressedLayer, Method, register
 from kvreviver_core.methods.eviction import EvictionLayer
 from kvreviver_core.methods.h2o import H2OScorer, check_share
-from kvreviver_core.ops import add_at
+from kvreviver_core.ops import accumulation_dtype, add_at
 from kvreviver_core.sketch import _mix
 
 
@@ -82,7 +82,7 @@ class CaMLayer(EvictionLayer):
             return
 
         # Spread V_i / m over sorted slots [start, stop) with a difference array, then undo the sort.
-        work = torch.promote_types(self.values.dtype, torch.float32)
+        work = accumulation_dtype(self.values.dtype)
         weight = merged.to(work) / count.clamp(min=1)
         share = self.values.to(work) * weight.unsqueeze(-1)
         d = self.head_dim
