@@ -90,7 +90,8 @@ def measure(model, method: str, context: int, mode: str, args) -> dict:
         torch.cuda.synchronize()
     if args.trace is not None:  # the streams' timeline (chrome://tracing, Perfetto)
         args.trace.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(args.trace / f"{method.replace(':', '_').replace('=', '-')}_{context}_{mode}.json.gz"))
+        trace_file = f"{method.replace(':', '_').replace('=', '-')}_{context}_{mode}.json.gz"  # a file name's characters
+        prof.export_chrome_trace(str(args.trace / trace_file))
     events = prof.key_averages()
     if args.ops:
         print(f"\n## {method}, context {context}: ops by calls over {args.profiled} tokens")

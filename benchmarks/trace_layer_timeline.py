@@ -41,13 +41,17 @@ def layer_timeline(kernels: list[dict]) -> tuple[dict[str, list[tuple[float, flo
         t0 = kernels[first]["ts"]
         periods.append(kernels[following]["ts"] - t0)
         seen = defaultdict(int)
+        model_kernel_seen = False
         for e in kernels[first:following]:
-            name = e["name"] if e["name"] in KVREVIVER_KERNELS else "next model kernel"
-            if name == "next model kernel" and seen[name]:
+            if e["name"] in KVREVIVER_KERNELS:
+                seen[e["name"]] += 1
+                key = f"{e['name']}#{seen[e['name']]}"
+            elif not model_kernel_seen:
+                model_kernel_seen = True
+                key = "next model kernel"
+            else:
                 continue
-            seen[name] += 1
-            spans[f"{name}#{seen[name]}" if name != "next model kernel" else name].append(
-                (e["ts"] - t0, e["ts"] + e["dur"] - t0))
+            spans[key].append((e["ts"] - t0, e["ts"] + e["dur"] - t0))
     return spans, periods
 
 
