@@ -14,7 +14,8 @@ context, in the first revision's tree, then KVReviver (``combine="mean"``) in ea
 of its own with that tree on ``PYTHONPATH``. ``--rounds`` repeats the whole in turn (A B A B), so that a drift of the
 device shows as such. It prints each revision's tok/s and its ratio to the full cache of the same round, and writes
 them to ``DIR/ab.json``. With ``--attention``, also benchmark 1 per revision (``bench_decode_attention.py
---combines mean`` at the first context, ``--attention-grid`` as its ``--grid``; the defaults' time is reported).
+--combines mean`` at the first context, ``--attention-grid`` as its ``--grid``: every configuration's time, the
+defaults first).
 A rerun skips what is done: each run's rows stay under ``DIR/<name>/``.
 """
 
@@ -115,6 +116,17 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def attention_lines(attention: list[dict]) -> list[str]:
+    """Benchmark 1's configurations per revision, the defaults first, with their knobs' names once a revision."""
+    lines = []
+    for a in attention:
+        lines.append(f"attention at {a['context']}, {a['revision']} ({a['commit'][:7]}), SDPA over the full cache "
+                     f"{a['sdpa_full_us']:.1f} us; {a['knobs']}:")
+        lines += [f"  {config}: {us:.1f} us{' (defaults)' if i == 0 else ''}"
+                  for i, (config, us) in enumerate(a["sweep_us"].items())]
+    return lines
+
+
 def run(args) -> None:
     listed = read_manifest()
     import torch
@@ -147,14 +159,12 @@ def run(args) -> None:
                     ["--contexts", str(contexts[0]), "--combines", "mean", "--grid", args.attention_grid,
                      "--out", str(path)])
             row = json.loads(path.read_text().splitlines()[0])
-            defaults_us = next(iter(row["sweep_us"].values()))
             attention.append({"revision": entry["revision"], "commit": entry["commit"], "context": contexts[0],
-                              "defaults_us": defaults_us, "sdpa_full_us": row["sdpa_full_us"]})
+                              "knobs": row["kernel_knobs"], "sweep_us": row["sweep_us"],
+                              "sdpa_full_us": row["sdpa_full_us"]})
     (out / "ab.json").write_text(json.dumps({"e2e": rows, "attention": attention}, indent=1))
     print(summarize(rows))
-    for a in attention:
-        print(f"attention at {a['context']}: {a['revision']} ({a['commit'][:7]}) {a['defaults_us']:.1f} us at the "
-              f"defaults (SDPA over the full cache {a['sdpa_full_us']:.1f} us)")
+    print("\n".join(attention_lines(attention)))
 
 
 def main() -> None:

@@ -18,6 +18,13 @@ def tool(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+def load_tool():
+    spec = importlib.util.spec_from_file_location("ab_revisions", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def git(repo: Path, *arguments: str) -> str:
     return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments], cwd=repo, check=True,
                           capture_output=True, text=True).stdout.strip()
@@ -79,9 +86,7 @@ def test_run_off_a_gpu_says_so_in_one_line(repo):
 
 
 def test_the_table_divides_each_revision_by_the_full_cache_of_its_own_round():
-    spec = importlib.util.spec_from_file_location("ab_revisions", TOOL)
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
+    ab = load_tool()
     rows = [{"context": 32768, "round": 1, "revision": None, "commit": "", "tok_s": 100.0, "status": "ok"},
             {"context": 32768, "round": 1, "revision": "main", "commit": "a" * 40, "tok_s": 143.0, "status": "ok"},
             {"context": 32768, "round": 2, "revision": None, "commit": "", "tok_s": 110.0, "status": "ok"},
@@ -91,3 +96,11 @@ def test_the_table_divides_each_revision_by_the_full_cache_of_its_own_round():
     assert table[3] == "| 32768 | 1 | main | aaaaaaa | 143.0 | 1.430 |"
     assert table[5] == "| 32768 | 2 | main | aaaaaaa | 143.0 | 1.300 |"
     assert table[6] == "| 32768 | 2 | exp/x | bbbbbbb | oom | n/a |"
+
+
+def test_benchmark_1_lists_every_configuration_of_a_revision_with_the_defaults_first():
+    ab = load_tool()
+    lines = ab.attention_lines([{"revision": "exp/x", "commit": "c" * 40, "context": 32768, "knobs": "A/B",
+                                 "sweep_us": {"4/1": 42.75, "4/2": 47.0}, "sdpa_full_us": 140.0}])
+    assert lines == ["attention at 32768, exp/x (ccccccc), SDPA over the full cache 140.0 us; A/B:",
+                     "  4/1: 42.8 us (defaults)", "  4/2: 47.0 us"]
