@@ -6,7 +6,7 @@ Two steps, because the GPU machine gets a copy of the working tree without git:
   ``kvreviver_core``, ``kvreviver_cli`` and ``benchmarks`` (a ``git archive``) under ``runs/ab/<name>/`` and the
   list of revisions, with their commits, to ``runs/ab/revisions.json``;
 * on the GPU machine, with ``runs/ab`` carried: ``python benchmarks/ab_revisions.py run [--contexts 32768,8192]
-  [--rounds 2] [--attention] [--out DIR]``.
+  [--rounds 2] [--attention] [--timeline] [--out DIR]``.
 
 ``run`` decodes at batch 1, graphed, with the model's norms and MLPs compiled (``bench_decode_e2e.py --modes graphs
 --compile --batches 1``, Llama-2-7B architecture with random weights, budget 0.1): the full cache once a round and
@@ -15,7 +15,8 @@ of its own with that tree on ``PYTHONPATH``. ``--rounds`` repeats the whole in t
 device shows as such. It prints each revision's tok/s and its ratio to the full cache of the same round, and writes
 them to ``DIR/ab.json``. With ``--attention``, also benchmark 1 per revision (``bench_decode_attention.py
 --combines mean`` at the first context, ``--attention-grid`` as its ``--grid``: every configuration's time, the
-defaults first).
+defaults first). With ``--timeline``, each revision's layer step on the timeline at the first context
+(``profile_decode_e2e.py --trace``, then the revision's own ``trace_layer_timeline.py``).
 A rerun skips what is done: each run's rows stay under ``DIR/<name>/``.
 """
 
@@ -162,6 +163,17 @@ def run(args) -> None:
             attention.append({"revision": entry["revision"], "commit": entry["commit"], "context": contexts[0],
                               "knobs": row["kernel_knobs"], "sweep_us": row["sweep_us"],
                               "sdpa_full_us": row["sdpa_full_us"]})
+    if args.timeline:
+        for entry in listed:
+            traces = out / entry["name"] / "trace"
+            in_tree(AB / entry["name"], "profile_decode_e2e.py",
+                    ["--contexts", str(contexts[0]), "--modes", "graphs", "--blocks", "compiled", "--methods", METHOD,
+                     "--profiled", "9", "--trace", str(traces), "--out", str(out / entry["name"] / "profile.jsonl")])
+            print(f"timeline at {contexts[0]}, {entry['revision']} ({entry['commit'][:7]}):", flush=True)
+            trace = sorted(traces.glob(f"*_{contexts[0]}_graphs.json.gz"))  # the one method profiled
+            if not trace:
+                fail(f"profile_decode_e2e.py wrote no trace under {traces}")
+            in_tree(AB / entry["name"], "trace_layer_timeline.py", [str(trace[0])])
     (out / "ab.json").write_text(json.dumps({"e2e": rows, "attention": attention}, indent=1))
     print(summarize(rows))
     print("\n".join(attention_lines(attention)))
@@ -179,6 +191,8 @@ def main() -> None:
     timed.add_argument("--attention", action="store_true", help="also benchmark 1 at the first context")
     timed.add_argument("--attention-grid", default="NUM_WARPS=4",
                        help="bench_decode_attention's --grid (a knob every revision has, at its default)")
+    timed.add_argument("--timeline", action="store_true",
+                       help="also each revision's layer step on the timeline at the first context (a profiler trace)")
     timed.add_argument("--out", type=Path, default=Path("runs/ab_results"))
     args = parser.parse_args()
     if args.command == "prepare":
