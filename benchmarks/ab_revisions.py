@@ -17,7 +17,7 @@ them to ``DIR/ab.json``. With ``--attention``, also benchmark 1 per revision (``
 --combines mean`` at the first context, ``--attention-grid`` as its ``--grid``: every configuration's time, the
 defaults first). With ``--timeline``, each revision's layer step on the timeline at the first context
 (``profile_decode_e2e.py --trace``, then the revision's own ``trace_layer_timeline.py``).
-A rerun skips what is done: each run's rows stay under ``DIR/<name>/``.
+A rerun skips the benchmarks that are done (their rows stay under ``DIR/<name>/``); the timeline runs again.
 """
 
 from __future__ import annotations
