@@ -1,0 +1,45 @@
+"""benchmarks/sass_decode_kernels.py: the decode kernels compiled for sm_90 without a GPU, and its one-line errors."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "benchmarks" / "sass_decode_kernels.py"
+
+
+def run(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *arguments], capture_output=True, text=True, timeout=300)
+
+
+def test_the_linear_launch_compiles_with_its_exact_loop_on_tensor_cores(tmp_path):
+    pytest.importorskip("triton")
+    done = run("--combine", "mean", "--group", "1")
+    assert done.returncode == 0, done.stderr
+    registers = int(re.search(r"registers a thread (\d+)", done.stdout).group(1))
+    assert 0 < registers <= 255
+    loops = [line for line in done.stdout.splitlines() if line.startswith("loop of ")]
+    assert loops, done.stdout
+    # The exact slots' loop: the key products on tensor cores, fed by asynchronous copies.
+    counts = [dict(re.findall(r"(\w[\w.]*) (\d+)", line.split(";")[1])) for line in loops]
+    assert any(int(c["HMMA"]) > 0 and int(c["LDGSTS"]) > 0 for c in counts), loops
+
+
+def test_the_linear_combines_other_launches_compile(tmp_path):
+    pytest.importorskip("triton")
+    for kernel, loops in (("vague", True), ("bucket-sums", False)):  # the position pass unrolls its chunk
+        done = run("--kernel", kernel)
+        assert done.returncode == 0, done.stderr
+        assert re.search(r"registers a thread \d+", done.stdout)
+        assert ("loop of " in done.stdout) == loops, done.stdout
+
+
+def test_a_tree_without_the_kernel_or_a_median_chain_launch_is_a_one_line_error(tmp_path):
+    pytest.importorskip("triton")
+    for arguments in (("--tree", str(tmp_path)), ("--kernel", "vague", "--combine", "median")):
+        done = run(*arguments)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, arguments
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("sass_decode_kernels:")
