@@ -145,6 +145,7 @@ def run(args) -> None:
             tok_s, status = decode_speed(full_out, context, "full")
             rows.append({"context": context, "round": round_, "revision": None, "commit": "", "tok_s": tok_s,
                          "status": status})
+            print(f"ab_revisions: {context}, round {round_}, full cache: {tok_s or status} tok/s", flush=True)
             for entry in listed:
                 method_out = out / entry["name"] / f"round{round_}_ctx{context}"
                 in_tree(AB / entry["name"], "bench_decode_e2e.py",
@@ -152,6 +153,8 @@ def run(args) -> None:
                 tok_s, status = decode_speed(method_out, context, METHOD)
                 rows.append({"context": context, "round": round_, "revision": entry["revision"],
                              "commit": entry["commit"], "tok_s": tok_s, "status": status})
+                print(f"ab_revisions: {context}, round {round_}, {entry['revision']}: {tok_s or status} tok/s",
+                      flush=True)
     attention = []
     if args.attention:
         for entry in listed:
