@@ -41,7 +41,7 @@ FLOATS = {"scaling", "bucket_scale"}
 ALIGNED_INTS = {"stride_qb", "stride_qh", "part_stride", "code_stride", "row_stride", "mass_stride", "Hkv", "span"}
 INTS = ALIGNED_INTS | {"E", "width", "slots_per_split", "pos_per_split", "columns", "splits", "first_program", "batch",
                        "sorted_n", "slots", "chunks", "vague_rows", "head_groups"}
-HEADS = 32  # query heads, as Llama-2-7B's
+HEADS_PAD = 32  # Llama-2-7B's 32 query heads, a power of 2 already
 
 
 def fail(message: str) -> None:
@@ -73,9 +73,9 @@ def launch(args, rd, triton) -> tuple:
     """The kernel, its constexprs, warps and stages as :mod:`reviver_decode` launches it for ``args``."""
     linear = args.combine == "mean"
     if args.kernel == "split":
-        group_pad = max(16, triton.next_power_of_2(args.group))
+        group_pad = rd.tile_pad(args.group)
         constexprs = dict(G=args.group, GP=group_pad, VP=group_pad, D=args.head_dim,
-                          DP=max(16, triton.next_power_of_2(args.head_dim)), ROWS=args.rows, HAS_SKETCH=True,
+                          DP=rd.tile_pad(args.head_dim), ROWS=args.rows, HAS_SKETCH=True,
                           MEAN=True, SIGNED_KEYS=False, LINEAR=linear, SKIP_EMPTY=rd.SKIP_EMPTY,
                           BLOCK_E=args.block_exact or rd.BLOCK_EXACT,
                           BLOCK_V=rd.BLOCK_LINEAR if linear else rd.BLOCK_VAGUE, BLOCK_B=rd.BLOCK_BUCKETS)
@@ -84,12 +84,12 @@ def launch(args, rd, triton) -> tuple:
         fail(f"--kernel {args.kernel} is a launch of the linear combine only: use --combine mean")
     if args.kernel == "vague":
         constexprs = dict(G=args.group, ROWS=args.rows, SIGNED_KEYS=False,
-                          HB=min(rd.VAGUE_HEADS, triton.next_power_of_2(HEADS)), BLOCK=rd.BLOCK_LINEAR)
+                          HB=min(rd.VAGUE_HEADS, HEADS_PAD), BLOCK=rd.BLOCK_LINEAR)
         return rd._vague_logits, constexprs, rd.NUM_WARPS, rd.NUM_STAGES_LINEAR
-    heads_pad = triton.next_power_of_2(HEADS)
-    constexprs = dict(G=args.group, GP=triton.next_power_of_2(args.group), HP=heads_pad, SP=128, ROWS=args.rows,
+    # SP: the split columns padded, 128 for the 70 (5 exact splits and 65 Vague ranges) at 32k.
+    constexprs = dict(G=args.group, GP=triton.next_power_of_2(args.group), HP=HEADS_PAD, SP=128, ROWS=args.rows,
                       FROM_LOGITS=True, LINEAR=True, SCORE=False, CHUNK=rd.CHUNK_POSITIONS, BLOCK=rd.BLOCK_PASS,
-                      BLOCK_ORDER=min(rd.CHUNK_POSITIONS, max(16, rd.ORDER_TILE // heads_pad)))
+                      BLOCK_ORDER=rd.order_block(HEADS_PAD))
     return rd._position_pass, constexprs, rd.PASS_WARPS, 3  # Triton's default stages: the launch sets none
 
 

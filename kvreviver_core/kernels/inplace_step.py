@@ -48,7 +48,7 @@ from kvreviver_core.kernels import side_stream
 from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, CHUNK_POSITIONS, EXACT, VAGUE, DecodeSplits, _bucket,
                                                    _estimate_rows, _highest_vague, _row_slots, _slot_code,
                                                    attend_splits, bucket_order, chunk_tops, combine_splits,
-                                                   position_pass, slot_codes)
+                                                   position_pass, slot_codes, tile_pad)
 
 LENGTH_CHUNK = 64  # positions the scores, part map and codes grow by
 PAIRS_PER_ROUND = 16  # swaps whose estimates are read together
@@ -380,7 +380,7 @@ def append(store: InplaceStore, exact_keys: torch.Tensor, exact_values: torch.Te
             store.recent_base, store.recent_start,
             key_states.stride(0), key_states.stride(1), value_states.stride(0), value_states.stride(1),
             h, e, store.part.stride(1), store.codes.stride(1), sketch.width,
-            D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, BLOCK_E=BLOCK_SLOTS,
+            D=d, DP=tile_pad(d), ROWS=sketch.rows, BLOCK_E=BLOCK_SLOTS,
         )
 
 
@@ -440,7 +440,7 @@ def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys:
                 sketch.row_terms, store.length, store.recent_start, candidate_size, pairs[0], pairs[1], pairs[2],
                 estimates[0], estimates[1], h, e, sketch.width, store.part.stride(1), store.codes.stride(1),
                 chunk_top.shape[1], float(replace_rate),
-                D=d, DP=max(16, triton.next_power_of_2(d)), ROWS=sketch.rows, MEAN=sketch.counts is not None,
+                D=d, DP=tile_pad(d), ROWS=sketch.rows, MEAN=sketch.counts is not None,
                 SIGNED_KEYS=sketch.signed_keys, LINEAR=sketch.combine == "mean", PAIRS=PAIRS_PER_ROUND,
                 BLOCK_E=BLOCK_SLOTS, BLOCK_C=BLOCK_CHUNKS, CHUNK=CHUNK_POSITIONS, num_warps=8,
             )

@@ -735,6 +735,16 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def tile_pad(n: int) -> int:
+    """A tile dimension for ``n`` rows or columns: a power of 2, and at least the 16 that ``tl.dot`` takes."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def order_block(heads_pad: int) -> int:
+    """Bucket-order entries per program of the bucket sums, for ``heads_pad`` query heads a program."""
+    return min(CHUNK_POSITIONS, max(16, ORDER_TILE // heads_pad))
+
+
 def _split_plan(work_items: int, programs: int, per_sm: int, device: torch.device) -> int:
     """Splits per KV head: ``per_sm`` programs per multiprocessor, never more than there are blocks of work."""
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
@@ -880,11 +890,11 @@ class DecodeSplits:
 
     @property
     def group_pad(self) -> int:
-        return max(16, triton.next_power_of_2(self.group))
+        return tile_pad(self.group)
 
     @property
     def head_dim_pad(self) -> int:
-        return max(16, triton.next_power_of_2(self.head_dim))
+        return tile_pad(self.head_dim)
 
     @property
     def splits_pad(self) -> int:
@@ -926,8 +936,8 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     exact_pos = exact_pos.to(torch.int32).contiguous()
     if part.stride(2) != 1 or part.stride(0) != hkv * part.stride(1):
         raise ValueError("the part map must be (B, Hkv, L) with rows of unit stride, laid out batch-major")
-    gp = max(16, triton.next_power_of_2(group))
-    dp = max(16, triton.next_power_of_2(d))
+    gp = tile_pad(group)
+    dp = tile_pad(d)
 
     has_sketch = sketch is not None
     linear = has_sketch and sketch.combine == "mean"
@@ -1052,7 +1062,7 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
     order_positions, order_codes = order if order is not None else (placeholder, placeholder)
     sorted_rows = codes.shape[1] if order is not None and linear else 0
     heads_pad = triton.next_power_of_2(hkv * step.group) if linear else 1
-    block_order = min(CHUNK_POSITIONS, max(16, ORDER_TILE // heads_pad))
+    block_order = order_block(heads_pad)
     _position_pass[(b * hkv + b * sorted_rows * (CHUNK_POSITIONS // block_order), chunks)](
         step.logits if from_logits else placeholder, step.vague_logits if linear else placeholder,
         step.max if from_logits else placeholder,
