@@ -128,14 +128,13 @@ def attention_lines(attention: list[dict]) -> list[str]:
     return lines
 
 
-def run(args) -> None:
+def run(args, contexts: list[int]) -> None:
     listed = read_manifest()
     import torch
 
     if not torch.cuda.is_available():
         fail("'run' needs a CUDA GPU (and Triton): run it on the GPU machine")
     out = args.out.resolve()
-    contexts = [int(c) for c in args.contexts.split(",")]
     rows = []
     for round_ in range(1, args.rounds + 1):
         for context in contexts:
@@ -204,10 +203,10 @@ def main() -> None:
         if args.rounds < 1:
             fail("--rounds must be at least 1")
         try:
-            [int(c) for c in args.contexts.split(",")]
+            contexts = [int(c) for c in args.contexts.split(",")]
         except ValueError:
             fail(f"--contexts must be integers separated by commas, got {args.contexts!r}")
-        run(args)
+        run(args, contexts)
 
 
 if __name__ == "__main__":
