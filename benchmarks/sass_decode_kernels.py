@@ -18,7 +18,7 @@ Checked against the device: at ``a434964`` the linear combine's split launch com
 38.3 KiB of shared memory; Triton's cache on an H200 said 106 registers and ncu 38.9 KiB (BENCHMARKS.md, issue 7).
 
 Usage: python benchmarks/sass_decode_kernels.py [--kernel split|vague|bucket-sums] [--group 1] [--head-dim 128]
-       [--rows 3] [--combine mean|median] [--block-exact 32] [--warps N] [--stages N] [--arch 90] [--tree DIR]
+       [--rows 3] [--combine mean|median] [--block-exact 32] [--warps N] [--stages N] [--arch 80|86|89|90] [--tree DIR]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ FLOATS = {"scaling", "bucket_scale"}
 ALIGNED_INTS = {"stride_qb", "stride_qh", "part_stride", "code_stride", "row_stride", "mass_stride", "Hkv", "span"}
 INTS = ALIGNED_INTS | {"E", "width", "slots_per_split", "pos_per_split", "columns", "splits", "first_program", "batch",
                        "sorted_n", "slots", "chunks", "vague_rows", "head_groups"}
+ARCHS = (80, 86, 89, 90)  # the NVIDIA architectures Triton's backend compiles for, from Ampere on
 HEADS_PAD = 32  # Llama-2-7B's 32 query heads, a power of 2 already
 
 
@@ -137,10 +138,19 @@ def main() -> None:
     parser.add_argument("--block-exact", type=int, default=None, help="exact slots a step (BLOCK_EXACT)")
     parser.add_argument("--warps", type=int, default=None)
     parser.add_argument("--stages", type=int, default=None)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    parser.add_argument("--arch", type=int, default=90, choices=ARCHS, help="compute capability: 90 for H100/H200")
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1],
                         help="the checkout whose kernels to compile (e.g. a git archive of a branch)")
     args = parser.parse_args()
+    power_of_2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    if args.group < 1 or args.head_dim < 1:
+        fail("--group and --head-dim must be positive")
+    if args.block_exact is not None and not (power_of_2(args.block_exact) and args.block_exact >= 16):
+        fail(f"--block-exact must be a power of 2 of at least 16 (a tl.dot tile), got {args.block_exact}")
+    if args.warps is not None and not (power_of_2(args.warps) and args.warps <= 32):
+        fail(f"--warps must be a power of 2 up to 32, got {args.warps}")
+    if args.stages is not None and args.stages < 1:
+        fail(f"--stages must be at least 1, got {args.stages}")
     if not (args.tree / "kvreviver_core" / "kernels" / "reviver_decode.py").is_file():
         fail(f"{args.tree} holds no kvreviver_core/kernels/reviver_decode.py")
     try:
@@ -155,9 +165,12 @@ def main() -> None:
     kernel, constexprs, warps, stages = launch(args, rd, triton)
     warps, stages = args.warps or warps, args.stages or stages
     types, attrs = signature(kernel, constexprs)
-    compiled = triton.compile(ASTSource(kernel, types, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", args.arch, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+    try:
+        compiled = triton.compile(ASTSource(kernel, types, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", args.arch, 32),
+                                  options={"num_warps": warps, "num_stages": stages})
+    except triton.CompilationError as error:
+        fail(f"{kernel.__name__} does not compile so: {str(error).strip().splitlines()[-1]}")
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as scratch:
         cubin = Path(scratch) / "kernel.cubin"

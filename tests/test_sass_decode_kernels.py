@@ -43,3 +43,11 @@ def test_a_tree_without_the_kernel_or_a_median_chain_launch_is_a_one_line_error(
         done = run(*arguments)
         assert done.returncode == 2 and "Traceback" not in done.stderr, arguments
         assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("sass_decode_kernels:")
+
+
+def test_arguments_no_launch_could_have_are_one_line_errors():
+    for arguments in (("--block-exact", "3"), ("--block-exact", "8"), ("--warps", "3"), ("--stages", "0"),
+                      ("--head-dim", "0")):
+        done = run(*arguments)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, arguments
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("sass_decode_kernels:")
