@@ -166,6 +166,7 @@ def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+@torch.compiler.disable  # eager inside a compiled decoder layer, as the cache's update (kvreviver_core.compiled)
 def kvreviver_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -22,6 +22,9 @@ class CompressedCache(Cache):
         self.budget = budget
         self._layer_factory = layer_factory
 
+    # A compiled decoder layer (kvreviver_core.compiled) runs this eagerly: it is host bookkeeping and Triton
+    # launches, and tracing it would guard on (and recompile for) every length.
+    @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._layer_factory(len(self.layers)))

@@ -1,4 +1,4 @@
-"""The model's norms and MLPs under torch.compile (kvreviver_core/compiled.py) against the same model uncompiled."""
+"""The model's decoder layers under torch.compile (kvreviver_core/compiled.py) against the same model uncompiled."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.test_graphs import decode
 
 
 @torch.no_grad()
-def test_every_norm_and_mlp_is_compiled_and_the_model_computes_the_same():
+def test_every_decoder_layer_and_the_final_norm_are_compiled_and_the_model_computes_the_same():
     model = tiny_llama(layers=3)
     prompt = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(0))
     expected = model(input_ids=prompt).logits
@@ -20,12 +20,32 @@ def test_every_norm_and_mlp_is_compiled_and_the_model_computes_the_same():
 
     # aot_eager traces the modules as Inductor would, without a C++ toolchain's compile time on the CPU.
     names = compile_token_blocks(model, backend="aot_eager")
-    per_layer = {"mlp", "input_layernorm", "post_attention_layernorm"}
-    assert set(names) == {f"model.layers.{i}.{part}" for i in range(3) for part in per_layer} | {"model.norm"}
+    assert set(names) == {f"model.layers.{i}" for i in range(3)} | {"model.norm"}  # not the layers' own norms
     assert all(model.get_submodule(name)._compiled_call_impl is not None for name in names)
     torch.testing.assert_close(model(input_ids=prompt).logits, expected, rtol=1e-5, atol=1e-5)
     compiled_tokens = decode(model, "kvreviver", False, 12)[0]  # prefill and decode shapes both
     assert torch.equal(compiled_tokens, plain_tokens)
+
+
+@pytest.mark.parametrize("method", ["kvreviver", "full"])
+@torch.no_grad()
+def test_the_layers_share_their_graphs_and_break_them_at_the_cache(method):
+    """The cache's update and the attention function run eagerly between a layer's graphs, and every layer reuses
+    them: the graphs that a prefill and decode steps compile do not grow with the number of layers."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for layers in (2, 5):
+        torch._dynamo.reset()
+        counters.clear()
+        model = tiny_llama(layers=layers)
+        plain_tokens = decode(model, method, False, 6)[0]
+        compile_token_blocks(model, backend="aot_eager")
+        assert torch.equal(decode(model, method, False, 6)[0], plain_tokens)
+        breaks = " ".join(counters["graph_break"])
+        assert "CompressedCache.update" in breaks and "kvreviver_attention" in breaks
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1]
 
 
 def test_a_model_without_norms_or_mlps_is_refused():
