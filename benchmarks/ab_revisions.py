@@ -8,7 +8,7 @@ Two steps, because the GPU machine gets a copy of the working tree without git:
 * on the GPU machine, with ``runs/ab`` carried: ``python benchmarks/ab_revisions.py run [--contexts 32768,8192]
   [--rounds 2] [--attention] [--timeline] [--out DIR]``.
 
-``run`` decodes at batch 1, graphed, with the model's norms and MLPs compiled (``bench_decode_e2e.py --modes graphs
+``run`` decodes at batch 1, graphed, with the model's decoder layers compiled (``bench_decode_e2e.py --modes graphs
 --compile --batches 1``, Llama-2-7B architecture with random weights, budget 0.1): the full cache once a round and
 context, in the first revision's tree, then KVReviver (``combine="mean"``) in each revision's tree, each in a process
 of its own with that tree on ``PYTHONPATH``. ``--rounds`` repeats the whole in turn (A B A B), so that a drift of the

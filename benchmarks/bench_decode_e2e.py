@@ -10,7 +10,7 @@ because on torch 2.11 / H200 it was seen building a new plan for each new key le
 (see ``bench_decode_attention.py``'s ``step_full_default_sdpa_us``), which would slow the baseline unfairly.
 
 ``--modes eager,graphs`` runs ``profile`` twice per context, the second time with ``--cuda-graphs`` (decode steps
-replayed from CUDA graphs; the full cache in its static layout). ``--compile`` compiles the model's norms and MLPs
+replayed from CUDA graphs; the full cache in its static layout). ``--compile`` compiles the model's decoder layers
 for every method (``kvreviver_core/compiled.py``). Each context's rows are in
 ``--out/<mode>/ctx<N>/profile.jsonl`` (``profile`` resumes from them after a kill) and a
 summary in ``--out/decode_e2e.json``.
@@ -62,7 +62,7 @@ def main() -> None:
                         help="methods or specs (kvreviver:combine=mean), full first: each is divided by full")
     parser.add_argument("--sdpa-backends", default="flash,efficient,math", help=", ".join(BACKENDS))
     parser.add_argument("--modes", default="eager", help="eager, graphs (profile --cuda-graphs) or eager,graphs")
-    parser.add_argument("--compile", action="store_true", help="profile --compile: the model's norms and MLPs compiled")
+    parser.add_argument("--compile", action="store_true", help="profile --compile: the model's decoder layers compiled")
     parser.add_argument("--out", type=Path, default=Path("runs/decode_e2e"))
     args = parser.parse_args()
 
@@ -87,7 +87,7 @@ def main() -> None:
 
     show = lambda x, fmt: "OOM" if x is None else format(x, fmt)  # noqa: E731
     print(f"\n{summary[0]['device'] if summary else ''}: decode tok/s, {args.arch} random weights, bf16, "
-          f"{'norms and MLPs compiled, ' if args.compile else ''}"
+          f"{'decoder layers compiled, ' if args.compile else ''}"
           f"budget {args.budget:g}, {args.new_tokens} new tokens ({args.decode_warmup} untimed)")
     print("| context | mode | batch | method | full tok/s | method tok/s | method / full |")
     print("|---:|---|---:|---|---:|---:|---:|")

@@ -12,7 +12,7 @@ which kernels it precedes). Compression folds tokens every ``recent_slack + 1`` 
 ``--modes eager,graphs`` measures each method twice: with every step launched from Python, and with the steps
 replayed from CUDA graphs (``kvreviver_core/graphs.py``; the full cache then decodes in its static layout, as
 transformers' StaticCache does). ``--blocks plain,compiled`` measures everything again after compiling the model's
-norms and MLPs (``kvreviver_core/compiled.py``), in the same process. ``--kernels N`` prints each run's N kernels
+decoder layers (``kvreviver_core/compiled.py``), in the same process. ``--kernels N`` prints each run's N kernels
 that take the most GPU time a token. One JSON line per (context, mode, method) in ``--out``; a table at the end. ``--rounds 2`` measures every (context, method)
 twice, alternating, so that a process's first runs (Triton compiling kernel variants, host caches warming) show. SDPA runs on flash/efficient/math (no cuDNN,
 as in ``bench_decode_e2e.py``).
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="timed decode tokens")
     parser.add_argument("--profiled", type=int, default=3, help="decode tokens under torch.profiler")
     parser.add_argument("--kernels", type=int, default=0, help="print each run's N kernels with the most GPU time")
-    parser.add_argument("--blocks", default="plain", help="plain, compiled (the model's norms and MLPs compiled "
+    parser.add_argument("--blocks", default="plain", help="plain, compiled (the model's decoder layers compiled "
                         "first) or plain,compiled")
     parser.add_argument("--gaps", type=int, default=0, help="print the N kernels after the most GPU idle time a token")
     parser.add_argument("--ops", type=int, default=0, help="print the profiler's N most-called ops per run")

@@ -173,7 +173,7 @@ def profile_command(
     cuda_graphs: bool = typer.Option(
         False, "--cuda-graphs", help="Replay decode steps from CUDA graphs where the cache allows it (full: static layout)."),
     compile: bool = typer.Option(
-        False, "--compile", help="torch.compile the model's norms and MLPs first (every method alike): fewer kernels "
+        False, "--compile", help="torch.compile the model's decoder layers first (every method alike; the cache runs eagerly): fewer kernels "
         "a token outside attention."),
     find_max_batch: bool = typer.Option(False, "--find-max-batch", help="Also find each method's largest batch that fits."),
     max_batch_limit: int = typer.Option(1024, "--max-batch-limit", help="Upper end of the --find-max-batch search."),
@@ -256,7 +256,7 @@ def profile_command(
     title = (f"{setup['model']}, {setup['dtype']}, context {o['context']}, {o['new_tokens']} new tokens "
              f"(decode tok/s after {min(o['decode_warmup'], o['new_tokens'] - 1)} warm-up steps), budget "
              f"{o['budget']:g}{', decode steps replayed from CUDA graphs' if o['cuda_graphs'] else ''}"
-             f"{', norms and MLPs compiled' if o['compile'] else ''} — {setup['device']}")
+             f"{', decoder layers compiled' if o['compile'] else ''} — {setup['device']}")
     console.print(render_table(grid, method_names, batches, title))
     if memory is None:
         console.print(f"NVML memory is unavailable on {target.type}: the NVML peak was not measured.")

@@ -30,8 +30,8 @@ def compile_token_blocks(model: torch.nn.Module, backend: str = "inductor") -> l
     """Compile, in place, every submodule of ``model`` whose class name ends with one of ``COMPILED_SUFFIXES`` and
     that no such module holds.
 
-    Returns the compiled modules' names (e.g. ``model.layers.0``, ``model.norm``); raises ``ValueError`` when none matches,
-    since a benchmark that asked for compiled blocks must not silently run without them.
+    Returns the compiled modules' names (e.g. ``model.layers.0``, ``model.norm``); raises ``ValueError`` when none
+    matches, since a benchmark that asked for compiled blocks must not silently run without them.
     """
     names = []
     for name, module in model.named_modules():

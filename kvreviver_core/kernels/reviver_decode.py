@@ -358,6 +358,61 @@ def _vague_block(q, m, l, acc, p, vague, SLOT_ROWS, code_stride, SK, SV, SCNT, d
     return s, m, l, acc
 
 
+@triton.jit
+def _slot_values(EK, EV, first_entry, slots, taken, di, dmask, D: tl.constexpr):
+    """The keys and values of exact ``slots`` ``(BLOCK_E, DP)`` each (zeros where not ``taken``)."""
+    offs = (first_entry + slots)[:, None] * D + di[None, :]
+    both = taken[:, None] & dmask[None, :]
+    return (tl.load(EK + offs, mask=both, other=0.0, eviction_policy="evict_first"),
+            tl.load(EV + offs, mask=both, other=0.0, eviction_policy="evict_first"))
+
+
+@triton.jit
+def _exact_rows(q, EK, EV, SLOT_POS, part_row, logit_row, first_entry, E, first_slot, slots_per_split, scaling, di,
+                dmask, D: tl.constexpr, DP: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One query head (a KV group of 1, ``q`` ``(DP,)`` fp32) over the exact slots ``[first_slot, first_slot +
+    slots_per_split)`` of its KV head, on the CUDA cores: each of the BLOCK_E slot lanes keeps its own running max,
+    sum and output, so that no step reduces across the program's warps (a tensor-core tile pads the head to 16 rows,
+    and its online softmax reduces across warps at every step). The lanes merge at the end. The logits go to
+    ``logit_row`` at the slots' positions. Returns the max, the sum of exponentials and the output ``(DP,)``
+    relative to that max.
+
+    Each step reads the next block's keys, values and part codes, and the positions of the block after it, before
+    it takes its own products: by hand, since Triton pipelines only the loads that feed a dot, and a block's part
+    codes are gathered at positions read one step before them. So no step waits on a read it issued."""
+    end = first_slot + slots_per_split
+    slots = first_slot + tl.arange(0, BLOCK_E)
+    following = slots + BLOCK_E
+    pos = tl.load(SLOT_POS + slots, mask=slots < E, other=-1)
+    next_pos = tl.load(SLOT_POS + following, mask=(following < E) & (following < end), other=-1)
+    kind = tl.load(part_row + pos, mask=pos >= 0, other=0)
+    k, v = _slot_values(EK, EV, first_entry, slots, slots < E, di, dmask, D)
+    m = tl.full((BLOCK_E,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_E,), tl.float32)
+    acc = tl.zeros((BLOCK_E, DP), tl.float32)
+    for _ in range(0, slots_per_split, BLOCK_E):
+        after = following + BLOCK_E
+        after_pos = tl.load(SLOT_POS + after, mask=(after < E) & (after < end), other=-1)
+        next_kind = tl.load(part_row + next_pos, mask=next_pos >= 0, other=0)
+        next_k, next_v = _slot_values(EK, EV, first_entry, following, (following < E) & (following < end), di, dmask,
+                                      D)
+        ok = (pos >= 0) & (kind == _EXACT)
+        s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], 1) * scaling, float("-inf"))
+        tl.store(logit_row + pos, s, mask=pos >= 0)
+        m_new = tl.maximum(m, s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(s - m_use)
+        l = l * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        m = m_new
+        pos, kind, k, v = next_pos, next_kind, next_k, next_v
+        following, next_pos = after, after_pos
+    top = tl.max(m, 0)
+    weight = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))
+    return top, tl.sum(l * weight, 0), tl.sum(acc * weight[:, None], 0)
+
+
 @triton.jit(do_not_specialize=["span", "slots_per_split", "pos_per_split", "columns", "splits", "first_program"])
 def _decode_split(
     Q, stride_qb, stride_qh,
@@ -371,9 +426,10 @@ def _decode_split(
 ):
     """Grid ``(B * Hkv, programs)``: a program per KV head and split (``first_program`` + its index on the grid's
     second axis), whose partial results go to column ``split`` of PART_M / PART_L (rows ``columns`` apart) and of
-    PART_ACC (rows ``splits`` apart). The query products run on
-    tensor cores, whose tiles have GP >= 16 rows (on an H200 the CUDA cores were slower even for one query head:
-    449 against 331 us at 128k). The positions' loop keeps VP rows: GP for the median's rebuilt keys (products
+    PART_ACC (rows ``splits`` apart). The query products run on tensor cores, whose tiles have GP >= 16 rows (on
+    an H200 the CUDA cores were slower even for one query head: 449 against 331 us at 128k, with an online softmax
+    over the tile), except over the exact slots of a group of one query head: :func:`_exact_rows`, whose slot lanes
+    each keep their own softmax. The positions' loop keeps VP rows: GP for the median's rebuilt keys (products
     too), else the group's own (``next_power_of_2(G)``), so a small group does not carry 16 rows of logits per
     position.
 
@@ -403,25 +459,34 @@ def _decode_split(
     logit_rows = LOGITS + (b.to(tl.int64) * Hkv * G + qh)[:, None] * span  # (GP, 1) row starts
     part_row = PART + bh64 * part_stride
 
-    m = tl.full((GP,), float("-inf"), tl.float32)
-    l = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, DP), tl.float32)
-
     # Exact slots (Recent + Candidate): one contiguous slice of the slots.
-    for start in range(0, slots_per_split, BLOCK_E):
-        slots = split * slots_per_split + start + tl.arange(0, BLOCK_E)
-        pos = tl.load(EPOS + bh64 * E + slots, mask=slots < E, other=-1)
-        ok = (pos >= 0) & (tl.load(part_row + pos, mask=pos >= 0, other=0) == _EXACT)
-        offs = (bh64 * E + slots)[:, None] * D + di[None, :]
-        # Every slot's K/V is loaded, attended or not (empty slots hold zeros or a folded token's finite K/V, and
-        # their probability is 0): the loads then wait on no other load, and the logits are masked below.
-        lmask = (slots < E)[:, None] & dmask[None, :]
-        k = tl.load(EK + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
-        v = tl.load(EV + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
-        s = tl.where(ok[None, :], s, float("-inf"))
-        tl.store(logit_rows + pos[None, :], s, mask=gmask[:, None] & (pos >= 0)[None, :])
-        m, l, acc = _online_softmax(m, l, acc, s, v)
+    if G == 1:
+        top, total, out = _exact_rows(
+            tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + di, mask=dmask, other=0.0).to(tl.float32),
+            EK, EV, EPOS + bh64 * E, part_row, LOGITS + bh64 * span, bh64 * E, E, split * slots_per_split,
+            slots_per_split, scaling, di, dmask, D, DP, BLOCK_E)
+        first_row = gi == 0
+        m = tl.where(first_row, top, float("-inf"))
+        l = tl.where(first_row, total, 0.0)
+        acc = tl.where(first_row[:, None], out[None, :], 0.0)
+    else:
+        m = tl.full((GP,), float("-inf"), tl.float32)
+        l = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, DP), tl.float32)
+        for start in range(0, slots_per_split, BLOCK_E):
+            slots = split * slots_per_split + start + tl.arange(0, BLOCK_E)
+            pos = tl.load(EPOS + bh64 * E + slots, mask=slots < E, other=-1)
+            ok = (pos >= 0) & (tl.load(part_row + pos, mask=pos >= 0, other=0) == _EXACT)
+            offs = (bh64 * E + slots)[:, None] * D + di[None, :]
+            # Every slot's K/V is loaded, attended or not (empty slots hold zeros or a folded token's finite K/V, and
+            # their probability is 0): the loads then wait on no other load, and the logits are masked below.
+            lmask = (slots < E)[:, None] & dmask[None, :]
+            k = tl.load(EK + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
+            v = tl.load(EV + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+            s = tl.where(ok[None, :], s, float("-inf"))
+            tl.store(logit_rows + pos[None, :], s, mask=gmask[:, None] & (pos >= 0)[None, :])
+            m, l, acc = _online_softmax(m, l, acc, s, v)
 
     if not LINEAR:
         # Every position not held exactly: Vague (rebuilt from the sketch) or masked. Each is written exactly once.
@@ -583,31 +648,39 @@ def _highest_vague(score, vague, first):
 
 
 @triton.jit
-def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, heads, rows, hmask, top, first, sorted_n, Hq, slots, ROW,
+def _run_sum(value, start, later_value, later_start):
+    """A segmented sum's combine: a later element that starts a run drops what came before it."""
+    return tl.where(later_start != 0, later_value, value + later_value), start | later_start
+
+
+@triton.jit
+def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, heads, hmask, top, first, sorted_n, Hq, slots, ROW,
                         BLOCK: tl.constexpr):
     """Linear combine, one row, every query head of a sequence: add the signed softmax numerators of the Vague
-    positions among entries ``[first, first + BLOCK)`` of the row's bucket order to their buckets' weights (from
-    the split-K pass's Vague logits ``VLOGITS`` ``(span, Hq)`` of this sequence, -inf elsewhere). The order lists
-    positions by bucket, so a block holds runs of one bucket: a prefix sum, and at each run's end one atomic add of
-    the sum (and one of its negation to the next run's bucket), instead of one atomic add per position on a few hot
-    addresses. ``heads`` are the query heads ``(HP,)``, ``rows`` their rows of ``W``, ``top`` their highest Vague
-    logits."""
+    positions among entries ``[first, first + BLOCK)`` of the row's bucket order to their buckets' weights ``W``
+    ``(Hq, slots)`` of this sequence (from the split-K pass's Vague logits ``VLOGITS`` ``(span, Hq)`` of this
+    sequence, -inf elsewhere). The order lists positions by bucket, so a block holds runs of one bucket: a sum over
+    each run (a segmented prefix sum), and at the run's end one atomic add of it, instead of one atomic add per
+    position on a few hot addresses. ``heads`` are the query heads ``(HP,)``, ``top`` their highest Vague logits.
+    Offsets within the sequence are int32 (span x Hq and Hq x slots stay far below 2**31)."""
     i = tl.arange(0, BLOCK)
     idx = first + i
     listed = idx < sorted_n
+    codes = ORDER_CODES + ROW * sorted_n
     pos = tl.load(ORDER + ROW * sorted_n + idx, mask=listed, other=0)
-    code = tl.load(ORDER_CODES + ROW * sorted_n + idx, mask=listed, other=0)
+    code = tl.load(codes + idx, mask=listed, other=0)
     slot, sign = code >> 1, 1 - 2 * (code & 1)
     following = (i < BLOCK - 1) & (idx + 1 < sorted_n)
-    next_slot = tl.load(ORDER_CODES + ROW * sorted_n + idx + 1, mask=following, other=-2) >> 1  # -1: no next
-    logits = tl.load(VLOGITS + pos[None, :].to(tl.int64) * Hq + heads[:, None],
-                     mask=hmask[:, None] & listed[None, :], other=float("-inf"))
-    running = tl.cumsum(tl.exp(logits - top[:, None]) * sign.to(tl.float32)[None, :], axis=1)
+    next_slot = tl.load(codes + idx + 1, mask=following, other=-2) >> 1  # -1: no next in the block
+    previous_slot = tl.load(codes + idx - 1, mask=(i > 0) & listed, other=-2) >> 1
+    logits = tl.load(VLOGITS + pos[None, :] * Hq + heads[:, None], mask=hmask[:, None] & listed[None, :],
+                     other=float("-inf"))
+    numerators = tl.exp(logits - top[:, None]) * sign.to(tl.float32)[None, :]
+    starts = tl.broadcast_to((previous_slot != slot).to(tl.int32)[None, :], numerators.shape)
+    running, _ = tl.associative_scan((numerators, starts), 1, _run_sum)
     run_end = listed & (next_slot != slot)
-    tl.atomic_add(W + rows[:, None] * slots + slot[None, :], running, mask=hmask[:, None] & run_end[None, :],
+    tl.atomic_add(W + heads[:, None] * slots + slot[None, :], running, mask=hmask[:, None] & run_end[None, :],
                   sem="relaxed")
-    tl.atomic_add(W + rows[:, None] * slots + next_slot[None, :], -running,
-                  mask=hmask[:, None] & (run_end & (next_slot >= 0))[None, :], sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["chunks", "sorted_n"])
@@ -644,7 +717,7 @@ def _position_pass(
             hmask = heads < Hkv * G
             head_rows = ob * Hkv * G + heads
             _sorted_bucket_sums(VLOGITS + ob * span * Hkv * G, ORDER + ob * ROWS * sorted_n,
-                                ORDER_CODES + ob * ROWS * sorted_n, W, heads, head_rows, hmask,
+                                ORDER_CODES + ob * ROWS * sorted_n, W + ob * Hkv * G * slots, heads, hmask,
                                 _vague_reference(VAGUE_TOP, head_rows, hmask),
                                 chunk * CHUNK + block * BLOCK_ORDER, sorted_n, Hkv * G, slots, row, BLOCK_ORDER)
             return
