@@ -15,17 +15,24 @@ def run(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *arguments], capture_output=True, text=True, timeout=300)
 
 
-def test_the_linear_launch_compiles_with_its_exact_loop_on_tensor_cores(tmp_path):
+@pytest.mark.parametrize("group, tensor_cores", [(1, False), (4, True)])
+def test_the_linear_launch_compiles_its_exact_loop_for_the_group(group, tensor_cores):
+    """A KV group of one query head attends its exact slots on the CUDA cores, with no tensor-core tile and its
+    reads issued by hand; a larger group on tensor cores, fed by asynchronous copies."""
     pytest.importorskip("triton")
-    done = run("--combine", "mean", "--group", "1")
+    done = run("--combine", "mean", "--group", str(group))
     assert done.returncode == 0, done.stderr
     registers = int(re.search(r"registers a thread (\d+)", done.stdout).group(1))
     assert 0 < registers <= 255
     loops = [line for line in done.stdout.splitlines() if line.startswith("loop of ")]
     assert loops, done.stdout
-    # The exact slots' loop: the key products on tensor cores, fed by asynchronous copies.
     counts = [dict(re.findall(r"(\w[\w.]*) (\d+)", line.split(";")[1])) for line in loops]
-    assert any(int(c["HMMA"]) > 0 and int(c["LDGSTS"]) > 0 for c in counts), loops
+    on_tensor_cores = [int(c["HMMA"]) > 0 and int(c["LDGSTS"]) > 0 for c in counts]
+    if tensor_cores:
+        assert any(on_tensor_cores), loops
+    else:
+        assert all(int(c["HMMA"]) == 0 for c in counts), loops
+        assert any(re.search(r"FFMA [1-9]", line) for line in loops), loops  # the products on the CUDA cores
 
 
 def test_the_linear_combines_other_launches_compile(tmp_path):
