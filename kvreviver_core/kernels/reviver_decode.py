@@ -477,12 +477,9 @@ def _decode_split(
             slots = split * slots_per_split + start + tl.arange(0, BLOCK_E)
             pos = tl.load(EPOS + bh64 * E + slots, mask=slots < E, other=-1)
             ok = (pos >= 0) & (tl.load(part_row + pos, mask=pos >= 0, other=0) == _EXACT)
-            offs = (bh64 * E + slots)[:, None] * D + di[None, :]
             # Every slot's K/V is loaded, attended or not (empty slots hold zeros or a folded token's finite K/V, and
             # their probability is 0): the loads then wait on no other load, and the logits are masked below.
-            lmask = (slots < E)[:, None] & dmask[None, :]
-            k = tl.load(EK + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
-            v = tl.load(EV + offs, mask=lmask, other=0.0, eviction_policy="evict_first")
+            k, v = _slot_values(EK, EV, bh64 * E, slots, slots < E, di, dmask, D)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
             s = tl.where(ok[None, :], s, float("-inf"))
             tl.store(logit_rows + pos[None, :], s, mask=gmask[:, None] & (pos >= 0)[None, :])
