@@ -330,6 +330,36 @@ def test_linear_bucket_order_is_rebuilt_as_the_store_grows():
     check_linear_generation_across_growth("cuda")
 
 
+@pytest.mark.gpu
+@gpu
+def test_linear_chain_launches_as_dependents_and_keeps_the_reference_tokens(monkeypatch):
+    """On Hopper the in-place step's chain after the append runs as programmatic dependent launches (PDL): the
+    tokens are the reference's with it and without it (a dependent that read before its wait would change them)."""
+    from kvreviver_core.kernels import inplace_step, reviver_decode
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or later")
+    chained = []
+
+    def spy(*args, **kwargs):
+        step = reviver_decode.attend_splits(*args, **kwargs)
+        chained.append(step.chained)
+        return step
+
+    monkeypatch.setattr(inplace_step, "attend_splits", spy)
+    model = tiny_llama(layers=2, heads=8, kv_heads=2, hidden=256).to("cuda")
+    prompts = padded_prompts((2000, 1500), model.config.vocab_size, "cuda")
+    with torch.no_grad():
+        ref, _ = generate_with(model, "reference", "cuda", prompts, new_tokens=24, combine="mean")
+        ids_dependent, _ = generate_with(model, True, "cuda", prompts, new_tokens=24, combine="mean")
+        dependent = list(chained)
+        monkeypatch.setattr(reviver_decode, "PDL", False)
+        chained.clear()
+        ids_serial, _ = generate_with(model, True, "cuda", prompts, new_tokens=24, combine="mean")
+    assert dependent and all(dependent) and chained and not any(chained)
+    assert ids_dependent.tolist() == ref.tolist() == ids_serial.tolist()
+
+
 TRADE_CASES = [
     # estimator, rows, signed_keys, dtype[, combine]
     ("sum", 3, False, torch.float32),

@@ -47,8 +47,9 @@ import triton.language as tl
 from kvreviver_core.kernels import side_stream
 from kvreviver_core.kernels.reviver_decode import (_EXACT, _VAGUE, CHUNK_POSITIONS, EXACT, VAGUE, DecodeSplits, _bucket,
                                                    _estimate_rows, _highest_vague, _row_slots, _slot_code,
-                                                   attend_splits, bucket_order, chunk_tops, combine_splits,
-                                                   position_pass, slot_codes, tile_pad)
+                                                   attend_splits, bucket_order, chain_launches, chunk_tops,
+                                                   combine_splits, gdc_launch_dependents, position_pass, slot_codes,
+                                                   tile_pad)
 
 LENGTH_CHUNK = 64  # positions the scores, part map and codes grow by
 PAIRS_PER_ROUND = 16  # swaps whose estimates are read together
@@ -59,11 +60,15 @@ BLOCK_CHUNKS = 256  # chunks' highest Vague scores per loop step of _compress
 @triton.jit
 def _append(EK, EV, EPOS, PART, CODES, KNEW, VNEW, BUCKETS, OFFSETS, ROW_TERMS, LENGTH, RECENT_COUNT, RECENT_SIZE,
             RECENT_BASE, RECENT_START, stride_kb, stride_kh, stride_vb, stride_vh, H, E, part_stride, code_stride,
-            width, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+            width, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+            CHAINED: tl.constexpr):
     """Write the new token of each (sequence, KV head) into its first free exact slot; mark it EXACT and hash its
     bucket codes. The token's position is ``LENGTH - 1``. Each sequence's first program also does the Recent
     bookkeeping: one more Recent token, and past the Recent share a hand-over back to ``RECENT_BASE`` tokens (the
-    oldest become Candidates), which moves the first Recent position ``RECENT_START``."""
+    oldest become Candidates), which moves the first Recent position ``RECENT_START``. CHAINED: the attention's
+    chain, launched as its dependents, may start at once (it waits for this kernel before it reads what it writes)."""
+    if CHAINED:
+        gdc_launch_dependents()
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     position = tl.load(LENGTH) - 1
@@ -380,7 +385,7 @@ def append(store: InplaceStore, exact_keys: torch.Tensor, exact_values: torch.Te
             store.recent_base, store.recent_start,
             key_states.stride(0), key_states.stride(1), value_states.stride(0), value_states.stride(1),
             h, e, store.part.stride(1), store.codes.stride(1), sketch.width,
-            D=d, DP=tile_pad(d), ROWS=sketch.rows, BLOCK_E=BLOCK_SLOTS,
+            D=d, DP=tile_pad(d), ROWS=sketch.rows, BLOCK_E=BLOCK_SLOTS, CHAINED=chain_launches(exact_keys.device),
         )
 
 
@@ -390,7 +395,7 @@ def attend(store: InplaceStore, query: torch.Tensor, exact_keys: torch.Tensor, e
     the store's capacity, and the kernel reads the length from the device."""
     with torch.cuda.device(query.device):
         return attend_splits(query, exact_keys, exact_values, exact_pos, sketch, store.part, store.codes,
-                             store.length, store.capacity, scaling)
+                             store.length, store.capacity, scaling, after_append=True)
 
 
 def compress(store: InplaceStore, step: torch.Tensor | DecodeSplits, exact_keys: torch.Tensor,

@@ -48,17 +48,23 @@ Then the attention itself:
   summed over the group's query heads, reading the logits (4 bytes a head and position), never the K/V. On the
   in-place step, ``_position_pass`` adds the mass straight to the scores and ``_combine`` merges only the output
   (:mod:`.inplace_step`).
+
+On the in-place step (Hopper on) the chain on the current stream launches as programmatic dependents (``PDL``):
+a kernel's programs start while the one before it ends, and wait for it (``gdc_wait``) before they read what it
+may write or write anything; every program waits, so a kernel's end implies the end of the chain before it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kvreviver_core.kernels import side_stream
 from kvreviver_core.kernels.reference import check_decode_inputs
@@ -93,6 +99,10 @@ NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's
 NUM_STAGES_LINEAR = 3
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 EXACT_BESIDE = True  # under the linear combine, the exact splits on the side stream, beside the Vague chain
+# The in-place step's chain on the current stream after the append (bucket logits, Vague logits, bucket sums,
+# bucket values, combine) as programmatic dependent launches (Hopper on, chain_launches): each kernel's programs
+# start while the one before it finishes, and wait for it (gdc_wait) before they read what it may write.
+PDL = True
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
 BLOCK_LINEAR = 256  # positions per loop step of the linear combine's Vague programs (no vector gathers)
 VAGUE_RANGES = 64  # position ranges per sequence for the linear combine's Vague programs (about: whole rows of splits)
@@ -232,7 +242,8 @@ def _estimate_rows(S, SCNT, slot0, slot1, slot2, sign0, sign1, sign2, vague, di,
 @triton.jit(do_not_specialize=["span", "pos_per_split", "columns", "vague_rows"])
 def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PART_M, PART_L, VAGUE_TOP, BUCKETS,
                   LENGTH, Hkv, span, width, pos_per_split, columns, vague_rows, head_groups, G: tl.constexpr,
-                  ROWS: tl.constexpr, SIGNED_KEYS: tl.constexpr, HB: tl.constexpr, BLOCK: tl.constexpr):
+                  ROWS: tl.constexpr, SIGNED_KEYS: tl.constexpr, HB: tl.constexpr, BLOCK: tl.constexpr,
+                  CHAINED: tl.constexpr):
     """Linear combine, after :func:`_decode_split`: grid ``(B * head_groups * vague_rows, splits)``, a program per
     range of ``pos_per_split`` positions of one sequence ``b`` and ``HB`` query heads. A Vague position's logit is the
     sum over the rows of its buckets' (signed) logits, gathered from ``QK`` ``(B, slots, Hq)``: slot-major, so that
@@ -257,6 +268,8 @@ def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PA
     qk_heads = QK + b.to(tl.int64) * slots * Hq + heads[:, None]  # (HB, 1)
     m = tl.full((HB,), float("-inf"), tl.float32)
     l = tl.zeros((HB,), tl.float32)
+    if CHAINED:  # the bucket logits, and the part map and codes of the appended token
+        gdc_wait()
     for start in range(0, tl.minimum(pos_per_split, L - first), BLOCK):
         p = first + start + tl.arange(0, BLOCK)
         inside = p < L
@@ -279,6 +292,8 @@ def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PA
         m, l = _online_sum(m, l, s)
         tl.store(LOGITS + qh[:, None] * span + p[None, :], s, mask=both & (kind != _EXACT))
         tl.store(VLOGITS + (b.to(tl.int64) * span + p[None, :]) * Hq + heads[:, None], s, mask=both)
+    if CHAINED:
+        gdc_launch_dependents()
     column = splits + vague_range
     tl.store(PART_M + qh * columns + column, m, mask=hmask)
     tl.store(PART_L + qh * columns + column, l, mask=hmask)
@@ -287,12 +302,16 @@ def _vague_logits(QK, PART, part_stride, SLOTS, code_stride, LOGITS, VLOGITS, PA
 
 @triton.jit
 def _bucket_logits(q, bh, block, SK, SCNT, QK, W, VAGUE_OUT, VAGUE_TOP, Hkv, slots, scale, G: tl.constexpr,
-                   GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+                   GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
+                   CHAINED: tl.constexpr):
     """Linear combine, block ``block`` of KV head ``bh``'s buckets: their logits ``scale * q . key`` (``q`` the
     group's queries ``(GP, DP)``, ``scale`` = softmax scale / rows; divided by the bucket's count for MEAN), ``QK``
     ``(B, slots, Hq)`` fp32, and zeros in this step's bucket weights ``W`` ``(B, Hq, slots)`` (:func:`_position_pass`)
     and in the Vague share ``VAGUE_OUT`` ``(B, Hq, D)`` (:func:`_bucket_values`); -inf in the heads' highest Vague
-    logits ``VAGUE_TOP`` ``(B, Hq)``, which :func:`_vague_logits` raises."""
+    logits ``VAGUE_TOP`` ``(B, Hq)``, which :func:`_vague_logits` raises.
+
+    CHAINED (launched as a dependent of the in-place step's append, which writes none of the query, keys and
+    counts): the logits are taken while the append runs, and stored after it."""
     b, h = bh // Hkv, bh % Hkv
     gi, di = tl.arange(0, GP), tl.arange(0, DP)
     gmask, dmask = gi < G, di < D
@@ -304,6 +323,9 @@ def _bucket_logits(q, bh, block, SK, SCNT, QK, W, VAGUE_OUT, VAGUE_TOP, Hkv, slo
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     if MEAN:
         qk = qk / tl.maximum(tl.load(SCNT + head + j, mask=jmask, other=1), 1).to(tl.float32)[None, :]
+    if CHAINED:
+        gdc_launch_dependents()
+        gdc_wait()
     heads = b.to(tl.int64) * Hkv * G + qh  # query-head rows
     both = gmask[:, None] & jmask[None, :]
     tl.store(QK + (b.to(tl.int64) * slots + j[None, :]) * (Hkv * G) + qh[:, None], qk, mask=both)
@@ -423,6 +445,7 @@ def _decode_split(
     G: tl.constexpr, GP: tl.constexpr, VP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
     HAS_SKETCH: tl.constexpr, MEAN: tl.constexpr, SIGNED_KEYS: tl.constexpr, LINEAR: tl.constexpr,
     SKIP_EMPTY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr,
+    CHAINED: tl.constexpr,
 ):
     """Grid ``(B * Hkv, programs)``: a program per KV head and split (``first_program`` + its index on the grid's
     second axis), whose partial results go to column ``split`` of PART_M / PART_L (rows ``columns`` apart) and of
@@ -437,7 +460,8 @@ def _decode_split(
     ``splits`` take the buckets' logits (:func:`_bucket_logits`, scaled by ``bucket_scale``): a launch of their own
     (``first_program = splits``), since neither waits on the other. The Vague positions are :func:`_vague_logits`'s,
     a launch of its own after the bucket logits, so that its programs' registers (a position's gathers for several
-    heads) do not limit how many of these run at once."""
+    heads) do not limit how many of these run at once. CHAINED: a launch of bucket-logit programs only, as a
+    dependent of the in-place step's append."""
     bh = tl.program_id(0)
     split = first_program + tl.program_id(1)
     L = tl.load(LENGTH).to(tl.int32)  # positions to attend; the grid covers span >= L of them
@@ -454,7 +478,7 @@ def _decode_split(
     if LINEAR:
         if split >= splits:
             _bucket_logits(q, bh, split - splits, SK, SCNT, QK, W, VAGUE_OUT, VAGUE_TOP, Hkv, ROWS * width,
-                           bucket_scale, G, GP, D, DP, MEAN, BLOCK_B)
+                           bucket_scale, G, GP, D, DP, MEAN, BLOCK_B, CHAINED)
             return
     logit_rows = LOGITS + (b.to(tl.int64) * Hkv * G + qh)[:, None] * span  # (GP, 1) row starts
     part_row = PART + bh64 * part_stride
@@ -545,12 +569,14 @@ def _vague_reference(VAGUE_TOP, rows, mask):
 
 @triton.jit
 def _bucket_values(W, SV, SCNT, VAGUE_OUT, Hkv, slots, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                   DP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+                   DP: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, CHAINED: tl.constexpr):
     """Linear combine, after ``_position_pass``: grid ``(B * Hkv, cdiv(slots, BLOCK))``. One block of buckets'
     weights ``W`` ``(B, Hq, slots)`` (each bucket's Vague softmax numerators, signed; divided by the counts for
     MEAN) times their values, added into the Vague share of the output ``VAGUE_OUT`` ``(B, Hq, D)`` fp32 (before
     normalisation; zeroed by ``_bucket_logits``). A grid, because one program per head waited on one block of
     values after the other: ``slots / BLOCK`` reads in a row, 20 at 128k."""
+    if CHAINED:
+        gdc_wait()
     bh = tl.program_id(0).to(tl.int64)
     gi, di = tl.arange(0, GP), tl.arange(0, DP)
     gmask, dmask = gi < G, di < D
@@ -614,11 +640,13 @@ def _position_mass(LOGITS, rows, gmask, p, inside, top, inv, stride):
 def _combine(
     LOGITS, PART_ACC, PART_M, PART_L, OUT, MASS, VAGUE_OUT, VAGUE_TOP, LENGTH, span, columns, splits,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, SPA: tl.constexpr,
-    ROWS: tl.constexpr, LINEAR: tl.constexpr, WITH_MASS: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, LINEAR: tl.constexpr, WITH_MASS: tl.constexpr, BLOCK: tl.constexpr, CHAINED: tl.constexpr,
 ):
     """Grid ``(B * Hkv, cdiv(span, BLOCK))``: the splits merged into the output (the first program of each KV
     head) and, WITH_MASS, each position's attention mass. Without it (the in-place step, whose position pass takes
     the mass) the grid is ``(B * Hkv, 1)``."""
+    if CHAINED:
+        gdc_wait()
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     gi = tl.arange(0, GP)
@@ -686,7 +714,7 @@ def _position_pass(
     LENGTH, batch, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, columns, chunks,
     G: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
     FROM_LOGITS: tl.constexpr, LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_ORDER: tl.constexpr,
+    BLOCK_ORDER: tl.constexpr, CHAINED: tl.constexpr,
 ):
     """One pass over the positions, ``CHUNK`` per program, after the split-K pass: grid ``(B * Hkv, chunks)``, and
     with a bucket order ``(B * Hkv + B * ROWS * CHUNK / BLOCK_ORDER, chunks)``.
@@ -703,6 +731,8 @@ def _position_pass(
       ``mass_stride`` apart), and writes the chunk's highest Vague score and its first position to ``CHUNK_TOP`` /
       ``CHUNK_POS`` ``(B * Hkv, chunks)``, which Algorithm 3 (``inplace_step._compress``) starts from.
     """
+    if CHAINED:  # in every program, those that return early too: a dependent's end implies its predecessor's
+        gdc_wait()
     chunk = tl.program_id(1)
     if LINEAR:
         if tl.program_id(0) >= batch * Hkv:  # one block of a row's bucket order, in one step
@@ -805,6 +835,19 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def chain_launches(device: torch.device) -> bool:
+    """Whether the in-place step's chain can launch as programmatic dependents (:data:`PDL`) on ``device``:
+    Hopper's grid dependency control, compiled (not under Triton's interpreter)."""
+    if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def tile_pad(n: int) -> int:
     """A tile dimension for ``n`` rows or columns: a power of 2, and at least the 16 that ``tl.dot`` takes."""
     return max(16, triton.next_power_of_2(n))
@@ -902,7 +945,7 @@ def combine_splits(splits: DecodeSplits, mass: torch.Tensor | None = None) -> No
         splits.columns, splits.splits,
         G=splits.group, GP=splits.group_pad, D=splits.head_dim, DP=splits.head_dim_pad, SP=splits.columns_pad,
         SPA=splits.splits_pad, ROWS=splits.rows, LINEAR=splits.linear, WITH_MASS=mass is not None,
-        BLOCK=BLOCK_MASS, num_warps=4,
+        BLOCK=BLOCK_MASS, CHAINED=splits.chained, num_warps=4, launch_pdl=splits.chained,
     )
 
 
@@ -920,6 +963,7 @@ class DecodeSplits:
     into it, before a combine. And the Vague logits ``(B, span, Hq)`` fp32, position-major (-inf at other
     positions), which the weights are summed from, and each query head's highest Vague logit ``vague_top``
     ``(B, Hq)``, their reference. Then the exact splits run on the side stream, and the combine joins it.
+    ``chained``: the chain's launches on the current stream are programmatic dependents (:data:`PDL`).
     """
 
     out: torch.Tensor
@@ -944,6 +988,7 @@ class DecodeSplits:
     vague_out: torch.Tensor | None = None
     vague_logits: torch.Tensor | None = None
     vague_top: torch.Tensor | None = None
+    chained: bool = False
 
     @property
     def linear(self) -> bool:
@@ -980,7 +1025,7 @@ class DecodeSplits:
 
 
 def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, codes, length, span,
-                  scaling) -> DecodeSplits:
+                  scaling, after_append: bool = False) -> DecodeSplits:
     """Launch the split-K pass over the compressed store, on the current CUDA device.
 
     Arguments as :func:`reviver_decode_triton`'s, with ``part`` the store's part map ``(B, Hkv, >= span)`` int8
@@ -993,6 +1038,10 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     (``_bucket_logits``), and a second launch (``_vague_logits``) reads a Vague position's logit as the sum of its r
     buckets' logits. The exact splits then run on the side stream (``EXACT_BESIDE``), so whoever reads the splits'
     partial results before :func:`combine_splits` must join it first (:func:`position_pass` does, for the mass).
+
+    ``after_append``: the in-place step's append ran since the query, the sketch's keys and its counts were
+    written (and nothing on this stream writes them since), so the chain on this stream can start as a
+    programmatic dependent of what ran last (:func:`chain_launches`), and take the bucket logits before it waits.
     """
     b, hq, _, d = query.shape
     hkv, e = exact_keys.shape[1], exact_keys.shape[2]
@@ -1050,8 +1099,12 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     part_m = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
     part_l = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
     placeholder = logits  # pointers a launch does not read in its mode
+    # A copy made here would be written by the launch the chain depends on, and read before its wait.
+    read_in_place = (linear and q.data_ptr() == query.data_ptr() and sk.data_ptr() == sketch.keys.data_ptr()
+                     and (counts is None or counts.data_ptr() == sketch.counts.data_ptr()))
+    chained = read_in_place and after_append and EXACT_BESIDE and chain_launches(device)
 
-    def launch_split(first_program: int, programs: int) -> None:
+    def launch_split(first_program: int, programs: int, dependent: bool = False) -> None:
         _decode_split[(b * hkv, programs)](
             q, q.stride(0), q.stride(1),
             exact_keys, exact_values, exact_pos, part, part.stride(1),
@@ -1064,8 +1117,8 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
             G=group, GP=gp, VP=gp if has_sketch else triton.next_power_of_2(group), D=d, DP=dp,
             ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
             SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT,
-            BLOCK_V=block_v, BLOCK_B=BLOCK_BUCKETS, num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES_LINEAR if linear else NUM_STAGES,
+            BLOCK_V=block_v, BLOCK_B=BLOCK_BUCKETS, CHAINED=dependent, num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES_LINEAR if linear else NUM_STAGES, launch_pdl=dependent,
         )
 
     if not linear:
@@ -1076,7 +1129,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         side_stream.launch_beside(device, lambda: launch_split(0, splits),
                                   keep=(q, exact_keys, exact_values, exact_pos, part, logits, part_acc, part_m, part_l,
                                         length))
-        launch_split(splits, bucket_blocks)
+        launch_split(splits, bucket_blocks, dependent=chained)
     else:
         launch_split(0, splits + bucket_blocks)
     if linear:
@@ -1085,14 +1138,14 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         _vague_logits[(b * head_groups * vague_rows, splits)](
             bucket_logits, part, part.stride(1), slots, slots.stride(1), logits, vague_logits, part_m, part_l,
             vague_top, buckets, length, hkv, span, width, pos_per_split, columns, vague_rows, head_groups,
-            G=group, ROWS=rows, SIGNED_KEYS=signed_keys, HB=heads_per_range, BLOCK=block_v, num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES_LINEAR,
+            G=group, ROWS=rows, SIGNED_KEYS=signed_keys, HB=heads_per_range, BLOCK=block_v, CHAINED=chained,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES_LINEAR, launch_pdl=chained,
         )
 
     out = torch.empty(b, hq, d, dtype=query.dtype, device=device)
     return DecodeSplits(out, logits, part_acc, part_m, part_l, part, slots if has_sketch else None, length, b, hkv,
                         group, d, span, splits, columns, rows, weights, sv if linear else None,
-                        counts if linear else None, vague_out, vague_logits, vague_top)
+                        counts if linear else None, vague_out, vague_logits, vague_top, chained)
 
 
 def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
@@ -1133,6 +1186,7 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
     sorted_rows = codes.shape[1] if order is not None and linear else 0
     heads_pad = triton.next_power_of_2(hkv * step.group) if linear else 1
     block_order = order_block(heads_pad)
+    dependent = from_logits and step.chained and scores is None  # on the chain's stream (the scores: beside it)
     _position_pass[(b * hkv + b * sorted_rows * (CHUNK_POSITIONS // block_order), chunks)](
         step.logits if from_logits else placeholder, step.vague_logits if linear else placeholder,
         step.max if from_logits else placeholder,
@@ -1147,13 +1201,14 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
         G=step.group if from_logits else 1, GP=triton.next_power_of_2(step.group) if from_logits else 1,
         HP=heads_pad, SP=step.columns_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
         FROM_LOGITS=from_logits, LINEAR=linear, SCORE=scores is not None,
-        CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, BLOCK_ORDER=block_order,
-        num_warps=PASS_WARPS,
+        CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, BLOCK_ORDER=block_order, CHAINED=dependent,
+        num_warps=PASS_WARPS, launch_pdl=dependent,
     )
     if linear:
         _bucket_values[(b * hkv, triton.cdiv(step.slots, BLOCK_BUCKETS))](
             step.weights, step.bucket_values, step.counts if step.counts is not None else step.weights,
             step.vague_out, hkv, step.slots, G=step.group, GP=step.group_pad, D=step.head_dim,
-            DP=step.head_dim_pad, MEAN=step.counts is not None, BLOCK=BLOCK_BUCKETS, num_warps=4,
+            DP=step.head_dim_pad, MEAN=step.counts is not None, BLOCK=BLOCK_BUCKETS, CHAINED=step.chained,
+            num_warps=4, launch_pdl=step.chained,
         )
     return None if scores is None else (chunk_top, chunk_pos)
