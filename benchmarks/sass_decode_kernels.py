@@ -72,6 +72,14 @@ def signature(kernel, constexprs: dict) -> tuple[dict, dict]:
 
 def launch(args, rd, triton) -> tuple:
     """The kernel, its constexprs, warps and stages as :mod:`reviver_decode` launches it for ``args``."""
+    kernel, constexprs, warps, stages = _launch(args, rd, triton)
+    if "CHAINED" in kernel.arg_names:  # a tree from before the dependent launches has no such argument
+        # The in-place step's chain on sm_90 on; the split's binary is the exact splits', launched on the side stream.
+        constexprs["CHAINED"] = bool(rd.PDL) and args.arch >= 90 and args.kernel != "split"
+    return kernel, constexprs, warps, stages
+
+
+def _launch(args, rd, triton) -> tuple:
     linear = args.combine == "mean"
     if args.kernel == "split":
         group_pad = rd.tile_pad(args.group)

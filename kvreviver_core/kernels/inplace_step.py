@@ -16,7 +16,8 @@ there, so one step's launches and arguments are those of the next until a buffer
 it (:mod:`kvreviver_core.graphs`). A step is the length's increment and these Triton launches: :func:`append`
 (``_append``, which also does the Recent bookkeeping) before attention, the decode kernel's split-K pass
 (:func:`attend`, whose grid covers the capacity; under the linear combine the bucket logits, then
-``_vague_logits``, while the exact splits run on the side stream), then :func:`compress`:
+``_vague_logits``, while the exact splits run on the side stream), then :func:`compress`. On Hopper the launches of
+the current stream after the append are its programmatic dependents (:data:`~.reviver_decode.PDL`):
 
 0. under the linear combine, ``_position_pass``'s bucket sums: the buckets' weights, and ``_bucket_values``: their
    product with the bucket values, the Vague share of the output;
