@@ -49,9 +49,10 @@ Then the attention itself:
   in-place step, ``_position_pass`` adds the mass straight to the scores and ``_combine`` merges only the output
   (:mod:`.inplace_step`).
 
-On the in-place step (Hopper on) the chain on the current stream launches as programmatic dependents (``PDL``):
-a kernel's programs start while the one before it ends, and wait for it (``gdc_wait``) before they read what it
-may write or write anything; every program waits, so a kernel's end implies the end of the chain before it.
+Under the linear combine (Hopper on) the chain on the current stream launches as programmatic dependents
+(``PDL``): a kernel's programs start while the one before it ends, and wait for it (``gdc_wait``) before they read
+what it may write or write anything; every program waits, so a kernel's end implies the end of the chain before it.
+The bucket logits are a dependent of the in-place step's append; elsewhere the chain starts after them.
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's
 NUM_STAGES_LINEAR = 3
 SKIP_EMPTY = False  # skip the sketch gathers of position blocks without a Vague token (a branch in the loop)
 EXACT_BESIDE = True  # under the linear combine, the exact splits on the side stream, beside the Vague chain
-# The in-place step's chain on the current stream after the append (bucket logits, Vague logits, bucket sums,
-# bucket values, combine) as programmatic dependent launches (Hopper on, chain_launches): each kernel's programs
-# start while the one before it finishes, and wait for it (gdc_wait) before they read what it may write.
+# The linear combine's chain on the current stream (Vague logits, bucket sums, bucket values, combine; and on the
+# in-place step the bucket logits, after the append) as programmatic dependent launches (Hopper on,
+# chain_launches): each kernel's programs start while the one before it finishes, and wait for it (gdc_wait)
+# before they read what it may write.
 PDL = True
 BLOCK_SLOTS = 1024  # positions per program of _slot_map
 BLOCK_LINEAR = 256  # positions per loop step of the linear combine's Vague programs (no vector gathers)
@@ -836,7 +838,7 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def chain_launches(device: torch.device) -> bool:
-    """Whether the in-place step's chain can launch as programmatic dependents (:data:`PDL`) on ``device``:
+    """Whether the linear combine's chain can launch as programmatic dependents (:data:`PDL`) on ``device``:
     Hopper's grid dependency control, compiled (not under Triton's interpreter)."""
     if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
@@ -1039,9 +1041,10 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     buckets' logits. The exact splits then run on the side stream (``EXACT_BESIDE``), so whoever reads the splits'
     partial results before :func:`combine_splits` must join it first (:func:`position_pass` does, for the mass).
 
-    ``after_append``: the in-place step's append ran since the query, the sketch's keys and its counts were
-    written (and nothing on this stream writes them since), so the chain on this stream can start as a
-    programmatic dependent of what ran last (:func:`chain_launches`), and take the bucket logits before it waits.
+    Under the linear combine the chain after the bucket logits launches as programmatic dependents
+    (:func:`chain_launches`). ``after_append``: the in-place step's append ran since the query, the sketch's keys
+    and its counts were written (and nothing on this stream writes them since), so the bucket logits are a
+    dependent too, of what ran last, and take their products before they wait.
     """
     b, hq, _, d = query.shape
     hkv, e = exact_keys.shape[1], exact_keys.shape[2]
@@ -1102,7 +1105,8 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     # A copy made here would be written by the launch the chain depends on, and read before its wait.
     read_in_place = (linear and q.data_ptr() == query.data_ptr() and sk.data_ptr() == sketch.keys.data_ptr()
                      and (counts is None or counts.data_ptr() == sketch.counts.data_ptr()))
-    chained = read_in_place and after_append and EXACT_BESIDE and chain_launches(device)
+    chained = linear and EXACT_BESIDE and chain_launches(device)
+    buckets_dependent = chained and read_in_place and after_append
 
     def launch_split(first_program: int, programs: int, dependent: bool = False) -> None:
         _decode_split[(b * hkv, programs)](
@@ -1129,7 +1133,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
         side_stream.launch_beside(device, lambda: launch_split(0, splits),
                                   keep=(q, exact_keys, exact_values, exact_pos, part, logits, part_acc, part_m, part_l,
                                         length))
-        launch_split(splits, bucket_blocks, dependent=chained)
+        launch_split(splits, bucket_blocks, dependent=buckets_dependent)
     else:
         launch_split(0, splits + bucket_blocks)
     if linear:
