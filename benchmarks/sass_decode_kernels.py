@@ -74,8 +74,8 @@ def launch(args, rd, triton) -> tuple:
     """The kernel, its constexprs, warps and stages as :mod:`reviver_decode` launches it for ``args``."""
     kernel, constexprs, warps, stages = _launch(args, rd, triton)
     if "CHAINED" in kernel.arg_names:  # a tree from before the dependent launches has no such argument
-        # The in-place step's chain on sm_90 on; the split's binary is the exact splits', launched on the side stream.
-        constexprs["CHAINED"] = bool(rd.PDL) and args.arch >= 90 and args.kernel != "split"
+        # The linear combine's chain on sm_90 on; the split's binary is the exact splits', launched on the side stream.
+        constexprs["CHAINED"] = rd.PDL and rd.gdc_wait is not None and args.arch >= 90 and args.kernel != "split"
     return kernel, constexprs, warps, stages
 
 

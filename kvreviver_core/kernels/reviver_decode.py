@@ -65,11 +65,15 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kvreviver_core.kernels import side_stream
 from kvreviver_core.kernels.reference import check_decode_inputs
 from kvreviver_core.sketch import _MIX_1, _MIX_2, VagueSketch, _wrap64
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without grid dependency control: no dependent launches (chain_launches)
+    gdc_launch_dependents = gdc_wait = None
 
 # The hash of VagueSketch.slots: x = pos * POS_MUL + row_terms[row], then _mix(x) (row_terms: the sketch's).
 _POS_MUL = tl.constexpr(0x9E3779B1)
@@ -840,7 +844,7 @@ def _multiprocessors(device_index: int) -> int:
 def chain_launches(device: torch.device) -> bool:
     """Whether the linear combine's chain can launch as programmatic dependents (:data:`PDL`) on ``device``:
     Hopper's grid dependency control, compiled (not under Triton's interpreter)."""
-    if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not PDL or gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
