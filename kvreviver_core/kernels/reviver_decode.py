@@ -1106,11 +1106,11 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     part_m = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
     part_l = torch.empty(b, hq, columns, dtype=torch.float32, device=device)
     placeholder = logits  # pointers a launch does not read in its mode
-    # A copy made here would be written by the launch the chain depends on, and read before its wait.
-    read_in_place = (linear and q.data_ptr() == query.data_ptr() and sk.data_ptr() == sketch.keys.data_ptr()
-                     and (counts is None or counts.data_ptr() == sketch.counts.data_ptr()))
     chained = linear and EXACT_BESIDE and chain_launches(device)
-    buckets_dependent = chained and read_in_place and after_append
+    # A copy made here would be written by the launch the bucket logits depend on, and read before their wait.
+    buckets_dependent = (chained and after_append and q.data_ptr() == query.data_ptr()
+                         and sk.data_ptr() == sketch.keys.data_ptr()
+                         and (counts is None or counts.data_ptr() == sketch.counts.data_ptr()))
 
     def launch_split(first_program: int, programs: int, dependent: bool = False) -> None:
         _decode_split[(b * hkv, programs)](
