@@ -54,11 +54,11 @@ HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100",
 # Knobs of reviver_decode swept per context and combine: the defaults, then each of these values in turn
 KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT"),
          "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM_LINEAR", "NUM_STAGES_LINEAR", "BLOCK_EXACT",
-                  "VAGUE_RANGES", "VAGUE_HEADS", "ORDER_TILE", "PASS_WARPS", "SPLIT_BALANCE", "EXACT_BESIDE")}
+                  "VAGUE_RANGES", "VAGUE_HEADS", "RUN_TILE", "PASS_WARPS", "SPLIT_BALANCE", "EXACT_BESIDE")}
 VARIATIONS = {"median": {"BLOCK_EXACT": (16,), "BLOCK_VAGUE": (16,)},
               "mean": {"VAGUE_RANGES": (32, 128), "VAGUE_HEADS": (16,), "BLOCK_LINEAR": (128,), "SPLIT_BALANCE": (1, 8),
                        "PROGRAMS_PER_SM_LINEAR": (2, 8), "NUM_STAGES_LINEAR": (2,), "BLOCK_EXACT": (64,),
-                       "ORDER_TILE": (512,), "EXACT_BESIDE": (0,)}}
+                       "RUN_TILE": (2048, 8192), "EXACT_BESIDE": (0,)}}
 
 
 def default_config(combine: str) -> tuple:
@@ -232,7 +232,8 @@ def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
     part = reviver_decode.part_map(layer.exact_pos, key_valid)
     codes = reviver_decode.slot_codes(layer.sketch, length)
     length_tensor = torch.full((1,), length, dtype=torch.long, device="cuda")
-    order = reviver_decode.bucket_order(codes, length) if combine == "mean" else None  # as the in-place store
+    # as the in-place store
+    order = reviver_decode.bucket_order(codes, length, layer.sketch.width) if combine == "mean" else None
 
     def attend(sketch):
         return reviver_decode.decode_attention(query, *store, sketch, part, codes, length_tensor, length, scaling,

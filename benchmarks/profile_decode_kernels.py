@@ -80,7 +80,8 @@ def main() -> None:
             part = reviver_decode.part_map(layer.exact_pos, key_valid)
             codes = reviver_decode.slot_codes(layer.sketch, length)
             length_tensor = torch.full((1,), length, dtype=torch.long, device="cuda")
-            order = reviver_decode.bucket_order(codes, length) if combine == "mean" else None  # as the in-place store
+            # as the in-place store
+            order = reviver_decode.bucket_order(codes, length, layer.sketch.width) if combine == "mean" else None
             store = (layer.exact_keys, layer.exact_values, layer.exact_pos, layer.sketch)
             parts = {
                 "attention": lambda: reviver_decode.decode_attention(query, *store, part, codes, length_tensor,

@@ -35,12 +35,12 @@ POINTERS = {"Q": "*bf16", "EK": "*bf16", "EV": "*bf16", "SK": "*bf16", "SV": "*b
             "PART": "*i8", "SCNT": "*i32", "BUCKETS": "*i64", "SLOTS": "*i32", "QK": "*fp32", "W": "*fp32",
             "VAGUE_OUT": "*fp32", "VAGUE_TOP": "*fp32", "LOGITS": "*fp32", "VLOGITS": "*fp32", "PART_ACC": "*fp32",
             "PART_M": "*fp32", "PART_L": "*fp32", "LENGTH": "*i64", "MASS": "*fp32", "CODES": "*i32",
-            "ORDER": "*i32", "ORDER_CODES": "*i32", "SCORES": "*fp32", "CHUNK_TOP": "*fp32", "CHUNK_POS": "*i32"}
+            "ORDER": "*i32", "ORDER_CODES": "*i32", "RUNS": "*i32", "SCORES": "*fp32", "CHUNK_TOP": "*fp32", "CHUNK_POS": "*i32"}
 FLOATS = {"scaling", "bucket_scale"}
 # Integers that are multiples of 16 at these shapes (strides, head counts, the capacity), where not left unspecialized.
 ALIGNED_INTS = {"stride_qb", "stride_qh", "part_stride", "code_stride", "row_stride", "mass_stride", "Hkv", "span"}
 INTS = ALIGNED_INTS | {"E", "width", "slots_per_split", "pos_per_split", "columns", "splits", "first_program", "batch",
-                       "sorted_n", "slots", "chunks", "vague_rows", "head_groups"}
+                       "sorted_n", "slots", "pieces", "chunks", "vague_rows", "head_groups"}
 ARCHS = (80, 86, 89, 90)  # the NVIDIA architectures Triton's backend compiles for, from Ampere on
 HEADS_PAD = 32  # Llama-2-7B's 32 query heads, a power of 2 already
 
@@ -98,7 +98,7 @@ def _launch(args, rd, triton) -> tuple:
     # SP: the split columns padded, 128 for the 70 (5 exact splits and 65 Vague ranges) at 32k.
     constexprs = dict(G=args.group, GP=triton.next_power_of_2(args.group), HP=HEADS_PAD, SP=128, ROWS=args.rows,
                       FROM_LOGITS=True, LINEAR=True, SCORE=False, CHUNK=rd.CHUNK_POSITIONS, BLOCK=rd.BLOCK_PASS,
-                      BLOCK_ORDER=rd.order_block(HEADS_PAD))
+                      PIECE=rd.run_piece(HEADS_PAD))
     return rd._position_pass, constexprs, rd.PASS_WARPS, 3  # Triton's default stages: the launch sets none
 
 

@@ -258,7 +258,7 @@ def test_linear_kernel_through_the_bucket_order_matches_reference(case):
     for listed in (length, length - 37):
         out, mass = rd.decode_attention(query, keys, values, pos, sketch, part, codes,
                                         torch.full((1,), length, device="cuda"), length, head_dim**-0.5,
-                                        order=rd.bucket_order(codes, listed))
+                                        order=rd.bucket_order(codes, listed, sketch.width))
         rel = float((out.float() - gold_out).norm() / gold_out.norm())
         mass_err = float((mass - gold_mass).abs().max())
         print(f"{case_id(case)}, {listed} positions ordered: output rel err {rel:.2e}, mass max abs err {mass_err:.2e}")

@@ -9,7 +9,7 @@ for any fraction below 1). :class:`InplaceStore` then holds the layer's step-to-
   the part map ``(B, H, capacity)`` int8 (MASKED / VAGUE / EXACT, :mod:`.reviver_decode`) and the positions' bucket
   codes ``(B, r, capacity)`` int32; ``capacity`` grows by ``LENGTH_CHUNK``. Under the linear combine also the bucket
   order of the positions hashed when the buffers last grew (:func:`~.reviver_decode.bucket_order`, ``(B, r, N)``
-  int32 twice).
+  int32 twice, and where each bucket's run starts).
 
 The length, the Recent count and the first Recent position live on the device too, and every kernel reads them
 there, so one step's launches and arguments are those of the next until a buffer grows: a CUDA graph can replay
@@ -324,7 +324,7 @@ class InplaceStore:
         self.reserve(n + 1)  # column n (the next token's) takes the empty slots' writes below, then is cleared
         slot_codes(sketch, n, out=self.codes)
         # The linear combine sums the bucket weights of these positions through their bucket order.
-        self.order = bucket_order(self.codes, n) if sketch.combine == "mean" else None
+        self.order = bucket_order(self.codes, n, sketch.width) if sketch.combine == "mean" else None
         self.scores_buffer[:, :, :n] = scores
         self.part[:, :, :n] = valid.unsqueeze(1).to(torch.int8) * VAGUE
         self.part.scatter_(2, torch.where(exact_pos >= 0, exact_pos.long(), n), EXACT)
@@ -352,7 +352,8 @@ class InplaceStore:
         self.scores_buffer, self.part, self.codes = grown
         self.tops = chunk_tops(self.part.shape[0] * self.part.shape[1], capacity, self.part.device)
         if self.order is not None:
-            self.order = bucket_order(self.codes, self.host_length if hashed is None else hashed)
+            width = self.order.runs.shape[-1] - 1
+            self.order = bucket_order(self.codes, self.host_length if hashed is None else hashed, width)
 
     def advance(self, tokens: int) -> None:
         """The host's side of a step of ``tokens`` new tokens (before their append): its length, and room for them."""

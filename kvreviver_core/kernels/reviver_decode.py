@@ -61,6 +61,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -118,7 +119,7 @@ BLOCK_BUCKETS = 64  # buckets per program of _bucket_logits and of _bucket_value
 CHUNK_POSITIONS = 1024  # positions per program of _position_pass: Algorithm 3 rescans one such chunk at a swap
 BLOCK_PASS = 1024  # positions per loop step of _position_pass (one step a chunk: no chain of dependent reads)
 PASS_WARPS = 4
-ORDER_TILE = 1024  # (query heads x bucket order entries) per program of _position_pass's bucket sums
+RUN_TILE = 4096  # (query heads x bucket order entries) per step of a bucket-run piece (_bucket_run_sums)
 MASKED, VAGUE, EXACT = 0, 1, 2  # the part map's codes
 _VAGUE = tl.constexpr(VAGUE)
 SPLITS_PER_READ = 4  # partial outputs the combine reads at once
@@ -679,59 +680,63 @@ def _highest_vague(score, vague, first):
 
 
 @triton.jit
-def _run_sum(value, start, later_value, later_start):
-    """A segmented sum's combine: a later element that starts a run drops what came before it."""
-    return tl.where(later_start != 0, later_value, value + later_value), start | later_start
+def _bucket_run_sums(VLOGITS, ORDER, ORDER_CODES, RUNS, W, VAGUE_TOP, run, batch, span, Hq, slots, width, sorted_n,
+                     pieces, HP: tl.constexpr, ROWS: tl.constexpr, PIECE: tl.constexpr):
+    """Linear combine, piece ``run % pieces`` of one bucket's run in its row's bucket order ``ORDER`` /
+    ``ORDER_CODES`` ``(B, ROWS, sorted_n)``: add the signed softmax numerators ``exp(logit - vague max)`` of the Vague
+    positions among those entries to the bucket's weight ``W`` ``(B, Hq, slots)``, for every query head at once
+    (``HP >= Hq``), from the Vague logits ``VLOGITS`` ``(B, span, Hq)`` (-inf where not Vague). The order lists
+    positions by bucket, and ``RUNS`` ``(B, ROWS, width + 1)`` says where each bucket's run starts, so a piece is a sum
+    of ``PIECE`` entries (the last piece takes the rest of its run): no scan across entries, and one atomic add per
+    head and piece. Offsets within a sequence are int32 (span x Hq and Hq x slots stay far below 2**31)."""
+    bucket_slot = run // pieces
+    if bucket_slot >= batch * slots:
+        return
+    piece = run % pieces
+    b = bucket_slot // slots
+    slot = bucket_slot % slots
+    row = slot // width
+    run_row = RUNS + (b * ROWS + row).to(tl.int64) * (width + 1)
+    end = tl.load(run_row + slot % width + 1)
+    first = tl.load(run_row + slot % width) + piece * PIECE
+    if piece < pieces - 1:
+        end = tl.minimum(end, first + PIECE)
+    if first >= end:
+        return
+    heads = tl.arange(0, HP)
+    hmask = heads < Hq
+    top = _vague_reference(VAGUE_TOP, b * Hq + heads, hmask)
+    entries = (b * ROWS + row).to(tl.int64) * sorted_n
+    logit_rows = VLOGITS + b.to(tl.int64) * span * Hq + heads[None, :]  # (1, HP)
+    total = tl.zeros((HP,), tl.float32)
+    for start in range(first, end, PIECE):
+        idx = start + tl.arange(0, PIECE)
+        listed = idx < end
+        pos = tl.load(ORDER + entries + idx, mask=listed, other=0)
+        sign = 1 - 2 * (tl.load(ORDER_CODES + entries + idx, mask=listed, other=0) & 1)
+        logits = tl.load(logit_rows + pos[:, None] * Hq, mask=listed[:, None] & hmask[None, :], other=float("-inf"))
+        total += tl.sum(tl.exp(logits - top[None, :]) * sign.to(tl.float32)[:, None], 0)
+    tl.atomic_add(W + (b * Hq + heads) * slots + slot, total, mask=hmask, sem="relaxed")
 
 
-@triton.jit
-def _sorted_bucket_sums(VLOGITS, ORDER, ORDER_CODES, W, heads, hmask, top, first, sorted_n, Hq, slots, ROW,
-                        BLOCK: tl.constexpr):
-    """Linear combine, one row, every query head of a sequence: add the signed softmax numerators of the Vague
-    positions among entries ``[first, first + BLOCK)`` of the row's bucket order to their buckets' weights ``W``
-    ``(Hq, slots)`` of this sequence (from the split-K pass's Vague logits ``VLOGITS`` ``(span, Hq)`` of this
-    sequence, -inf elsewhere). The order lists positions by bucket, so a block holds runs of one bucket: a sum over
-    each run (a segmented prefix sum), and at the run's end one atomic add of it, instead of one atomic add per
-    position on a few hot addresses. ``heads`` are the query heads ``(HP,)``, ``top`` their highest Vague logits.
-    Offsets within the sequence are int32 (span x Hq and Hq x slots stay far below 2**31)."""
-    i = tl.arange(0, BLOCK)
-    idx = first + i
-    listed = idx < sorted_n
-    codes = ORDER_CODES + ROW * sorted_n
-    pos = tl.load(ORDER + ROW * sorted_n + idx, mask=listed, other=0)
-    code = tl.load(codes + idx, mask=listed, other=0)
-    slot, sign = code >> 1, 1 - 2 * (code & 1)
-    following = (i < BLOCK - 1) & (idx + 1 < sorted_n)
-    next_slot = tl.load(codes + idx + 1, mask=following, other=-2) >> 1  # -1: no next in the block
-    previous_slot = tl.load(codes + idx - 1, mask=(i > 0) & listed, other=-2) >> 1
-    logits = tl.load(VLOGITS + pos[None, :] * Hq + heads[:, None], mask=hmask[:, None] & listed[None, :],
-                     other=float("-inf"))
-    numerators = tl.exp(logits - top[:, None]) * sign.to(tl.float32)[None, :]
-    starts = tl.broadcast_to((previous_slot != slot).to(tl.int32)[None, :], numerators.shape)
-    running, _ = tl.associative_scan((numerators, starts), 1, _run_sum)
-    run_end = listed & (next_slot != slot)
-    tl.atomic_add(W + heads[:, None] * slots + slot[None, :], running, mask=hmask[:, None] & run_end[None, :],
-                  sem="relaxed")
-
-
-@triton.jit(do_not_specialize=["chunks", "sorted_n"])
+@triton.jit(do_not_specialize=["chunks", "sorted_n", "pieces"])
 def _position_pass(
-    LOGITS, VLOGITS, PART_M, PART_L, VAGUE_TOP, MASS, PART, CODES, ORDER, ORDER_CODES, W, SCORES, CHUNK_TOP, CHUNK_POS,
-    LENGTH, batch, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, columns, chunks,
-    G: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
+    LOGITS, VLOGITS, PART_M, PART_L, VAGUE_TOP, MASS, PART, CODES, ORDER, ORDER_CODES, RUNS, W, SCORES, CHUNK_TOP,
+    CHUNK_POS, LENGTH, batch, Hkv, span, row_stride, mass_stride, code_stride, sorted_n, slots, width, pieces, columns,
+    chunks, G: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr,
     FROM_LOGITS: tl.constexpr, LINEAR: tl.constexpr, SCORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_ORDER: tl.constexpr, CHAINED: tl.constexpr,
+    PIECE: tl.constexpr, CHAINED: tl.constexpr,
 ):
     """One pass over the positions, ``CHUNK`` per program, after the split-K pass: grid ``(B * Hkv, chunks)``, and
-    with a bucket order ``(B * Hkv + B * ROWS * CHUNK / BLOCK_ORDER, chunks)``.
+    with a bucket order ``(B * Hkv + cdiv(B * slots * pieces, chunks), chunks)``.
 
     * With LINEAR, adds each Vague position's softmax numerator ``exp(logit - vague max)`` (the heads' highest
       Vague logit ``VAGUE_TOP`` ``(B, Hq)``), times its sign, to its bucket's weight in each row ``W``
       ``(B, Hq, slots)``: what ``_bucket_values`` multiplies by the buckets' values.
-      The first ``sorted_n`` positions go through their bucket order ``ORDER`` / ``ORDER_CODES`` ``(B, ROWS,
-      sorted_n)`` (:func:`bucket_order`), ``BLOCK_ORDER`` entries of one row of one sequence a program, for all its
-      ``HP >= Hq`` query heads at once: the programs past ``B * Hkv`` in the grid's first axis. The later positions
-      go one by one (without SCORE, the programs of chunks the order lists whole return at once).
+      The first ``sorted_n`` positions go through their :class:`BucketOrder` ``ORDER`` / ``ORDER_CODES`` / ``RUNS``,
+      ``pieces`` programs a bucket (:func:`_bucket_run_sums`), each for all ``HP >= Hq`` query heads of its sequence:
+      the programs past ``B * Hkv`` in the grid's first axis. The later positions go one by one (without SCORE, the
+      programs of chunks the order lists whole return at once).
     * With SCORE, adds the step's attention mass to the cumulative scores ``(B, Hkv, >= N)`` (rows
       ``row_stride`` apart, as the part map's), from the logits (FROM_LOGITS) or from ``MASS`` (rows
       ``mass_stride`` apart), and writes the chunk's highest Vague score and its first position to ``CHUNK_TOP`` /
@@ -741,18 +746,10 @@ def _position_pass(
         gdc_wait()
     chunk = tl.program_id(1)
     if LINEAR:
-        if tl.program_id(0) >= batch * Hkv:  # one block of a row's bucket order, in one step
-            order_program = tl.program_id(0) - batch * Hkv
-            block = order_program % (CHUNK // BLOCK_ORDER)
-            row = (order_program // (CHUNK // BLOCK_ORDER)) % ROWS
-            ob = (order_program // (CHUNK // BLOCK_ORDER) // ROWS).to(tl.int64)
-            heads = tl.arange(0, HP)
-            hmask = heads < Hkv * G
-            head_rows = ob * Hkv * G + heads
-            _sorted_bucket_sums(VLOGITS + ob * span * Hkv * G, ORDER + ob * ROWS * sorted_n,
-                                ORDER_CODES + ob * ROWS * sorted_n, W + ob * Hkv * G * slots, heads, hmask,
-                                _vague_reference(VAGUE_TOP, head_rows, hmask),
-                                chunk * CHUNK + block * BLOCK_ORDER, sorted_n, Hkv * G, slots, row, BLOCK_ORDER)
+        if tl.program_id(0) >= batch * Hkv:
+            _bucket_run_sums(VLOGITS, ORDER, ORDER_CODES, RUNS, W, VAGUE_TOP,
+                             (tl.program_id(0) - batch * Hkv) * chunks + chunk, batch, span, Hkv * G, slots, width,
+                             sorted_n, pieces, HP, ROWS, PIECE)
             return
     if LINEAR and not SCORE:
         if (chunk + 1) * CHUNK <= sorted_n:  # every position listed in the order: the order programs sum them
@@ -814,13 +811,26 @@ def chunk_tops(heads: int, span: int, device: torch.device) -> tuple[torch.Tenso
             torch.empty(heads, chunks, dtype=torch.int32, device=device))
 
 
-def bucket_order(codes: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``length`` positions of each row listed by bucket (stably), and their codes: ``(B, r, length)``
-    int32 each, from the bucket codes ``(B, r, >= length)`` of :func:`slot_codes`. A position's buckets never
-    change, so the linear combine's position pass sums each bucket's weights over runs of this order."""
+class BucketOrder(NamedTuple):
+    """The first positions of each row listed by bucket (:func:`bucket_order`)."""
+
+    positions: torch.Tensor  # (B, r, n) int32, stably sorted by bucket
+    codes: torch.Tensor  # (B, r, n) int32, their codes
+    runs: torch.Tensor  # (B, r, width + 1) int32, where each bucket's run starts in its row (and where the last ends)
+
+
+def bucket_order(codes: torch.Tensor, length: int, width: int) -> BucketOrder:
+    """The first ``length`` positions of each row listed by bucket, from the bucket codes ``(B, r, >= length)`` of
+    :func:`slot_codes` (slots ``row * width + bucket``). A position's buckets never change, so the linear combine's
+    position pass sums each bucket's weights over its run of this order."""
     head = codes[:, :, :length]
     order = torch.sort(head >> 1, dim=-1, stable=True).indices
-    return order.to(torch.int32).contiguous(), head.gather(-1, order).contiguous()
+    ordered_codes = head.gather(-1, order).contiguous()
+    b, rows = codes.shape[:2]
+    slot = torch.arange(rows, dtype=torch.int32, device=codes.device).view(rows, 1) * width
+    bounds = slot + torch.arange(width + 1, dtype=torch.int32, device=codes.device)  # each row's first slots
+    runs = torch.searchsorted((ordered_codes >> 1).contiguous(), bounds.expand(b, rows, width + 1).contiguous())
+    return BucketOrder(order.to(torch.int32).contiguous(), ordered_codes, runs.to(torch.int32).contiguous())
 
 
 def kernel_unsupported(query: torch.Tensor, sketch: VagueSketch | None) -> str | None:
@@ -859,9 +869,10 @@ def tile_pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def order_block(heads_pad: int) -> int:
-    """Bucket-order entries per program of the bucket sums, for ``heads_pad`` query heads a program."""
-    return min(CHUNK_POSITIONS, max(16, ORDER_TILE // heads_pad))
+def run_piece(heads_pad: int) -> int:
+    """Bucket-order entries per piece of a bucket's run in the bucket sums, for ``heads_pad`` query heads a
+    program."""
+    return max(16, RUN_TILE // heads_pad)
 
 
 def _split_plan(work_items: int, programs: int, per_sm: int, device: torch.device) -> int:
@@ -1159,7 +1170,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
 def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None, mass: torch.Tensor | None = None,
                   part: torch.Tensor | None = None, codes: torch.Tensor | None = None,
                   length: torch.Tensor | None = None,
-                  order: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  order: BucketOrder | None = None,
                   tops: tuple[torch.Tensor, torch.Tensor] | None = None,
                   bucket_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Launch ``_position_pass`` on the current CUDA device: the linear combine's bucket weights from the decode's
@@ -1190,26 +1201,29 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
         side_stream.join(device)  # the mass is over every split, the exact ones included
     linear = from_logits and step.linear and bucket_weights
     weights = step.weights if linear else placeholder
-    order_positions, order_codes = order if order is not None else (placeholder, placeholder)
-    sorted_rows = codes.shape[1] if order is not None and linear else 0
+    order_positions, order_codes, runs = order if order is not None else (placeholder,) * 3
+    sorted_n = order_positions.shape[-1] if order is not None and linear else 0
     heads_pad = triton.next_power_of_2(hkv * step.group) if linear else 1
-    block_order = order_block(heads_pad)
+    piece = run_piece(heads_pad)
+    width = runs.shape[-1] - 1 if sorted_n else 1
+    pieces = max(1, triton.cdiv(sorted_n, width * piece))  # a mean run's pieces
+    run_programs = triton.cdiv(b * step.slots * pieces, chunks) if sorted_n else 0
     dependent = from_logits and step.chained and scores is None  # on the chain's stream (the scores: beside it)
-    _position_pass[(b * hkv + b * sorted_rows * (CHUNK_POSITIONS // block_order), chunks)](
+    _position_pass[(b * hkv + run_programs, chunks)](
         step.logits if from_logits else placeholder, step.vague_logits if linear else placeholder,
         step.max if from_logits else placeholder,
         step.sum if from_logits else placeholder, step.vague_top if linear else placeholder,
         mass if mass is not None else placeholder, part,
-        codes if codes is not None else placeholder, order_positions, order_codes, weights,
+        codes if codes is not None else placeholder, order_positions, order_codes, runs, weights,
         scores if scores is not None else placeholder,
         chunk_top if chunk_top is not None else placeholder, chunk_pos if chunk_pos is not None else placeholder,
         length, b, hkv, step.span if from_logits else 0, part.stride(1), mass.stride(1) if mass is not None else 0,
-        codes.stride(1) if codes is not None else 0, order_positions.shape[-1] if sorted_rows else 0,
-        step.slots if linear else 0, step.columns if from_logits else 1, chunks,
+        codes.stride(1) if codes is not None else 0, sorted_n, step.slots if linear else 0, width, pieces,
+        step.columns if from_logits else 1, chunks,
         G=step.group if from_logits else 1, GP=triton.next_power_of_2(step.group) if from_logits else 1,
         HP=heads_pad, SP=step.columns_pad if from_logits else 1, ROWS=codes.shape[1] if codes is not None else 1,
         FROM_LOGITS=from_logits, LINEAR=linear, SCORE=scores is not None,
-        CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, BLOCK_ORDER=block_order, CHAINED=dependent,
+        CHUNK=CHUNK_POSITIONS, BLOCK=BLOCK_PASS, PIECE=piece, CHAINED=dependent,
         num_warps=PASS_WARPS, launch_pdl=dependent,
     )
     if linear:
