@@ -697,8 +697,8 @@ def _bucket_run_sums(VLOGITS, ORDER, ORDER_CODES, RUNS, W, VAGUE_TOP, run, batch
     slot = bucket_slot % slots
     row = slot // width
     run_row = RUNS + (b * ROWS + row).to(tl.int64) * (width + 1)
-    end = tl.load(run_row + slot % width + 1)
-    first = tl.load(run_row + slot % width) + piece * PIECE
+    end = tl.load(run_row + slot % width + 1).to(tl.int32)  # RUNS is a placeholder of another type without an order
+    first = tl.load(run_row + slot % width).to(tl.int32) + piece * PIECE
     if piece < pieces - 1:
         end = tl.minimum(end, first + PIECE)
     if first >= end:
