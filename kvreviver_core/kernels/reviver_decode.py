@@ -344,12 +344,21 @@ def _bucket_logits(q, bh, block, SK, SCNT, QK, W, VAGUE_OUT, VAGUE_TOP, Hkv, slo
 
 
 @triton.jit
+def _rescale_to(m, m_new):
+    """The reference to take exponentials against once the running max goes from ``m`` to ``m_new`` (0 while
+    nothing has been seen, so that no -inf - -inf makes a NaN), and the factor that rescales what was summed
+    before."""
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_use, tl.exp(m - m_use)
+
+
+@triton.jit
 def _online_rescale(m, s):
     """The running max after logits ``s`` (GP, BLOCK), the factor that rescales what was summed before, and the
     block's exponentials."""
     m_new = tl.maximum(m, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, tl.exp(m - m_use), tl.exp(s - m_use[:, None])
+    m_use, alpha = _rescale_to(m, m_new)
+    return m_new, alpha, tl.exp(s - m_use[:, None])
 
 
 @triton.jit
@@ -429,8 +438,7 @@ def _exact_rows(q, EK, EV, SLOT_POS, part_row, logit_row, first_entry, E, first_
         s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], 1) * scaling, float("-inf"))
         tl.store(logit_row + pos, s, mask=pos >= 0)
         m_new = tl.maximum(m, s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
+        m_use, alpha = _rescale_to(m, m_new)
         p = tl.exp(s - m_use)
         l = l * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
@@ -438,7 +446,7 @@ def _exact_rows(q, EK, EV, SLOT_POS, part_row, logit_row, first_entry, E, first_
         pos, kind, k, v = next_pos, next_kind, next_k, next_v
         following, next_pos = after, after_pos
     top = tl.max(m, 0)
-    weight = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))
+    _, weight = _rescale_to(m, top)
     return top, tl.sum(l * weight, 0), tl.sum(acc * weight[:, None], 0)
 
 
