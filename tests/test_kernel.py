@@ -266,6 +266,33 @@ def test_linear_kernel_through_the_bucket_order_matches_reference(case):
         assert rel < tolerance and mass_err < tolerance
 
 
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_bucket_order_runs_bound_each_buckets_entries():
+    """Each bucket's run in the order holds exactly that bucket's positions (counted apart with bincount), and
+    ``runs`` says where it starts and ends, also for buckets no position hashes to and for a row's unused slots."""
+    from kvreviver_core.kernels import reviver_decode as rd
+
+    gen = torch.Generator().manual_seed(3)
+    width, rows, length = 11, 3, 500
+    buckets = torch.tensor([7, 11])  # the first sequence leaves 4 slots of each row empty
+    bucket = torch.stack([torch.randint(0, int(n), (rows, length + 20), generator=gen) for n in buckets])
+    slot = bucket + torch.arange(rows).view(1, rows, 1) * width
+    codes = (slot * 2 + torch.randint(0, 2, slot.shape, generator=gen)).to(torch.int32)
+    order = rd.bucket_order(codes, length, width)
+    assert order.runs.shape == (2, rows, width + 1) and order.runs.dtype == torch.int32
+    for b in range(2):
+        for row in range(rows):
+            counts = torch.bincount(bucket[b, row, :length], minlength=width)
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            assert order.runs[b, row].tolist() == starts.tolist()
+            for k in range(width):
+                run = slice(int(starts[k]), int(starts[k + 1]))
+                positions = order.positions[b, row, run].long()
+                assert (bucket[b, row, positions] == k).all()
+                assert torch.equal(order.codes[b, row, run], codes[b, row, positions])
+                assert positions.tolist() == sorted(positions.tolist())  # stable: by position within a bucket
+
+
 def upcast(args):
     """The same decode inputs in fp32 (the sketch copied with fp32 buckets)."""
     query, keys, values, pos, sketch, valid = args
