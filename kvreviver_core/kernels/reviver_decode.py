@@ -703,10 +703,10 @@ def _bucket_run_sums(VLOGITS, ORDER, ORDER_CODES, RUNS, W, VAGUE_TOP, run, batch
     piece = run % pieces
     b = bucket_slot // slots
     slot = bucket_slot % slots
-    row = slot // width
+    row, bucket = slot // width, slot % width
     run_row = RUNS + (b * ROWS + row).to(tl.int64) * (width + 1)
-    end = tl.load(run_row + slot % width + 1).to(tl.int32)  # RUNS is a placeholder of another type without an order
-    first = tl.load(run_row + slot % width).to(tl.int32) + piece * PIECE
+    end = tl.load(run_row + bucket + 1)
+    first = tl.load(run_row + bucket) + piece * PIECE
     if piece < pieces - 1:
         end = tl.minimum(end, first + PIECE)
     if first >= end:
@@ -1209,7 +1209,8 @@ def position_pass(step: DecodeSplits | None, scores: torch.Tensor | None = None,
         side_stream.join(device)  # the mass is over every split, the exact ones included
     linear = from_logits and step.linear and bucket_weights
     weights = step.weights if linear else placeholder
-    order_positions, order_codes, runs = order if order is not None else (placeholder,) * 3
+    # Without an order its launch reads none of it, but compiles the run sums: int32 pointers, as the order's.
+    order_positions, order_codes, runs = order if order is not None else (codes if linear else placeholder,) * 3
     sorted_n = order_positions.shape[-1] if order is not None and linear else 0
     heads_pad = triton.next_power_of_2(hkv * step.group) if linear else 1
     piece = run_piece(heads_pad)
