@@ -52,13 +52,14 @@ from kvreviver_core.results import ResultStore
 # Datasheet HBM bandwidth (bytes/s) by device-name substring, most specific first.
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
 # Knobs of reviver_decode swept per context and combine: the defaults, then each of these values in turn
-KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT"),
+KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT", "BLOCK_MASS"),
          "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM_LINEAR", "NUM_STAGES_LINEAR", "BLOCK_EXACT",
-                  "VAGUE_RANGES", "VAGUE_HEADS", "RUN_TILE", "PASS_WARPS", "SPLIT_BALANCE", "EXACT_BESIDE")}
+                  "VAGUE_RANGES", "VAGUE_HEADS", "RUN_TILE", "PASS_WARPS", "SPLIT_BALANCE", "EXACT_BESIDE",
+                  "BLOCK_MASS")}
 VARIATIONS = {"median": {"BLOCK_EXACT": (16,), "BLOCK_VAGUE": (16,)},
               "mean": {"VAGUE_RANGES": (32, 128), "VAGUE_HEADS": (16,), "BLOCK_LINEAR": (128,), "SPLIT_BALANCE": (1, 8),
                        "PROGRAMS_PER_SM_LINEAR": (2, 8), "NUM_STAGES_LINEAR": (2,), "BLOCK_EXACT": (64,),
-                       "RUN_TILE": (2048, 8192), "EXACT_BESIDE": (0,)}}
+                       "RUN_TILE": (2048, 8192), "EXACT_BESIDE": (0,), "BLOCK_MASS": (1024, 4096)}}
 
 
 def default_config(combine: str) -> tuple:
@@ -129,21 +130,23 @@ def kernel_bytes(layer: ReviverLayer, query_heads: int) -> dict[str, int]:
     }
 
 
+def capture_graph(body, replays: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``body`` x ``replays``, after two warm-up calls on a side stream (which compile its kernels)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays):
+            body()
+    return graph
+
+
 def graph_us(fn, flush, replays: int = 10, repeats: int = 7) -> float:
     """Median microseconds of ``fn`` from CUDA-graph replays of (flush, fn) x replays, minus the flushes alone."""
-
-    def capture(body):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(replays):
-                body()
-        return graph
 
     def replay_ms(graph) -> float:
         times = []
@@ -156,8 +159,8 @@ def graph_us(fn, flush, replays: int = 10, repeats: int = 7) -> float:
             times.append(start.elapsed_time(end))
         return statistics.median(times)
 
-    with_fn = capture(lambda: (flush(), fn()))
-    alone = capture(flush)
+    with_fn = capture_graph(lambda: (flush(), fn()), replays)
+    alone = capture_graph(flush, replays)
     return (replay_ms(with_fn) - replay_ms(alone)) / replays * 1e3
 
 

@@ -9,25 +9,30 @@ Llama-2-7B shapes (32 heads, head_dim 128, bf16), budget 10%, one real ``Reviver
   attention, the position pass and Algorithm 3).
 
 and prints each GPU kernel's mean time per call, with its share. One JSON line per (context, combine, part) goes to
-``--out``. With ``--plain`` it only runs the parts (3 warm-up calls, then ``--calls``), with no profiler of its own, so
+``--out``. With ``--timeline`` (attention only) it instead replays the attention from a CUDA graph, each replay after an
+L2 flush as in benchmark 1, and prints each kernel's median start and end in µs from the attention's first kernel:
+which launches overlap and which one ends last. With ``--plain`` it only runs the parts (3 warm-up calls, then ``--calls``), with no profiler of its own, so
 that Nsight Compute can read the kernels' counters (``ncu_decode_kernels.sh``).
 
 Usage on a GPU machine: python benchmarks/profile_decode_kernels.py [--contexts 8192,32768] [--combines median,mean]
-[--parts attention,step] [--plain]
+[--parts attention,step] [--plain | --timeline]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_decode_attention import layer_step
+from bench_decode_attention import FLUSH_BYTES, capture_graph, layer_step
 from profile_compress_step import prefilled_layer
+from trace_layer_timeline import gpu_kernels
 
 from kvreviver_core.kernels import reviver_decode
 
@@ -48,6 +53,34 @@ def kernel_times(fn, calls: int) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def kernel_timeline(fn, calls: int) -> dict[str, tuple[float, float]]:
+    """Each kernel of ``fn`` (named with its occurrence in launch order, e.g. ``_decode_split#2``) with its median
+    (start, end) in µs from ``fn``'s first kernel, over ``calls`` graph replays of (L2 flush, ``fn``)."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda").zero_
+    graph = capture_graph(lambda: (flush(), fn()))
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            graph.replay()
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        kernels = gpu_kernels(trace)
+    per_call = len(kernels) // calls
+    if per_call < 2 or per_call * calls != len(kernels):
+        raise SystemExit(f"the trace holds {len(kernels)} kernels, not the same number in each of {calls} replays")
+    spans = defaultdict(list)
+    for first in range(0, len(kernels), per_call):
+        replay = kernels[first + 1:first + per_call]  # the flush first
+        t0, seen = replay[0]["ts"], defaultdict(int)
+        for e in replay:
+            seen[e["name"]] += 1
+            spans[f"{e['name'][:50]}#{seen[e['name']]}"].append((e["ts"] - t0, e["ts"] + e["dur"] - t0))
+    return {key: (statistics.median(s for s, _ in v), statistics.median(e for _, e in v)) for key, v in spans.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", default="8192,32768")
@@ -57,11 +90,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--parts", default="attention,step")
     parser.add_argument("--plain", action="store_true", help="run the parts without torch.profiler (for ncu)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="the attention's kernels on the GPU's timeline, from graph replays")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_kernels.jsonl"))
     args = parser.parse_args()
     unknown = set(args.parts.split(",")) - {"attention", "step"}
     if unknown:
         parser.error(f"--parts: unknown part(s) {', '.join(sorted(unknown))} (attention, step)")
+    if args.timeline and (args.plain or args.parts != "attention"):
+        parser.error("--timeline replays the attention alone: give --parts attention, without --plain")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (and Triton)")
     device = torch.cuda.get_device_name()
@@ -94,6 +131,16 @@ def main() -> None:
                     for _ in range(3 + args.calls):
                         fn()
                     torch.cuda.synchronize()
+                    continue
+                if args.timeline:
+                    spans = kernel_timeline(fn, args.calls)
+                    row = {"device": device, "context": context, "combine": combine, "part": name,
+                           "timeline_us": spans}
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"\n{device}, context {context}, combine {combine}, {name}: median µs from its first kernel")
+                    for kernel, (start, end) in sorted(spans.items(), key=lambda kv: kv[1]):
+                        print(f"  {start:7.1f} - {end:7.1f}  ({end - start:6.1f})  {kernel}")
                     continue
                 times = kernel_times(fn, args.calls)
                 total = sum(times.values())

@@ -85,7 +85,9 @@ SUPPORTED_ROWS = (1, 3)  # 1 or 3 rows combined (median or mean); other row coun
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_EXACT = 32  # exact slots per loop step
 BLOCK_VAGUE = 32  # positions per loop step (3 gathered rows each for keys and values)
-BLOCK_MASS = 1024  # positions per program in the combine kernel
+# Positions per program of the combine's mass: on an H200 at batch 1 under the linear combine, 2048 took 108.0
+# against 116.2 us for 1024 at 128k, and the same at 8k and 32k (BENCHMARKS.md, issue 7).
+BLOCK_MASS = 2048
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 8  # split-K target: programs of the main kernel per multiprocessor
 # The most under the linear combine, whose splits attend the exact slots only, beside the Vague chain: about one
