@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_decode_attention import FLUSH_BYTES, capture_graph, layer_step
 from profile_compress_step import prefilled_layer
-from trace_layer_timeline import gpu_kernels
+from trace_layer_timeline import gpu_kernels, replay_spans
 
 from kvreviver_core.kernels import reviver_decode
 
@@ -54,8 +53,8 @@ def kernel_times(fn, calls: int) -> dict[str, float]:
 
 
 def kernel_timeline(fn, calls: int) -> dict[str, tuple[float, float]]:
-    """Each kernel of ``fn`` (named with its occurrence in launch order, e.g. ``_decode_split#2``) with its median
-    (start, end) in µs from ``fn``'s first kernel, over ``calls`` graph replays of (L2 flush, ``fn``)."""
+    """Each kernel of ``fn`` with its median (start, end) in µs from ``fn``'s first kernel, over ``calls`` graph
+    replays of (L2 flush, ``fn``) under torch's profiler (:func:`replay_spans`)."""
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda").zero_
     graph = capture_graph(lambda: (flush(), fn()))
     graph.replay()
@@ -67,18 +66,7 @@ def kernel_timeline(fn, calls: int) -> dict[str, tuple[float, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
-        kernels = gpu_kernels(trace)
-    per_call = len(kernels) // calls
-    if per_call < 2 or per_call * calls != len(kernels):
-        raise SystemExit(f"the trace holds {len(kernels)} kernels, not the same number in each of {calls} replays")
-    spans = defaultdict(list)
-    for first in range(0, len(kernels), per_call):
-        replay = kernels[first + 1:first + per_call]  # the flush first
-        t0, seen = replay[0]["ts"], defaultdict(int)
-        for e in replay:
-            seen[e["name"]] += 1
-            spans[f"{e['name'][:50]}#{seen[e['name']]}"].append((e["ts"] - t0, e["ts"] + e["dur"] - t0))
-    return {key: (statistics.median(s for s, _ in v), statistics.median(e for _, e in v)) for key, v in spans.items()}
+        return replay_spans(gpu_kernels(trace), calls)
 
 
 def main() -> None:

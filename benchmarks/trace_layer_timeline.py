@@ -7,6 +7,8 @@ tokens, in µs from the ``_append``, and the median time from one ``_append`` to
 in a step (``_decode_split``: the exact splits and the bucket logits; ``_position_pass``: the bucket sums and the
 scores) are told apart by their order of start.
 
+:func:`replay_spans` does the same for graph replays of attention alone (``profile_decode_kernels.py --timeline``).
+
 Usage: python benchmarks/trace_layer_timeline.py runs/trace/kvreviver_combine-mean_32768_graphs.json.gz
 """
 
@@ -53,6 +55,23 @@ def layer_timeline(kernels: list[dict]) -> tuple[dict[str, list[tuple[float, flo
                 continue
             spans[key].append((e["ts"] - t0, e["ts"] + e["dur"] - t0))
     return spans, periods
+
+
+def replay_spans(kernels: list[dict], calls: int) -> dict[str, tuple[float, float]]:
+    """From the GPU kernels of ``calls`` replays, by start (trace events: ``name``, ``ts``, ``dur``), each replay a
+    flush then the same kernels: every kernel after the flush, named with its occurrence in order of start (e.g.
+    ``_decode_split#2``), with its median (start, end) in µs from the replay's first kernel after the flush."""
+    per_call = len(kernels) // calls
+    if per_call < 2 or per_call * calls != len(kernels):
+        raise SystemExit(f"the trace holds {len(kernels)} kernels, not the same number in each of {calls} replays")
+    spans = defaultdict(list)
+    for first in range(0, len(kernels), per_call):
+        replay = kernels[first + 1:first + per_call]
+        t0, seen = replay[0]["ts"], defaultdict(int)
+        for e in replay:
+            seen[e["name"]] += 1
+            spans[f"{e['name'][:50]}#{seen[e['name']]}"].append((e["ts"] - t0, e["ts"] + e["dur"] - t0))
+    return {key: (statistics.median(s for s, _ in v), statistics.median(e for _, e in v)) for key, v in spans.items()}
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "benchmarks" / "trace_layer_timeline.py"
 
@@ -54,3 +56,24 @@ def test_a_trace_without_kvreviver_steps_or_a_broken_file_is_a_one_line_error(tm
         done = run(path)
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("trace_layer_timeline:")
+
+
+def replay(t0: float, vague_end: float) -> list[dict]:
+    """One graph replay of benchmark 1's attention as ``profile_decode_kernels.py --timeline`` traces it."""
+    kernels = [("flush", 0.0, 50.0), ("_decode_split", 60.0, 30.0), ("_bucket_logits", 60.5, 4.0),
+               ("_position_pass", 65.0, vague_end - 65.0), ("_position_pass", 66.0, 2.0)]
+    return [{"name": name, "ts": t0 + start, "dur": dur} for name, start, dur in kernels]
+
+
+def test_each_replay_is_placed_from_its_first_kernel_after_the_flush():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from trace_layer_timeline import replay_spans
+
+    spans = replay_spans(replay(0.0, 80.0) + replay(1000.0, 90.0) + replay(2000.0, 85.0), calls=3)
+    assert set(spans) == {"_decode_split#1", "_bucket_logits#1", "_position_pass#1", "_position_pass#2"}  # no flush
+    assert spans["_decode_split#1"] == (0.0, 30.0)
+    assert spans["_bucket_logits#1"] == (0.5, 4.5)
+    assert spans["_position_pass#1"] == (5.0, 25.0)  # the median end of 20, 30 and 25
+    assert spans["_position_pass#2"] == (6.0, 8.0)
+    with pytest.raises(SystemExit, match="not the same number"):
+        replay_spans(replay(0.0, 80.0) + replay(1000.0, 90.0)[:-1], calls=2)
