@@ -55,11 +55,12 @@ HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100",
 KNOBS = {"median": ("BLOCK_VAGUE", "NUM_WARPS", "PROGRAMS_PER_SM", "NUM_STAGES", "BLOCK_EXACT", "BLOCK_MASS"),
          "mean": ("BLOCK_LINEAR", "NUM_WARPS", "PROGRAMS_PER_SM_LINEAR", "NUM_STAGES_LINEAR", "BLOCK_EXACT",
                   "VAGUE_RANGES", "VAGUE_HEADS", "RUN_TILE", "PASS_WARPS", "SPLIT_BALANCE", "EXACT_BESIDE",
-                  "BLOCK_MASS")}
+                  "BLOCK_MASS", "EXACT_WARPS")}
 VARIATIONS = {"median": {"BLOCK_EXACT": (16,), "BLOCK_VAGUE": (16,)},
               "mean": {"VAGUE_RANGES": (32, 128), "VAGUE_HEADS": (16,), "BLOCK_LINEAR": (128,), "SPLIT_BALANCE": (1, 8),
                        "PROGRAMS_PER_SM_LINEAR": (2, 8), "NUM_STAGES_LINEAR": (2,), "BLOCK_EXACT": (64,),
-                       "RUN_TILE": (2048, 8192), "EXACT_BESIDE": (0,), "BLOCK_MASS": (1024, 4096)}}
+                       "RUN_TILE": (2048, 8192), "EXACT_BESIDE": (0,), "BLOCK_MASS": (1024, 4096),
+                       "EXACT_WARPS": (8,)}}
 
 
 def default_config(combine: str) -> tuple:

@@ -101,6 +101,9 @@ PROGRAMS_PER_SM_LINEAR = 1
 # blocks on.
 SPLIT_BALANCE = 3
 NUM_WARPS = 4
+# Warps of each exact-split program under the linear combine (beside the Vague chain): on an H200 at 128k one
+# program an SM leaves one warp a scheduler, which issues every ~7 cycles (BENCHMARKS.md, issue 7).
+EXACT_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
 # And under the linear combine, for the split-K launches and _vague_logits: on an H200 at 32k and batch 1, 3 stages
 # took 43.3 against 45.8 us a step (BENCHMARKS.md, issue 7).
@@ -1133,7 +1136,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
                          and sk.data_ptr() == sketch.keys.data_ptr()
                          and (counts is None or counts.data_ptr() == sketch.counts.data_ptr()))
 
-    def launch_split(first_program: int, programs: int, dependent: bool = False) -> None:
+    def launch_split(first_program: int, programs: int, dependent: bool = False, warps: int = NUM_WARPS) -> None:
         _decode_split[(b * hkv, programs)](
             q, q.stride(0), q.stride(1),
             exact_keys, exact_values, exact_pos, part, part.stride(1),
@@ -1146,7 +1149,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
             G=group, GP=gp, VP=gp if has_sketch else triton.next_power_of_2(group), D=d, DP=dp,
             ROWS=rows, HAS_SKETCH=has_sketch, MEAN=counts is not None,
             SIGNED_KEYS=signed_keys, LINEAR=linear, SKIP_EMPTY=SKIP_EMPTY, BLOCK_E=BLOCK_EXACT,
-            BLOCK_V=block_v, BLOCK_B=BLOCK_BUCKETS, CHAINED=dependent, num_warps=NUM_WARPS,
+            BLOCK_V=block_v, BLOCK_B=BLOCK_BUCKETS, CHAINED=dependent, num_warps=warps,
             num_stages=NUM_STAGES_LINEAR if linear else NUM_STAGES, launch_pdl=dependent,
         )
 
@@ -1155,7 +1158,7 @@ def attend_splits(query, exact_keys, exact_values, exact_pos, sketch, part, code
     elif EXACT_BESIDE:
         # The exact splits and the Vague chain (bucket logits, Vague logits, bucket sums and values) need nothing
         # of each other before the combine, which joins the side stream: they run at the same time.
-        side_stream.launch_beside(device, lambda: launch_split(0, splits),
+        side_stream.launch_beside(device, lambda: launch_split(0, splits, warps=EXACT_WARPS),
                                   keep=(q, exact_keys, exact_values, exact_pos, part, logits, part_acc, part_m, part_l,
                                         length))
         launch_split(splits, bucket_blocks, dependent=buckets_dependent)
