@@ -206,6 +206,16 @@ def layer_step(layer, heads: int, head_dim: int, batch: int, scaling: float):
     return step
 
 
+def inplace_maps(layer: ReviverLayer, key_valid: torch.Tensor) -> tuple:
+    """What the in-place store keeps for ``layer``'s decode attention: the part map, the positions' bucket codes,
+    the length on the device and, under the linear combine, the positions' bucket order (else None)."""
+    length, sketch = layer.logical_len, layer.sketch
+    codes = reviver_decode.slot_codes(sketch, length)
+    order = reviver_decode.bucket_order(codes, length, sketch.width) if sketch.combine == "mean" else None
+    return (reviver_decode.part_map(layer.exact_pos, key_valid), codes,
+            torch.full((1,), length, dtype=torch.long, device="cuda"), order)
+
+
 def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
     b, h, d = args.batch, args.heads, args.head_dim
     scaling = d**-0.5
@@ -233,11 +243,7 @@ def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
     flush_buffer = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     flush = flush_buffer.zero_
     length = layer.logical_len
-    part = reviver_decode.part_map(layer.exact_pos, key_valid)
-    codes = reviver_decode.slot_codes(layer.sketch, length)
-    length_tensor = torch.full((1,), length, dtype=torch.long, device="cuda")
-    # as the in-place store
-    order = reviver_decode.bucket_order(codes, length, layer.sketch.width) if combine == "mean" else None
+    part, codes, length_tensor, order = inplace_maps(layer, key_valid)
 
     def attend(sketch):
         return reviver_decode.decode_attention(query, *store, sketch, part, codes, length_tensor, length, scaling,

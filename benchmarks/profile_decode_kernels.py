@@ -9,10 +9,11 @@ Llama-2-7B shapes (32 heads, head_dim 128, bf16), budget 10%, one real ``Reviver
   attention, the position pass and Algorithm 3).
 
 and prints each GPU kernel's mean time per call, with its share. One JSON line per (context, combine, part) goes to
-``--out``. With ``--timeline`` (attention only) it instead replays the attention from a CUDA graph, each replay after an
-L2 flush as in benchmark 1, and prints each kernel's median start and end in µs from the attention's first kernel:
-which launches overlap and which one ends last. With ``--plain`` it only runs the parts (3 warm-up calls, then ``--calls``), with no profiler of its own, so
-that Nsight Compute can read the kernels' counters (``ncu_decode_kernels.sh``).
+``--out``. With ``--timeline`` (attention only) it instead replays the attention from a CUDA graph, each replay
+after an L2 flush as in benchmark 1, and prints each kernel's median start and end in µs from the attention's first
+kernel: which launches overlap and which one ends last. With ``--plain`` it only runs the parts (3 warm-up calls,
+then ``--calls``), with no profiler of its own, so that Nsight Compute can read the kernels' counters
+(``ncu_decode_kernels.sh``).
 
 Usage on a GPU machine: python benchmarks/profile_decode_kernels.py [--contexts 8192,32768] [--combines median,mean]
 [--parts attention,step] [--plain | --timeline]
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_decode_attention import FLUSH_BYTES, capture_graph, layer_step
+from bench_decode_attention import FLUSH_BYTES, capture_graph, inplace_maps, layer_step
 from profile_compress_step import prefilled_layer
 from trace_layer_timeline import gpu_kernels, replay_spans
 
@@ -102,11 +103,7 @@ def main() -> None:
             query = rand(1, h, 1, d)
             length = layer.logical_len
             key_valid = torch.ones(1, length, dtype=torch.bool, device="cuda")
-            part = reviver_decode.part_map(layer.exact_pos, key_valid)
-            codes = reviver_decode.slot_codes(layer.sketch, length)
-            length_tensor = torch.full((1,), length, dtype=torch.long, device="cuda")
-            # as the in-place store
-            order = reviver_decode.bucket_order(codes, length, layer.sketch.width) if combine == "mean" else None
+            part, codes, length_tensor, order = inplace_maps(layer, key_valid)
             store = (layer.exact_keys, layer.exact_values, layer.exact_pos, layer.sketch)
             parts = {
                 "attention": lambda: reviver_decode.decode_attention(query, *store, part, codes, length_tensor,
@@ -120,25 +117,22 @@ def main() -> None:
                         fn()
                     torch.cuda.synchronize()
                     continue
+                row = {"device": device, "context": context, "combine": combine, "part": name}
                 if args.timeline:
                     spans = kernel_timeline(fn, args.calls)
-                    row = {"device": device, "context": context, "combine": combine, "part": name,
-                           "timeline_us": spans}
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(f"\n{device}, context {context}, combine {combine}, {name}: median µs from its first kernel")
-                    for kernel, (start, end) in sorted(spans.items(), key=lambda kv: kv[1]):
-                        print(f"  {start:7.1f} - {end:7.1f}  ({end - start:6.1f})  {kernel}")
-                    continue
-                times = kernel_times(fn, args.calls)
-                total = sum(times.values())
-                row = {"device": device, "context": context, "combine": combine, "part": name,
-                       "gpu_us_per_call": total, "kernels_us": times}
+                    row["timeline_us"] = spans
+                    lines = ["median µs from its first kernel"] + [
+                        f"  {start:7.1f} - {end:7.1f}  ({end - start:6.1f})  {kernel}"
+                        for kernel, (start, end) in sorted(spans.items(), key=lambda kv: kv[1])]
+                else:
+                    times = kernel_times(fn, args.calls)
+                    total = sum(times.values())
+                    row.update(gpu_us_per_call=total, kernels_us=times)
+                    lines = [f"{total:.1f} us of GPU time per call"] + [
+                        f"  {us:8.1f} us  {100 * us / total:5.1f}%  {kernel}" for kernel, us in times.items()]
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(f"\n{device}, context {context}, combine {combine}, {name}: {total:.1f} us of GPU time per call")
-                for kernel, us in times.items():
-                    print(f"  {us:8.1f} us  {100 * us / total:5.1f}%  {kernel}")
+                print(f"\n{device}, context {context}, combine {combine}, {name}: " + "\n".join(lines))
             del layer, store, part, codes, order
             torch.cuda.empty_cache()
 

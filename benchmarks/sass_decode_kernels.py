@@ -35,7 +35,8 @@ POINTERS = {"Q": "*bf16", "EK": "*bf16", "EV": "*bf16", "SK": "*bf16", "SV": "*b
             "PART": "*i8", "SCNT": "*i32", "BUCKETS": "*i64", "SLOTS": "*i32", "QK": "*fp32", "W": "*fp32",
             "VAGUE_OUT": "*fp32", "VAGUE_TOP": "*fp32", "LOGITS": "*fp32", "VLOGITS": "*fp32", "PART_ACC": "*fp32",
             "PART_M": "*fp32", "PART_L": "*fp32", "LENGTH": "*i64", "MASS": "*fp32", "CODES": "*i32",
-            "ORDER": "*i32", "ORDER_CODES": "*i32", "RUNS": "*i32", "SCORES": "*fp32", "CHUNK_TOP": "*fp32", "CHUNK_POS": "*i32"}
+            "ORDER": "*i32", "ORDER_CODES": "*i32", "RUNS": "*i32", "SCORES": "*fp32", "CHUNK_TOP": "*fp32",
+            "CHUNK_POS": "*i32"}
 FLOATS = {"scaling", "bucket_scale"}
 # Integers that are multiples of 16 at these shapes (strides, head counts, the capacity), where not left unspecialized.
 ALIGNED_INTS = {"stride_qb", "stride_qh", "part_stride", "code_stride", "row_stride", "mass_stride", "Hkv", "span"}
