@@ -60,9 +60,9 @@ def test_a_trace_without_kvreviver_steps_or_a_broken_file_is_a_one_line_error(tm
 
 def replay(t0: float, vague_end: float) -> list[dict]:
     """One graph replay of benchmark 1's attention as ``profile_decode_kernels.py --timeline`` traces it."""
-    # the exact splits, then the bucket logits (programs of the same kernel), the bucket sums and the scores
+    # the exact splits, then the bucket logits (programs of the same kernel), the Vague logits and the combine
     kernels = [("flush", 0.0, 50.0), ("_decode_split", 60.0, 30.0), ("_decode_split", 60.5, 4.0),
-               ("_position_pass", 65.0, vague_end - 65.0), ("_position_pass", 66.0, 2.0)]
+               ("_vague_logits", 65.0, vague_end - 65.0), ("_combine", 91.0, 2.0)]
     return [{"name": name, "ts": t0 + start, "dur": dur} for name, start, dur in kernels]
 
 
@@ -71,10 +71,10 @@ def test_each_replay_is_placed_from_its_first_kernel_after_the_flush():
     from trace_layer_timeline import replay_spans
 
     spans = replay_spans(replay(0.0, 80.0) + replay(1000.0, 90.0) + replay(2000.0, 85.0), calls=3)
-    assert set(spans) == {"_decode_split#1", "_decode_split#2", "_position_pass#1", "_position_pass#2"}  # no flush
+    assert set(spans) == {"_decode_split#1", "_decode_split#2", "_vague_logits#1", "_combine#1"}  # no flush
     assert spans["_decode_split#1"] == (0.0, 30.0)
     assert spans["_decode_split#2"] == (0.5, 4.5)
-    assert spans["_position_pass#1"] == (5.0, 25.0)  # the median end of 20, 30 and 25
-    assert spans["_position_pass#2"] == (6.0, 8.0)
+    assert spans["_vague_logits#1"] == (5.0, 25.0)  # the median end of 20, 30 and 25
+    assert spans["_combine#1"] == (31.0, 33.0)
     with pytest.raises(SystemExit, match="not the same number"):
         replay_spans(replay(0.0, 80.0) + replay(1000.0, 90.0)[:-1], calls=2)

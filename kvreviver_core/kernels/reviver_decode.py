@@ -101,8 +101,8 @@ PROGRAMS_PER_SM_LINEAR = 1
 # blocks on.
 SPLIT_BALANCE = 3
 NUM_WARPS = 4
-# Warps of each exact-split program under the linear combine (beside the Vague chain): on an H200 at 128k one
-# program an SM leaves one warp a scheduler, which issues every ~7 cycles (BENCHMARKS.md, issue 7).
+# Warps of each exact-split program under the linear combine (beside the Vague chain). On an H200 at batch 1, 8
+# were not faster than 4 at 8k, 32k or 128k, with 32 or 64 slots a block (BENCHMARKS.md, issue 7).
 EXACT_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the main kernel's loops (Triton's default on NVIDIA: 3)
 # And under the linear combine, for the split-K launches and _vague_logits: on an H200 at 32k and batch 1, 3 stages
