@@ -19,6 +19,7 @@ Checked against the device: at ``a434964`` the linear combine's split launch com
 
 Usage: python benchmarks/sass_decode_kernels.py [--kernel split|vague|bucket-sums] [--group 1] [--head-dim 128]
        [--rows 3] [--combine mean|median] [--block-exact 32] [--warps N] [--stages N] [--arch 80|86|89|90] [--tree DIR]
+       [--listing]
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def instruction_mix(opcodes: list[str]) -> str:
 
 
 def sass_listing(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """The instructions' opcodes in order, and each loop as (first, last) indices: a branch back to a label."""
-    opcodes, texts, labels, pending = [], [], {}, []
+    """The instructions in order (without their predicates), and each loop as (first, last) indices: a branch back
+    to a label."""
+    texts, labels, pending = [], {}, []
     for line in sass.splitlines():
         label = re.match(r"^\s*(\.L_x_\d+):", line)
         if label:
@@ -126,15 +128,13 @@ def sass_listing(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
         if instruction:
             labels.update((name, len(texts)) for name in pending)
             pending = []
-            text = re.sub(r"^@!?U?P\w+\s+", "", instruction.group(1))
-            texts.append(text)
-            opcodes.append(text.split()[0])
+            texts.append(re.sub(r"^@!?U?P\w+\s+", "", instruction.group(1)))
     loops = []
     for i, text in enumerate(texts):
         target = re.match(r"BRA\s+`\((\.L_x_\d+)\)", text)
         if target and labels.get(target.group(1), i + 1) < i:
             loops.append((labels[target.group(1)], i))
-    return opcodes, loops
+    return texts, loops
 
 
 def main() -> None:
@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--block-exact", type=int, default=None, help="exact slots a step (BLOCK_EXACT)")
     parser.add_argument("--warps", type=int, default=None)
     parser.add_argument("--stages", type=int, default=None)
+    parser.add_argument("--listing", action="store_true", help="also print each loop's SASS, in order")
     parser.add_argument("--arch", type=int, default=90, choices=ARCHS, help="compute capability: 90 for H100/H200")
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1],
                         help="the checkout whose kernels to compile (e.g. a git archive of a branch)")
@@ -190,7 +191,8 @@ def main() -> None:
                               check=True).stdout
     registers = re.search(r"REG:(\d+)", usage).group(1)
     stack = re.search(r"STACK:(\d+)", usage).group(1)
-    opcodes, loops = sass_listing(sass)
+    texts, loops = sass_listing(sass)
+    opcodes = [text.split()[0] for text in texts]
     print(f"{kernel.__name__} from {args.tree}: sm_{args.arch}, {warps} warps, {stages} stages, "
           f"{', '.join(f'{k}={v}' for k, v in constexprs.items())}")
     print(f"registers a thread {registers}, stack {stack} B, shared memory {compiled.metadata.shared} B, "
@@ -198,6 +200,8 @@ def main() -> None:
     for first, last in loops:
         body = opcodes[first:last + 1]
         print(f"loop of {len(body)} instructions: {instruction_mix(body)}")
+        if args.listing:
+            print("\n".join(f"    {text}" for text in texts[first:last + 1]))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,22 @@ def test_the_linear_combines_other_launches_compile(tmp_path):
         assert ("loop of " in done.stdout) == loops, done.stdout
 
 
+def test_listing_prints_each_loops_instructions_with_the_opcodes_it_counts():
+    pytest.importorskip("triton")
+    done = run("--kernel", "vague", "--listing")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("loop of ")]
+    assert heads, done.stdout
+    for head in heads:
+        size = int(re.match(r"loop of (\d+) instructions", lines[head]).group(1))
+        body = lines[head + 1:head + 1 + size]
+        assert len(body) == size and all(line.startswith("    ") for line in body)
+        assert body[-1].split()[0] == "BRA"  # a loop ends with its branch back
+        ldg = sum(line.split()[0].split(".")[0] == "LDG" for line in body)
+        assert f"LDG {ldg}," in lines[head].split(";")[1]
+
+
 def test_a_tree_without_the_kernel_or_a_median_chain_launch_is_a_one_line_error(tmp_path):
     pytest.importorskip("triton")
     for arguments in (("--tree", str(tmp_path)), ("--kernel", "vague", "--combine", "median")):
