@@ -201,8 +201,11 @@ KERNEL_CASES = [
     (2, 8, 2, 128, 3000, 2999, 3, "mean", torch.float32, (5, 9), (10, 0)),
     (2, 4, 2, 128, 4000, 400, 3, "sum", torch.bfloat16, (30, 12), (0, 333), {"signed_keys": True}),
     (2, 4, 2, 64, 2000, 100, 3, "mean", torch.float32, (20, 6), (50, 0), {"signed_keys": True}),
+    # A KV group of one query head with padded rows: the slots at padded positions are masked.
+    (2, 4, 1, 64, 3000, 400, 3, "sum", torch.bfloat16, (30, 12), (0, 333)),
     # The linear combine: Vague tokens through the buckets' logits and weights.
     (1, 32, 1, 128, 8193, 760, 3, "sum", torch.bfloat16, (25,), (0,), {"combine": "mean"}),
+    (2, 4, 1, 64, 3000, 400, 3, "mean", torch.float32, (30, 12), (0, 333), {"combine": "mean"}),
     (3, 4, 4, 64, 5000, 300, 3, "mean", torch.float32, (40, 0, 7), (0, 900, 4000), {"combine": "mean"}),
     (2, 3, 3, 64, 1500, 200, 1, "sum", torch.float32, (30, 11), (0, 100), {"combine": "mean"}),
     (2, 4, 2, 128, 4000, 400, 3, "sum", torch.float32, (30, 12), (0, 333), {"combine": "mean", "signed_keys": True}),
