@@ -22,7 +22,6 @@ A rerun skips the benchmarks that are done (their rows stay under ``DIR/<name>/`
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -32,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from cli_args import BenchmarkParser
 
 TREES = ("kvreviver_core", "kvreviver_cli", "benchmarks")
 AB = Path("runs/ab")
@@ -182,7 +182,7 @@ def run(args, contexts: list[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     ready = commands.add_parser("prepare", help="archive revisions under runs/ab (here, in the git checkout)")
     ready.add_argument("revisions", nargs="+")

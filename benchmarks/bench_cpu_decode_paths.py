@@ -11,7 +11,6 @@ Usage: python benchmarks/bench_cpu_decode_paths.py [--dtype float32] [--prompt-t
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pydoc_data.topics
@@ -21,6 +20,7 @@ from kvreviver_core import models
 from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs
 from kvreviver_core.generation import greedy_next
+from cli_args import BenchmarkParser
 
 PATHS = {"unfused (auto on CPU)": False, "reference": "reference"}
 
@@ -39,7 +39,7 @@ def decode(model, ids, fused, budget: float, new_tokens: int) -> tuple[float, li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--prompt-tokens", type=int, default=1500)

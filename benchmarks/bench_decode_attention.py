@@ -31,7 +31,6 @@ Usage: python benchmarks/bench_decode_attention.py [--contexts 8192,32768,131072
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics
@@ -48,6 +47,7 @@ from kvreviver_core.kernels import reviver_decode, reviver_decode_reference
 from kvreviver_core.methods.full import FullLayer
 from kvreviver_core.methods.reviver import ReviverLayer
 from kvreviver_core.results import ResultStore
+from cli_args import BenchmarkParser
 
 # Datasheet HBM bandwidth (bytes/s) by device-name substring, most specific first.
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
@@ -305,7 +305,7 @@ def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", default="8192,32768,131072")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)

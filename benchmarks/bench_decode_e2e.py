@@ -22,13 +22,13 @@ Usage: python benchmarks/bench_decode_e2e.py [--contexts 8192,32768] [--batches 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvreviver_cli.app import app
+from cli_args import BenchmarkParser
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -49,7 +49,7 @@ def profile(context: int, batches: str, mode: str, args, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama-2-7b")
     parser.add_argument("--contexts", default="8192,32768")
     parser.add_argument("--batches", default="1,4,16", help="batch sizes for every context")

@@ -16,7 +16,6 @@ Usage: python benchmarks/bench_decode_equivalence.py [--dtypes float32,bfloat16]
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from kvreviver_core import models
 from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs, format_prompt
+from cli_args import BenchmarkParser
 
 PROMPT_TOKENS = (300, 650, 1000, 1500)
 FUSED = {"kernel": True, "reference": "reference", "unfused": False}
@@ -65,7 +65,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2)")
     parser.add_argument("--arch", default=None, help="random weights of this preset instead of a checkpoint")
     parser.add_argument("--dtypes", default="float32,bfloat16")

@@ -19,7 +19,6 @@ points at other EchoKV weights). Rows go to
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ from kvreviver_core.generation import generate_batch
 from kvreviver_core.metrics import fidelity
 from kvreviver_core.models import load_model
 from kvreviver_core.results import ResultStore
+from cli_args import BenchmarkParser
 
 console = Console()
 
@@ -53,7 +53,7 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchmarkParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="echokv,kvreviver,h2o", help="comma-separated; name:key=value for options")
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--prompts", type=int, default=12)

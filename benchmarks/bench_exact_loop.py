@@ -42,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from bench_decode_attention import FLUSH_BYTES, copy_bandwidth, graph_us
+from cli_args import BenchmarkParser
 
 HEADS, HEAD_DIM = 32, 128
 EXACT_SHARE = 0.09  # exact tokens per head: a 10% budget, 0.45 Candidate + 0.45 Recent
@@ -174,7 +175,7 @@ def parse_ints(text: str) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchmarkParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=parse_ints, default=[131072, 32768])
     parser.add_argument("--modes", default="plain,pipelined,tma")
     parser.add_argument("--stages", type=parse_ints, default=[3, 4])

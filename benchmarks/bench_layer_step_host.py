@@ -15,7 +15,6 @@ Usage on a GPU machine: python benchmarks/bench_layer_step_host.py [--context 20
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import json
 import pstats
@@ -28,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvreviver_core.attention import kvreviver_attention
 from kvreviver_core.cache import make_cache
+from cli_args import BenchmarkParser
 
 HEADS, HEAD_DIM = 32, 128
 
@@ -79,7 +79,7 @@ def measure(method: str, args, model) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=200)

@@ -13,7 +13,6 @@ Usage: python benchmarks/bench_niah_fig5.py [--out runs/niah-fig5] [--device cpu
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from kvreviver_core import niah
 from kvreviver_core.methods import list_methods
 from kvreviver_core.models import load_model
 from kvreviver_core.results import ResultStore
+from cli_args import BenchmarkParser
 
 FIGURE5_METHODS = ["full", "kvreviver", "h2o", "streaming", "snapkv", "cam", "kvreviver:estimator=mean"]
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -93,7 +93,7 @@ def _mean(scores: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchmarkParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/niah-fig5"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=float, default=0.25)

@@ -10,17 +10,17 @@ Usage: python benchmarks/bench_scored_prefill.py [--batch 2] [--heads 8] [--kv-h
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
 from kvreviver_core.attention import scored_attention
+from cli_args import BenchmarkParser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)

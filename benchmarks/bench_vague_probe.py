@@ -17,7 +17,6 @@ Usage: python benchmarks/bench_vague_probe.py [--tokens 2048] [--budget 0.1] [--
 
 from __future__ import annotations
 
-import argparse
 import platform
 
 import pydoc_data.topics
@@ -27,6 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from kvreviver_core import Budget, make_cache, models
 from kvreviver_core.generation import cache_kwargs
 from kvreviver_core.methods.reviver import ReviverLayer
+from cli_args import BenchmarkParser
 
 
 def capture(model, ids, layers):
@@ -79,7 +79,7 @@ def compressed(k, v, scores, budget, estimator, signed_keys=False, combine="medi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchmarkParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--layers", default="3,15,27")

@@ -18,7 +18,6 @@ Usage: python benchmarks/count_decode_ops.py [--steps 18] [--estimator sum]
 
 from __future__ import annotations
 
-import argparse
 import collections
 import types
 
@@ -28,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kvreviver_core import attention
 from kvreviver_core.budget import Budget
 from kvreviver_core.methods.reviver import ReviverLayer
+from cli_args import BenchmarkParser
 
 NOT_COUNTED = {"view", "as_strided", "expand", "unsqueeze", "reshape", "slice", "select", "_reshape_alias", "t",
                "transpose", "unbind", "squeeze", "alias", "detach", "_unsafe_view", "permute", "split", "narrow",
@@ -48,7 +48,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--estimator", default="sum")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=16)

@@ -11,7 +11,6 @@ Usage on a GPU machine: python benchmarks/profile_compress_step.py [--contexts 8
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 from bench_decode_attention import layer_step, timed_steps
@@ -19,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from kvreviver_core.budget import Budget
 from kvreviver_core.methods.reviver import ReviverLayer
+from cli_args import BenchmarkParser
 
 
 def prefilled_layer(context: int, heads: int, head_dim: int, budget: float, **options) -> ReviverLayer:
@@ -42,7 +42,7 @@ def swapped_in_per_head(layer: ReviverLayer, step) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", default="8192")
     parser.add_argument("--estimators", default="sum,mean")
     parser.add_argument("--heads", type=int, default=32)

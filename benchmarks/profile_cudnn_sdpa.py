@@ -9,16 +9,16 @@ Run on a GPU machine: ``python benchmarks/profile_cudnn_sdpa.py --arch llama-2-7
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from kvreviver_core.models import load_model
 from kvreviver_core.profiling import RunSpec, measure_run, release_memory
+from cli_args import BenchmarkParser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchmarkParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="llama-2-7b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=24)

@@ -22,7 +22,6 @@ Usage on a GPU machine: python benchmarks/profile_decode_e2e.py [--contexts 8192
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -39,6 +38,7 @@ from kvreviver_core.models import random_model
 from kvreviver_core.graphs import GraphedDecode
 from kvreviver_core.profiling import profiled_cache, synthetic_ids
 from kvreviver_core.specs import method_spec
+from cli_args import BenchmarkParser
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
@@ -129,7 +129,7 @@ def measure(model, method: str, context: int, mode: str, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama-2-7b")
     parser.add_argument("--contexts", default="8192,32768")
     parser.add_argument("--methods", default="full,kvreviver")

@@ -21,7 +21,6 @@ Usage on a GPU machine: python benchmarks/profile_decode_kernels.py [--contexts 
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from collections import defaultdict
@@ -35,6 +34,7 @@ from profile_compress_step import prefilled_layer
 from trace_layer_timeline import gpu_kernels, replay_spans
 
 from kvreviver_core.kernels import reviver_decode
+from cli_args import BenchmarkParser
 
 
 def kernel_times(fn, calls: int) -> dict[str, float]:
@@ -71,7 +71,7 @@ def kernel_timeline(fn, calls: int) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", default="8192,32768")
     parser.add_argument("--combines", default="median,mean")
     parser.add_argument("--budget", type=float, default=0.1)

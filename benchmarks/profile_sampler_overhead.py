@@ -10,7 +10,6 @@ Run on a GPU machine: ``python benchmarks/profile_sampler_overhead.py --arch lla
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -19,6 +18,7 @@ from transformers import DynamicCache
 from kvreviver_core.generation import cache_kwargs, greedy_next
 from kvreviver_core.models import load_model
 from kvreviver_core.profiling import RunSpec, Timer, measure_run, nvml_reader, release_memory, synthetic_ids
+from cli_args import BenchmarkParser
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def hf_dynamic_ms(model, batch: int, context: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchmarkParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="llama-2-7b")
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--context", type=int, default=2048)

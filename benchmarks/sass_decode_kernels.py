@@ -24,13 +24,13 @@ Usage: python benchmarks/sass_decode_kernels.py [--kernel split|vague|bucket-sum
 
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
 import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from cli_args import BenchmarkParser
 
 POINTERS = {"Q": "*bf16", "EK": "*bf16", "EV": "*bf16", "SK": "*bf16", "SV": "*bf16", "EPOS": "*i32",
             "PART": "*i8", "SCNT": "*i32", "BUCKETS": "*i64", "SLOTS": "*i32", "QK": "*fp32", "W": "*fp32",
@@ -138,7 +138,7 @@ def sass_listing(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel", default="split", choices=("split", "vague", "bucket-sums"))
     parser.add_argument("--group", type=int, default=1, help="query heads per KV head")
     parser.add_argument("--head-dim", type=int, default=128)

@@ -14,13 +14,13 @@ Usage: python benchmarks/trace_layer_timeline.py runs/trace/kvreviver_combine-me
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+from cli_args import BenchmarkParser
 
 STEP_START = "_append"
 KVREVIVER_KERNELS = ("_append", "_decode_split", "_vague_logits", "_position_pass", "_bucket_values", "_combine",
@@ -75,7 +75,7 @@ def replay_spans(kernels: list[dict], calls: int) -> dict[str, tuple[float, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", type=Path)
     args = parser.parse_args()
     try:
