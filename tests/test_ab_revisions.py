@@ -19,6 +19,8 @@ def tool(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def load_tool():
+    if str(TOOL.parent) not in sys.path:  # its sibling imports, as running the script finds them
+        sys.path.insert(0, str(TOOL.parent))
     spec = importlib.util.spec_from_file_location("ab_revisions", TOOL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
