@@ -44,9 +44,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from bench_decode_attention import FLUSH_BYTES, copy_bandwidth, graph_us
 from cli_args import BenchmarkParser
 
+from kvreviver_core.kernels.reviver_decode import EXACT, VAGUE, _EXACT, _rescale_to
+
 HEADS, HEAD_DIM = 32, 128
 EXACT_SHARE = 0.09  # exact tokens per head: a 10% budget, 0.45 Candidate + 0.45 Recent
-EXACT_CODE = tl.constexpr(2)  # the part map's code of an exact position (reviver_decode.EXACT)
 MODES = ("plain", "pipelined", "tma")
 
 
@@ -79,23 +80,21 @@ def _exact_loop(Q, K, V, KD, VD, POS, PART, SLOT_KIND, LOGITS, PART_M, PART_L, P
             v = tl.load(V + offs, mask=ok[:, None], other=0.0)
         if GATHER == 1:
             pos = tl.load(POS + head_row + slots, mask=ok, other=-1)
-            ok = ok & (tl.load(PART + h.to(tl.int64) * span + pos, mask=pos >= 0, other=0) == EXACT_CODE)
+            ok = ok & (tl.load(PART + h.to(tl.int64) * span + pos, mask=pos >= 0, other=0) == _EXACT)
         elif GATHER == 2:
-            ok = ok & (tl.load(SLOT_KIND + head_row + slots, mask=ok, other=0) == EXACT_CODE)
+            ok = ok & (tl.load(SLOT_KIND + head_row + slots, mask=ok, other=0) == _EXACT)
         s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], 1) * scaling, float("-inf"))
         if STORE_LOGITS:
             pos = tl.load(POS + head_row + slots, mask=slots < E, other=-1)
             tl.store(LOGITS + h.to(tl.int64) * span + pos, s, mask=pos >= 0)
         m_new = tl.maximum(m, s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
+        m_use, alpha = _rescale_to(m, m_new)
         p = tl.exp(s - m_use)
         l = l * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
         m = m_new
     top = tl.max(m, 0)
-    top_use = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.exp(m - top_use)
+    _, weight = _rescale_to(m, top)
     tl.store(PART_M + h * splits + split, top)
     tl.store(PART_L + h * splits + split, tl.sum(l * weight, 0))
     tl.store(PART_ACC + (h * splits + split) * D + di, tl.sum(acc * weight[:, None], 0))
@@ -114,8 +113,8 @@ class ExactStore:
         self.query = torch.randn(HEADS, HEAD_DIM, generator=gen).to(device, torch.bfloat16)
         pos = torch.stack([torch.randperm(context, generator=gen)[: self.exact].sort().values for _ in range(HEADS)])
         self.pos = pos.to(device, torch.int32).contiguous()
-        self.part = torch.ones(HEADS, context, dtype=torch.int8, device=device)  # VAGUE
-        self.part.scatter_(1, self.pos.long(), EXACT_CODE.value)
+        self.part = torch.full((HEADS, context), VAGUE, dtype=torch.int8, device=device)
+        self.part.scatter_(1, self.pos.long(), EXACT)
         self.slot_kind = self.part.gather(1, self.pos.long()).contiguous()
         self.scaling = HEAD_DIM ** -0.5
 
