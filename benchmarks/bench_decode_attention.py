@@ -37,6 +37,10 @@ import statistics
 import types
 from pathlib import Path
 
+from cli_args import BenchmarkParser, require_triton
+
+require_triton()  # before the imports below: the decode kernel's module needs it
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -47,7 +51,6 @@ from kvreviver_core.kernels import reviver_decode, reviver_decode_reference
 from kvreviver_core.methods.full import FullLayer
 from kvreviver_core.methods.reviver import ReviverLayer
 from kvreviver_core.results import ResultStore
-from cli_args import BenchmarkParser
 
 # Datasheet HBM bandwidth (bytes/s) by device-name substring, most specific first.
 HBM_PEAK = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]

@@ -34,6 +34,10 @@ import json
 import sys
 from pathlib import Path
 
+from cli_args import BenchmarkParser, require_triton
+
+require_triton()  # before the imports below, which need it
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -42,7 +46,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from bench_decode_attention import FLUSH_BYTES, copy_bandwidth, graph_us
-from cli_args import BenchmarkParser
 
 from kvreviver_core.kernels.reviver_decode import EXACT, VAGUE, _EXACT, _rescale_to
 

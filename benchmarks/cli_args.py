@@ -1,9 +1,12 @@
-"""The benchmark scripts' argument parser: a bad argument is one line on stderr and exit code 2, as in the CLI."""
+"""The benchmark scripts' argument parser and their Triton check: a bad argument, or no Triton for a script whose
+kernels need it, is one line on stderr and exit code 2, as in the CLI."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+from pathlib import Path
 
 
 class BenchmarkParser(argparse.ArgumentParser):
@@ -13,4 +16,13 @@ class BenchmarkParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def require_triton() -> None:
+    """Exit with a one-line error (code 2) where Triton is not installed: for the scripts that compile Triton kernels,
+    called before they import it, so that they do not end in an ImportError's traceback."""
+    if importlib.util.find_spec("triton") is None:
+        print(f"{Path(sys.argv[0]).name}: error: needs Triton (pip install triton), which is not installed",
+              file=sys.stderr)
         raise SystemExit(2)

@@ -11,6 +11,10 @@ import runpy
 import sys
 from pathlib import Path
 
+from cli_args import require_triton
+
+require_triton()  # before the import below: the knobs' module needs it
+
 from kvreviver_core.kernels import reviver_decode
 
 
