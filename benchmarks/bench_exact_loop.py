@@ -47,7 +47,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from bench_decode_attention import FLUSH_BYTES, copy_bandwidth, graph_us
 
-from kvreviver_core.kernels.reviver_decode import EXACT, VAGUE, _EXACT, _rescale_to
+from kvreviver_core.kernels.reviver_decode import EXACT, VAGUE, _EXACT, _rescale_to, _slot_lanes_step
 
 HEADS, HEAD_DIM = 32, 128
 EXACT_SHARE = 0.09  # exact tokens per head: a 10% budget, 0.45 Candidate + 0.45 Recent
@@ -90,12 +90,7 @@ def _exact_loop(Q, K, V, KD, VD, POS, PART, SLOT_KIND, LOGITS, PART_M, PART_L, P
         if STORE_LOGITS:
             pos = tl.load(POS + head_row + slots, mask=slots < E, other=-1)
             tl.store(LOGITS + h.to(tl.int64) * span + pos, s, mask=pos >= 0)
-        m_new = tl.maximum(m, s)
-        m_use, alpha = _rescale_to(m, m_new)
-        p = tl.exp(s - m_use)
-        l = l * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
-        m = m_new
+        m, l, acc = _slot_lanes_step(m, l, acc, s, v)
     top = tl.max(m, 0)
     _, weight = _rescale_to(m, top)
     tl.store(PART_M + h * splits + split, top)

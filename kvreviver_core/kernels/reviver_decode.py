@@ -442,17 +442,22 @@ def _exact_rows(q, EK, EV, SLOT_POS, part_row, logit_row, first_entry, E, first_
         ok = (pos >= 0) & (kind == _EXACT)
         s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], 1) * scaling, float("-inf"))
         tl.store(logit_row + pos, s, mask=pos >= 0)
-        m_new = tl.maximum(m, s)
-        m_use, alpha = _rescale_to(m, m_new)
-        p = tl.exp(s - m_use)
-        l = l * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
-        m = m_new
+        m, l, acc = _slot_lanes_step(m, l, acc, s, v)
         pos, kind, k, v = next_pos, next_kind, next_k, next_v
         following, next_pos = after, after_pos
     top = tl.max(m, 0)
     _, weight = _rescale_to(m, top)
     return top, tl.sum(l * weight, 0), tl.sum(acc * weight[:, None], 0)
+
+
+@triton.jit
+def _slot_lanes_step(m, l, acc, s, v):
+    """Fold one block's logits ``s`` (BLOCK_E,) and values ``v`` (BLOCK_E, DP) into the slot lanes' running max,
+    sum and output, each lane its own (no reduction across the block)."""
+    m_new = tl.maximum(m, s)
+    m_use, alpha = _rescale_to(m, m_new)
+    p = tl.exp(s - m_use)
+    return m_new, l * alpha + p, acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["span", "slots_per_split", "pos_per_split", "columns", "splits", "first_program"])
