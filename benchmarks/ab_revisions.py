@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, int_list
 
 TREES = ("kvreviver_core", "kvreviver_cli", "benchmarks")
 AB = Path("runs/ab")
@@ -187,7 +187,7 @@ def main() -> None:
     ready = commands.add_parser("prepare", help="archive revisions under runs/ab (here, in the git checkout)")
     ready.add_argument("revisions", nargs="+")
     timed = commands.add_parser("run", help="time the prepared revisions (on the GPU machine)")
-    timed.add_argument("--contexts", default="32768,8192")
+    timed.add_argument("--contexts", type=int_list, default="32768,8192")
     timed.add_argument("--rounds", type=int, default=1)
     timed.add_argument("--new-tokens", type=int, default=24)
     timed.add_argument("--attention", action="store_true", help="also benchmark 1 at the first context")
@@ -202,11 +202,7 @@ def main() -> None:
     else:
         if args.rounds < 1:
             fail("--rounds must be at least 1")
-        try:
-            contexts = [int(c) for c in args.contexts.split(",")]
-        except ValueError:
-            fail(f"--contexts must be integers separated by commas, got {args.contexts!r}")
-        run(args, contexts)
+        run(args, args.contexts)
 
 
 if __name__ == "__main__":

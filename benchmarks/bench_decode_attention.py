@@ -37,7 +37,7 @@ import statistics
 import types
 from pathlib import Path
 
-from cli_args import BenchmarkParser, require_triton
+from cli_args import BenchmarkParser, int_list, require_triton
 
 require_triton()  # before the imports below: the decode kernel's module needs it
 
@@ -309,7 +309,7 @@ def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
 
 def main() -> None:
     parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", default="8192,32768,131072")
+    parser.add_argument("--contexts", type=int_list, default="8192,32768,131072")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -340,7 +340,7 @@ def main() -> None:
           f"measured copy {copy / 1e12:.2f} TB/s (read + write)", flush=True)
     store = ResultStore(args.out, ("device", "context", "combine", "batch", "heads", "head_dim", "budget"))
     rows = []
-    for context in (int(c) for c in args.contexts.split(",")):
+    for context in args.contexts:
         for combine in args.combines.split(","):
             key = {"device": device, "context": context, "combine": combine, "batch": args.batch,
                    "heads": args.heads, "head_dim": args.head_dim, "budget": args.budget}

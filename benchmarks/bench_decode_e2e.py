@@ -28,15 +28,15 @@ from pathlib import Path
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvreviver_cli.app import app
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, int_list
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def profile(context: int, batches: str, mode: str, args, out: Path) -> dict:
+def profile(context: int, batches: list[int], mode: str, args, out: Path) -> dict:
     command = ["profile", "--arch", args.arch, "--random-weights", "--methods", args.methods,
-               "--budget", str(args.budget), "--batch", batches, "--context", str(context),
+               "--budget", str(args.budget), "--batch", ",".join(map(str, batches)), "--context", str(context),
                "--new-tokens", str(args.new_tokens), "--decode-warmup", str(args.decode_warmup), "--out", str(out)]
     if mode == "graphs":
         command.append("--cuda-graphs")
@@ -51,9 +51,9 @@ def profile(context: int, batches: str, mode: str, args, out: Path) -> dict:
 def main() -> None:
     parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama-2-7b")
-    parser.add_argument("--contexts", default="8192,32768")
-    parser.add_argument("--batches", default="1,4,16", help="batch sizes for every context")
-    parser.add_argument("--batches-32768", dest="batches_32k", default=None,
+    parser.add_argument("--contexts", type=int_list, default="8192,32768")
+    parser.add_argument("--batches", type=int_list, default="1,4,16", help="batch sizes for every context")
+    parser.add_argument("--batches-32768", dest="batches_32k", type=int_list, default=None,
                         help="batch sizes for the 32k context only (its prefill at batch 16 needs more memory)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--decode-warmup", type=int, default=4)
@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     summary = []
-    for context in (int(c) for c in args.contexts.split(",")):
+    for context in args.contexts:
         batches = args.batches_32k if context == 32768 and args.batches_32k else args.batches
         for mode in args.modes.split(","):
             report = profile(context, batches, mode, args, args.out / mode / f"ctx{context}")

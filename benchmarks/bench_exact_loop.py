@@ -28,13 +28,12 @@ Usage on a GPU machine: PYTHONPATH=. python3 benchmarks/bench_exact_loop.py [--c
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
 from pathlib import Path
 
-from cli_args import BenchmarkParser, require_triton
+from cli_args import BenchmarkParser, int_list, require_triton
 
 require_triton()  # before the imports below, which need it
 
@@ -164,25 +163,18 @@ def sdpa_us(store: ExactStore, flush) -> float:
         return graph_us(lambda: F.scaled_dot_product_attention(q, k, v), flush)
 
 
-def parse_ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def main() -> None:
     parser = BenchmarkParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=parse_ints, default=[131072, 32768])
+    parser.add_argument("--contexts", type=int_list, default=[131072, 32768])
     parser.add_argument("--modes", default="plain,pipelined,tma")
-    parser.add_argument("--stages", type=parse_ints, default=[3, 4])
-    parser.add_argument("--per-sm", type=parse_ints, default=[1, 2])
-    parser.add_argument("--warps", type=parse_ints, default=[4, 8])
-    parser.add_argument("--block", type=parse_ints, default=[32])
-    parser.add_argument("--gather", type=parse_ints, default=[0, 1, 2])
-    parser.add_argument("--logits", type=parse_ints, default=[0], help="0: no logit stores; 1: each slot's logit "
+    parser.add_argument("--stages", type=int_list, default=[3, 4])
+    parser.add_argument("--per-sm", type=int_list, default=[1, 2])
+    parser.add_argument("--warps", type=int_list, default=[4, 8])
+    parser.add_argument("--block", type=int_list, default=[32])
+    parser.add_argument("--gather", type=int_list, default=[0, 1, 2])
+    parser.add_argument("--logits", type=int_list, default=[0], help="0: no logit stores; 1: each slot's logit "
                         "stored at its position, as the decode kernel does")
-    parser.add_argument("--splits", type=parse_ints, default=[0], help="splits a head (0: from --per-sm)")
+    parser.add_argument("--splits", type=int_list, default=[0], help="splits a head (0: from --per-sm)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_exact_loop.jsonl"))
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]

@@ -25,7 +25,7 @@ from kvreviver_core import niah
 from kvreviver_core.methods import list_methods
 from kvreviver_core.models import load_model
 from kvreviver_core.results import ResultStore
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, int_list
 
 FIGURE5_METHODS = ["full", "kvreviver", "h2o", "streaming", "snapkv", "cam", "kvreviver:estimator=mean"]
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -97,11 +97,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/niah-fig5"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", type=float, default=0.25)
-    parser.add_argument("--lengths", default="1000,2000,4000,8000")
+    parser.add_argument("--lengths", type=int_list, default="1000,2000,4000,8000")
     parser.add_argument("--methods", default=",".join(FIGURE5_METHODS))
     parser.add_argument("--report-only", action="store_true", help="Print the tables from the stored rows only.")
     args = parser.parse_args()
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = args.lengths
     methods = [m for m in args.methods.split(",") if m.split(":")[0] in list_methods()]
     missing = [m for m in args.methods.split(",") if m not in methods]
     store = ResultStore(args.out / "results.jsonl", niah.KEY_FIELDS)

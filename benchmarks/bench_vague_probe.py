@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from kvreviver_core import Budget, make_cache, models
 from kvreviver_core.generation import cache_kwargs
 from kvreviver_core.methods.reviver import ReviverLayer
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, int_list
 
 
 def capture(model, ids, layers):
@@ -82,10 +82,10 @@ def main() -> None:
     parser = BenchmarkParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--budget", type=float, default=0.1)
-    parser.add_argument("--layers", default="3,15,27")
+    parser.add_argument("--layers", type=int_list, default="3,15,27")
     parser.add_argument("--queries", type=int, default=64)
     args = parser.parse_args()
-    layers = [int(x) for x in args.layers.split(",")]
+    layers = args.layers
     model, tokenizer = models.load_model(None, dtype="float32", device="cpu")
     text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens]

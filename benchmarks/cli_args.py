@@ -1,5 +1,5 @@
-"""The benchmark scripts' argument parser and their Triton check: a bad argument, or no Triton for a script whose
-kernels need it, is one line on stderr and exit code 2, as in the CLI."""
+"""The benchmark scripts' argument parser, its type for comma-separated integers, and their Triton check: a bad
+argument, or no Triton for a script whose kernels need it, is one line on stderr and exit code 2, as in the CLI."""
 
 from __future__ import annotations
 
@@ -17,6 +17,16 @@ class BenchmarkParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def int_list(text: str) -> list[int]:
+    """``type=`` for an option of comma-separated integers (``--contexts 8192,32768``): as the parser's type, and not
+    a conversion after parsing, a bad or empty item is the parser's one-line error rather than a ValueError's
+    traceback. argparse applies it to a string default too."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def require_triton() -> None:

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from kvreviver_core.budget import Budget
 from kvreviver_core.methods.reviver import ReviverLayer
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, int_list
 
 
 def prefilled_layer(context: int, heads: int, head_dim: int, budget: float, **options) -> ReviverLayer:
@@ -43,7 +43,7 @@ def swapped_in_per_head(layer: ReviverLayer, step) -> float:
 
 def main() -> None:
     parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", default="8192")
+    parser.add_argument("--contexts", type=int_list, default="8192")
     parser.add_argument("--estimators", default="sum,mean")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=18, help="ops listed per table")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
-    for context in map(int, args.contexts.split(",")):
+    for context in args.contexts:
         for estimator in args.estimators.split(","):
             layer = prefilled_layer(context, args.heads, args.head_dim, args.budget, estimator=estimator)
             step = layer_step(layer, args.heads, args.head_dim, 1, args.head_dim**-0.5)

@@ -38,7 +38,7 @@ from kvreviver_core.models import random_model
 from kvreviver_core.graphs import GraphedDecode
 from kvreviver_core.profiling import profiled_cache, synthetic_ids
 from kvreviver_core.specs import method_spec
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, int_list
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
@@ -131,7 +131,7 @@ def measure(model, method: str, context: int, mode: str, args) -> dict:
 def main() -> None:
     parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama-2-7b")
-    parser.add_argument("--contexts", default="8192,32768")
+    parser.add_argument("--contexts", type=int_list, default="8192,32768")
     parser.add_argument("--methods", default="full,kvreviver")
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=4)
@@ -159,7 +159,7 @@ def main() -> None:
             if blocks == "compiled":  # from here on, for every method alike
                 compile_token_blocks(model)
             for round_ in range(1, args.rounds + 1):
-                for context in map(int, args.contexts.split(",")):
+                for context in args.contexts:
                     for mode in args.modes.split(","):
                         for method in args.methods.split(","):
                             row = {**measure(model, method, context, mode, args), "blocks": blocks, "round": round_}

@@ -34,7 +34,7 @@ from profile_compress_step import prefilled_layer
 from trace_layer_timeline import gpu_kernels, replay_spans
 
 from kvreviver_core.kernels import reviver_decode
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, int_list
 
 
 def kernel_times(fn, calls: int) -> dict[str, float]:
@@ -72,7 +72,7 @@ def kernel_timeline(fn, calls: int) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", default="8192,32768")
+    parser.add_argument("--contexts", type=int_list, default="8192,32768")
     parser.add_argument("--combines", default="median,mean")
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--heads", type=int, default=32)
@@ -93,7 +93,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     h, d = args.heads, 128
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for context in (int(c) for c in args.contexts.split(",")):
+    for context in args.contexts:
         for combine in args.combines.split(","):
             layer = prefilled_layer(context, h, d, args.budget, combine=combine)
             gen = torch.Generator(device="cuda").manual_seed(context + 1)

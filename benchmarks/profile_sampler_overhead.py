@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from kvreviver_core.generation import cache_kwargs, greedy_next
 from kvreviver_core.models import load_model
 from kvreviver_core.profiling import RunSpec, Timer, measure_run, nvml_reader, release_memory, synthetic_ids
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, int_list
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def hf_dynamic_ms(model, batch: int, context: int, steps: int) -> float:
 def main() -> None:
     parser = BenchmarkParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="llama-2-7b")
-    parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--batch", type=int_list, default="1,16")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--trace", action="store_true", help="also print torch.profiler's top CPU ops of full decode")
@@ -56,7 +56,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(device)}: one NVML memory reading takes "
           f"{(time.perf_counter() - start) / 200 * 1e6:.0f} us")
     spec = dict(method="full", budget=1.0, context=args.context, new_tokens=args.steps + 4, decode_warmup=4)
-    for batch in [int(b) for b in args.batch.split(",")]:
+    for batch in args.batch:
         results = {"HF DynamicCache+SDPA": hf_dynamic_ms(model, batch, args.context, args.steps)}
         for label, memory, interval in [("full, no sampler", None, 0.01), ("full, NVML every 10 ms", read, 0.01),
                                         ("full, NVML every 100 ms", read, 0.1), ("full, no sampler (again)", None, 0.01)]:
