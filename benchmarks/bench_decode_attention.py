@@ -278,8 +278,7 @@ def run_context(context: int, combine: str, args, do_bench, backends) -> dict:
     best = min(sweep, key=sweep.get)
     set_knobs(configs[list(sweep).index(best)])
     exact_only = graph_us(lambda: attend(None), flush)
-    for knob, value in zip(knobs, defaults):
-        setattr(reviver_decode, knob, value)
+    set_knobs(defaults)
     with_maps = graph_us(lambda: reviver_decode.reviver_decode_triton(query, *store, layer.sketch, key_valid, scaling),
                          flush)
     with sdpa_kernel(backends):

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from kvreviver_cli import calibrate_cmd, eval_cmd, niah_cmd, profile_cmd, sweep_cmd
-from kvreviver_cli.common import err_console
+from kvreviver_cli.common import err_console, print_error
 
 app = typer.Typer(
     name="kvreviver",
@@ -48,7 +48,7 @@ def _one_line_error(exc: click.ClickException | typer.TyperException) -> int:
     ctx = getattr(exc, "ctx", None)
     if ctx is not None and ctx.command.get_help_option(ctx) is not None:
         message += f" (see '{ctx.command_path} {ctx.help_option_names[0]}')"
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    print_error(escape(message))
     return exc.exit_code
 
 

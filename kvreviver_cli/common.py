@@ -19,8 +19,13 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-def fail(message: str) -> "typer.Exit":
+def print_error(message: str) -> None:
+    """The CLI's one ``error:`` line on stderr (``message`` is Rich markup)."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> "typer.Exit":
+    print_error(message)
     return typer.Exit(code=2)
 
 
