@@ -1,12 +1,15 @@
-"""Run a benchmark script with knobs of the decode kernel (``kvreviver_core.kernels.reviver_decode``'s module
-constants) set, in the same process, so that one device call can compare split plans end to end.
+"""Run a benchmark script with integer module constants ("knobs") set, in the same process, so that one device call
+can compare settings end to end. A bare ``NAME`` is a knob of the decode kernel
+(``kvreviver_core.kernels.reviver_decode``); ``MODULE.NAME`` one of ``kvreviver_core.MODULE`` (booleans as 0 / 1).
 
 Usage: python benchmarks/with_knobs.py KNOB=VALUE [KNOB=VALUE ...] SCRIPT.py [SCRIPT's arguments]
 e.g.   python benchmarks/with_knobs.py PROGRAMS_PER_SM_LINEAR=8 benchmarks/bench_decode_e2e.py --batches 1
+       python benchmarks/with_knobs.py attention.FUSED_PREFILL=0 benchmarks/bench_decode_e2e.py --batches 1
 """
 
 from __future__ import annotations
 
+import importlib
 import runpy
 import sys
 from pathlib import Path
@@ -23,21 +26,33 @@ def usage_error(message: str) -> None:
     raise SystemExit(2)
 
 
+def knob_module(qualified: str):
+    """The module and constant name of ``NAME`` (reviver_decode's) or ``MODULE.NAME`` (kvreviver_core.MODULE's)."""
+    module_name, _, name = qualified.rpartition(".")
+    if not module_name:
+        return reviver_decode, name
+    try:
+        return importlib.import_module(f"kvreviver_core.{module_name}"), name
+    except ImportError:
+        usage_error(f"{qualified!r}: there is no module kvreviver_core.{module_name}")
+
+
 def main(argv: list[str]) -> None:
-    knobs = {}
+    knobs = []
     while argv and "=" in argv[0]:
-        name, _, value = argv.pop(0).partition("=")
-        if not name.isupper() or not isinstance(getattr(reviver_decode, name, None), int):
-            usage_error(f"{name!r} is not an integer knob of reviver_decode")
+        qualified, _, value = argv.pop(0).partition("=")
+        module, name = knob_module(qualified)
+        if not name.isupper() or not isinstance(getattr(module, name, None), int):
+            usage_error(f"{qualified!r} is not an integer knob of {module.__name__}")
         try:
-            knobs[name] = int(value)
+            knobs.append((module, name, qualified, int(value)))
         except ValueError:
-            usage_error(f"{name}'s value must be an integer, got {value!r}")
+            usage_error(f"{qualified}'s value must be an integer, got {value!r}")
     if not argv or not argv[0].endswith(".py"):
         usage_error("usage: with_knobs.py KNOB=VALUE [...] SCRIPT.py [arguments]")
-    for name, value in knobs.items():
-        setattr(reviver_decode, name, value)
-        print(f"with_knobs: {name} = {value}", flush=True)
+    for module, name, qualified, value in knobs:
+        setattr(module, name, type(getattr(module, name))(value))
+        print(f"with_knobs: {qualified} = {value}", flush=True)
     sys.argv = argv
     sys.path.insert(0, str(Path(argv[0]).resolve().parent))  # as running the script itself would
     runpy.run_path(argv[0], run_name="__main__")

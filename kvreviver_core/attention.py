@@ -31,6 +31,10 @@ ATTENTION_NAME = "kvreviver"
 # Elements of one chunk's fp32 logits (batch * heads * chunk * kv_len): 64 Mi elements is 256 MB.
 CHUNK_ELEMENTS = 64 * 1024 * 1024
 
+# A scoring layer's prefill on CUDA runs the Triton kernels of kernels/scored_prefill.py (no logits in memory);
+# False keeps the torch path below, which also serves the CPU and decode steps.
+FUSED_PREFILL = True
+
 _announced = threading.local()
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -192,9 +196,21 @@ def kvreviver_attention(
         out = _sdpa(query, key, value, mask, scaling)
         layer.observe(None, _key_validity(mask, key))
         return out, None
-    out, scores = scored_attention(query, key, value, mask, scaling, score_queries)
+    out, scores = scored_backend(query)(query, key, value, mask, scaling, score_queries)
     layer.observe(scores, _key_validity(mask, key))
     return out, None
+
+
+def scored_backend(query: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """What computes a scoring layer's attention for ``query`` ``(B, Hq, T, D)``: the Triton kernels for a prefill
+    (``T > 1``) on CUDA, else :func:`scored_attention`."""
+    from kvreviver_core.kernels import triton_available
+
+    if FUSED_PREFILL and query.is_cuda and query.shape[2] > 1 and triton_available():
+        from kvreviver_core.kernels.scored_prefill import scored_attention_triton
+
+        return scored_attention_triton
+    return scored_attention
 
 
 def _key_validity(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ LIST_OPTIONS = {
     "bench_decode_e2e.py": "--batches",
     "bench_exact_loop.py": "--stages",
     "bench_niah_fig5.py": "--lengths",
+    "bench_scored_prefill.py": "--tokens",
     "bench_vague_probe.py": "--layers",
     "profile_compress_step.py": "--contexts",
     "profile_decode_e2e.py": "--contexts",

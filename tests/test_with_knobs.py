@@ -29,7 +29,16 @@ def test_knobs_are_set_for_the_script_and_its_arguments_passed(tmp_path):
     assert done.stdout.splitlines()[-1] == f"3 {reviver_decode.BLOCK_EXACT} ['--flag', 'x']"
 
 
-@pytest.mark.parametrize("args", [("NOT_A_KNOB=1", "x.py"), ("BLOCK_EXACT=wide", "x.py"), ("BLOCK_EXACT=64",)])
+def test_a_knob_of_another_module_is_set_with_its_type(tmp_path):
+    script = tmp_path / "show.py"
+    script.write_text("from kvreviver_core import attention\nprint(repr(attention.FUSED_PREFILL))\n")
+    done = run("attention.FUSED_PREFILL=0", str(script))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("args", [("NOT_A_KNOB=1", "x.py"), ("BLOCK_EXACT=wide", "x.py"), ("BLOCK_EXACT=64",),
+                                  ("nosuchmodule.KNOB=1", "x.py"), ("attention.CHUNK=1", "x.py")])
 def test_bad_input_is_a_one_line_usage_error(args):
     done = run(*args)
     assert done.returncode == 2

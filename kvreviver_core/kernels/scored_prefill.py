@@ -1,0 +1,170 @@
+"""Scored prefill attention in Triton: the exact output and each key's attention mass, with no logits in memory.
+
+The methods that score tokens (KVReviver, H2O, and those built on them) need, at prefill, the softmax
+probabilities summed over the queries and over each KV head's query heads, ``(B, Hkv, N)``. The torch reference
+(:func:`kvreviver_core.attention.scored_attention`) builds every chunk's fp32 logits in memory and passes over
+them half a dozen times: at 32k tokens on an H200 its prefill took 24 s against 1.7 s for SDPA alone
+(BENCHMARKS.md). Here the logits stay in registers:
+
+1. ``_row_logsumexp``: grid ``(cdiv(scored, BLOCK_M), B * Hq)``, one program per block of scored queries of one
+   query head, an online max and sum of exponentials over the keys. Writes each query's log-sum-exp ``(B, Hq, T)``
+   (-inf for a query with nothing to attend).
+2. ``_column_mass``: grid ``(cdiv(N, BLOCK_N), B * Hkv)``, one program per block of keys of one KV head. It takes the
+   logits again, tile by tile, for every query head of the group and every scored query that may see those keys,
+   and sums ``exp(logit - lse)``. Each program owns its columns, so no atomics.
+
+The output itself is SDPA's (:func:`kvreviver_core.attention._sdpa`). Attention here is causal with the queries at
+the end of the keys (a query at ``N - T + i`` sees keys up to it), intersected with the boolean mask when one is
+given, as HF's masks for a causal LM always are: the causal bound lets both passes skip the tiles above the
+diagonal. Logits are accumulated in fp32 (tensor cores; exact fp32 products for fp32 inputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from kvreviver_core.attention import _sdpa
+
+BLOCK_M = 64  # queries per tile
+BLOCK_N = 64  # keys per tile
+NUM_WARPS = 4
+NUM_STAGES = 3
+
+
+@triton.jit
+def _tile_logits(q, K, key_stride, rows, cols, T, N, MASK, mask_t, mask_n, scaling, HAS_MASK: tl.constexpr,
+                 D: tl.constexpr, DP: tl.constexpr, IEEE: tl.constexpr):
+    """The logits of query rows ``rows`` (q ``(BLOCK_M, DP)``) against key columns ``cols`` (keys from ``K``, rows
+    ``key_stride`` apart), -inf where the query may not attend: past its own position, outside ``(T, N)``, or False
+    in the mask tile (``MASK`` at this head's plane, strides ``mask_t``, ``mask_n``). Returns them and the allowed
+    tile."""
+    di = tl.arange(0, DP)
+    k = tl.load(K + cols[:, None] * key_stride + di[None, :], mask=(cols < N)[:, None] & (di < D)[None, :], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+    else:
+        s = tl.dot(q, tl.trans(k)) * scaling
+    allowed = (rows < T)[:, None] & (cols[None, :] <= rows[:, None] + (N - T))
+    if HAS_MASK:
+        tile = tl.load(MASK + rows[:, None].to(tl.int64) * mask_t + cols[None, :] * mask_n, mask=allowed, other=0)
+        allowed = allowed & (tile != 0)
+    return tl.where(allowed, s, float("-inf")), allowed
+
+
+@triton.jit
+def _load_queries(Q, query_stride, rows, T, D: tl.constexpr, DP: tl.constexpr):
+    di = tl.arange(0, DP)
+    return tl.load(Q + rows[:, None] * query_stride + di[None, :], mask=(rows < T)[:, None] & (di < D)[None, :],
+                   other=0.0)
+
+
+@triton.jit(do_not_specialize=["T", "N", "first_scored"])
+def _row_logsumexp(Q, qb, qh, qt, K, kb, kh, kn, LSE, MASK, mask_b, mask_h, mask_t, mask_n, T, N, first_scored,
+                   scaling, Hq, G: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Grid ``(cdiv(T - first_scored, BLOCK_M), B * Hq)``: LSE ``(B, Hq, T)`` of the scored queries' logits."""
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // Hq, bh % Hq
+    rows = first_scored + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = _load_queries(Q + b * qb + h * qh, qt, rows, T, D, DP)
+    keys = K + b * kb + (h // G) * kh
+    mask_plane = MASK + b * mask_b + (h // G) * mask_h
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    last = tl.minimum(N, first_scored + (tl.program_id(0) + 1) * BLOCK_M + (N - T))  # causal: no key after it
+    for start in range(0, last, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        s, _ = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, HAS_MASK, D, DP,
+                            IEEE)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at 0
+        l = l * tl.exp(m - m_use) + tl.sum(tl.exp(s - m_use[:, None]), 1)
+        m = m_new
+    lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
+    tl.store(LSE + bh * T + rows, lse, mask=rows < T)
+
+
+@triton.jit(do_not_specialize=["T", "N", "first_scored"])
+def _column_mass(Q, qb, qh, qt, K, kb, kh, kn, LSE, SCORES, MASK, mask_b, mask_h, mask_t, mask_n, T, N,
+                 first_scored, scaling, Hkv, G: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr,
+                 DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Grid ``(cdiv(N, BLOCK_N), B * Hkv)``: SCORES ``(B, Hkv, N)``, each key's probability summed over the scored
+    queries of the KV head's G query heads. The key blocks with the most queries to see them run first."""
+    bkv = tl.program_id(1).to(tl.int64)
+    b, kv = bkv // Hkv, bkv % Hkv
+    first_col = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_N
+    cols = first_col + tl.arange(0, BLOCK_N)
+    keys = K + b * kb + kv * kh
+    mask_plane = MASK + b * mask_b + kv * mask_h
+    first = tl.maximum(first_scored, first_col - (N - T))  # the first query that may see this block's first key
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for g in range(G):
+        head = kv * G + g
+        queries = Q + b * qb + head * qh
+        lse_row = LSE + (b * Hkv * G + head) * T
+        for start in range(first, T, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            q = _load_queries(queries, qt, rows, T, D, DP)
+            s, allowed = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, HAS_MASK,
+                                      D, DP, IEEE)
+            lse = tl.load(lse_row + rows, mask=rows < T, other=float("inf"))
+            total += tl.sum(tl.where(allowed, tl.exp(s - lse[:, None]), 0.0), 0)
+    tl.store(SCORES + bkv * N + cols, total, mask=cols < N)
+
+
+def scored_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    score_queries: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kvreviver_core.attention.scored_attention`'s signature and results, on CUDA (causal; see the module).
+
+    Args:
+        query: ``(B, Hq, T, D)``; key, value: ``(B, Hkv, N, D)`` (not repeated for GQA), ``N >= T``.
+        mask: ``(B, 1 or Hkv, T, N)`` bool or None (causal).
+        score_queries: sum the probabilities of the last ``score_queries`` queries only (None = all).
+
+    Returns:
+        output ``(B, T, Hq, D)`` and scores ``(B, Hkv, N)`` fp32.
+    """
+    b, hq, t, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    if n < t:
+        raise ValueError(f"scored attention needs at least as many keys as queries, got {n} keys for {t} queries")
+    first_scored = 0 if score_queries is None else max(0, t - score_queries)
+    out = _sdpa(query, key, value, mask, scaling)
+    scores = torch.zeros(b, hkv, n, dtype=torch.float32, device=query.device)
+    if first_scored == t:
+        return out, scores
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    k = key if key.stride(-1) == 1 else key.contiguous()
+    lse = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
+    if mask is None:
+        mask_arg, mask_strides = lse, (0, 0, 0, 0)  # never read (HAS_MASK off)
+    else:
+        mask_arg = mask.view(torch.uint8)
+        mask_strides = tuple(stride if size > 1 else 0 for size, stride in zip(mask.shape[:2], mask.stride()[:2]))
+        mask_strides += (mask.stride(2), mask.stride(3))
+    inputs = (q, *q.stride()[:3], k, *k.stride()[:3])
+    common = dict(G=hq // hkv, HAS_MASK=mask is not None, D=d, DP=triton.next_power_of_2(d), BLOCK_M=BLOCK_M,
+                  BLOCK_N=BLOCK_N, IEEE=query.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    # A model split over GPUs: launch on the inputs' one (CPU tensors run under Triton's interpreter).
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        _row_logsumexp[(triton.cdiv(t - first_scored, BLOCK_M), b * hq)](
+            *inputs, lse, mask_arg, *mask_strides, t, n, first_scored, scaling, hq, **common)
+        _column_mass[(triton.cdiv(n, BLOCK_N), b * hkv)](
+            *inputs, lse, scores, mask_arg, *mask_strides, t, n, first_scored, scaling, hkv, **common)
+    if mask is not None:
+        # A query with nothing to attend (a padding query) gives 0, as in the reference, not SDPA's mean of values.
+        empty = ~mask.any(dim=-1)  # (B, 1 or Hkv, T)
+        if empty.shape[1] > 1:
+            empty = empty.repeat_interleave(hq // hkv, dim=1)
+        out = out.masked_fill(empty.transpose(1, 2).unsqueeze(-1), 0.0)
+    return out, scores
