@@ -10,10 +10,11 @@ rows after the first are left-padded by a quarter of the prompt, through a boole
 * ``sdpa``: the output alone, through the SDPA call the full cache's prefill makes (the floor: no scores).
 
 For each it prints the best of ``--repeats`` runs after a warm-up, and for ``triton`` the largest difference from
-``torch`` in the output and in the scores (relative to the largest score). Rows go to ``--out`` (JSONL).
+``torch`` in the output and in the scores (relative to the largest score). With ``--kernels``, one more run under
+``torch.profiler`` gives each kernel's device time (``kernels_ms`` in the row). Rows go to ``--out`` (JSONL).
 
 Usage: python benchmarks/bench_scored_prefill.py [--batch 1] [--heads 32] [--kv-heads 32] [--tokens 8192,32768]
-       [--head-dim 128] [--dtype bfloat16] [--device cuda] [--backends torch,triton,sdpa] [--padded] [--repeats 3]
+       [--head-dim 128] [--dtype bfloat16] [--device cuda] [--backends torch,triton,sdpa] [--padded] [--repeats 3] [--kernels]
        [--out runs/bench_scored_prefill.jsonl]
 """
 
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from kvreviver_core.attention import _sdpa, scored_attention
 from cli_args import BenchmarkParser, int_list
@@ -44,6 +46,16 @@ def backends(names: list[str], parser: BenchmarkParser) -> dict:
     return {name: table[name] for name in names}
 
 
+def kernel_times(run) -> dict[str, float]:
+    """Device milliseconds of each kernel in one ``run()``, by name, longest first."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    times = {event.key: event.self_device_time_total / 1e3 for event in prof.key_averages()
+             if event.self_device_time_total > 0}
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
+
+
 def main() -> None:
     parser = BenchmarkParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1)
@@ -56,6 +68,7 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,triton,sdpa")
     parser.add_argument("--padded", action="store_true", help="left-pad the rows after the first (a boolean mask)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernels", action="store_true", help="each kernel's device time, from one profiled run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_scored_prefill.jsonl"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -88,6 +101,8 @@ def main() -> None:
             row = {"device": name, "backend": backend, "batch": args.batch, "heads": args.heads,
                    "kv_heads": args.kv_heads, "tokens": tokens, "head_dim": args.head_dim, "dtype": args.dtype,
                    "padded": args.padded, "best_s": min(times[1:]), "threads": torch.get_num_threads()}
+            if args.kernels and device.type == "cuda":
+                row["kernels_ms"] = kernel_times(lambda: fn(query, key, value, mask, args.head_dim**-0.5, None))
             if backend == "triton" and "torch" in results:
                 (out, scores), (ref_out, ref_scores) = results["triton"], results["torch"]
                 row["max_out_diff"] = float((out.float() - ref_out.float()).abs().max())

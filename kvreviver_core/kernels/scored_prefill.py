@@ -6,17 +6,18 @@ probabilities summed over the queries and over each KV head's query heads, ``(B,
 them half a dozen times: at 32k tokens on an H200 its prefill took 24 s against 1.7 s for SDPA alone
 (BENCHMARKS.md). Here the logits stay in registers:
 
-1. ``_row_logsumexp``: grid ``(cdiv(scored, BLOCK_M), B * Hq)``, one program per block of scored queries of one
+1. ``_row_logsumexp``: grid ``(cdiv(scored, LSE_BLOCK_M), B * Hq)``, one program per block of scored queries of one
    query head, an online max and sum of exponentials over the keys. Writes each query's log-sum-exp ``(B, Hq, T)``
-   (-inf for a query with nothing to attend).
-2. ``_column_mass``: grid ``(cdiv(N, BLOCK_N), B * Hkv)``, one program per block of keys of one KV head. It takes the
-   logits again, tile by tile, for every query head of the group and every scored query that may see those keys,
-   and sums ``exp(logit - lse)``. Each program owns its columns, so no atomics.
+   (+inf for a query with nothing to attend, so that its probabilities come out 0).
+2. ``_column_mass``: grid ``(cdiv(N, MASS_BLOCK_N), B * Hkv)``, one program per block of keys of one KV head. It
+   takes the logits again, tile by tile, for every query head of the group and every scored query that may see
+   those keys, and sums ``exp(logit - lse)``. Each program owns its columns, so no atomics.
 
 The output itself is SDPA's (:func:`kvreviver_core.attention._sdpa`). Attention here is causal with the queries at
 the end of the keys (a query at ``N - T + i`` sees keys up to it), intersected with the boolean mask when one is
-given, as HF's masks for a causal LM always are: the causal bound lets both passes skip the tiles above the
-diagonal. Logits are accumulated in fp32 (tensor cores; exact fp32 products for fp32 inputs).
+given, as HF's masks for a causal LM always are. The causal bound lets both passes skip the tiles above the
+diagonal, and only the tiles across it are masked. Logits are accumulated in fp32 (tensor cores; exact fp32
+products for fp32 inputs).
 """
 
 from __future__ import annotations
@@ -29,30 +30,32 @@ import triton.language as tl
 
 from kvreviver_core.attention import _sdpa
 
-BLOCK_M = 64  # queries per tile
-BLOCK_N = 64  # keys per tile
-NUM_WARPS = 4
-NUM_STAGES = 3
+# Each pass's tile (queries x keys), warps and software-pipelining stages: on an H200 at 32k tokens (Llama-2-7B
+# shapes, bf16) the fastest of 8 plans for each, 10.9 and 15.9 ms against 12.1 and 16.8 for 64 x 64 (BENCHMARKS.md).
+LSE_BLOCK_M, LSE_BLOCK_N, LSE_WARPS, LSE_STAGES = 64, 128, 4, 3
+MASS_BLOCK_M, MASS_BLOCK_N, MASS_WARPS, MASS_STAGES = 128, 64, 4, 3
 
 
 @triton.jit
-def _tile_logits(q, K, key_stride, rows, cols, T, N, MASK, mask_t, mask_n, scaling, HAS_MASK: tl.constexpr,
-                 D: tl.constexpr, DP: tl.constexpr, IEEE: tl.constexpr):
-    """The logits of query rows ``rows`` (q ``(BLOCK_M, DP)``) against key columns ``cols`` (keys from ``K``, rows
-    ``key_stride`` apart), -inf where the query may not attend: past its own position, outside ``(T, N)``, or False
-    in the mask tile (``MASK`` at this head's plane, strides ``mask_t``, ``mask_n``). Returns them and the allowed
-    tile."""
+def _tile_logits(q, K, key_stride, rows, cols, T, N, MASK, mask_t, mask_n, scaling, CAUSAL: tl.constexpr,
+                 HAS_MASK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, IEEE: tl.constexpr):
+    """The logits of query rows ``rows`` (q ``(BLOCK_M, DP)``) against key columns ``cols < N`` (keys from ``K``,
+    rows ``key_stride`` apart), -inf where the query may not attend: with CAUSAL (a tile across the diagonal) past
+    its own position or at a row ``>= T``; with HAS_MASK where the mask (``MASK`` at this head's plane, strides
+    ``mask_t``, ``mask_n``) is False. A tile below the diagonal has no causal test: every row sees every column."""
     di = tl.arange(0, DP)
     k = tl.load(K + cols[:, None] * key_stride + di[None, :], mask=(cols < N)[:, None] & (di < D)[None, :], other=0.0)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
     else:
         s = tl.dot(q, tl.trans(k)) * scaling
-    allowed = (rows < T)[:, None] & (cols[None, :] <= rows[:, None] + (N - T))
+    inside = (rows < T)[:, None] & (cols < N)[None, :]
+    if CAUSAL:
+        s = tl.where(inside & (cols[None, :] <= rows[:, None] + (N - T)), s, float("-inf"))
     if HAS_MASK:
-        tile = tl.load(MASK + rows[:, None].to(tl.int64) * mask_t + cols[None, :] * mask_n, mask=allowed, other=0)
-        allowed = allowed & (tile != 0)
-    return tl.where(allowed, s, float("-inf")), allowed
+        tile = tl.load(MASK + rows[:, None].to(tl.int64) * mask_t + cols[None, :] * mask_n, mask=inside, other=0)
+        s = tl.where(tile != 0, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -62,6 +65,15 @@ def _load_queries(Q, query_stride, rows, T, D: tl.constexpr, DP: tl.constexpr):
                    other=0.0)
 
 
+@triton.jit
+def _online_lse(m, l, s):
+    """Fold a tile's logits ``s`` (BLOCK_M, BLOCK_N) into the rows' running max ``m`` and sum of exponentials
+    ``l``."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at 0
+    return m_new, l * tl.exp(m - m_use) + tl.sum(tl.exp(s - m_use[:, None]), 1)
+
+
 @triton.jit(do_not_specialize=["T", "N", "first_scored"])
 def _row_logsumexp(Q, qb, qh, qt, K, kb, kh, kn, LSE, MASK, mask_b, mask_h, mask_t, mask_n, T, N, first_scored,
                    scaling, Hq, G: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
@@ -69,23 +81,39 @@ def _row_logsumexp(Q, qb, qh, qt, K, kb, kh, kn, LSE, MASK, mask_b, mask_h, mask
     """Grid ``(cdiv(T - first_scored, BLOCK_M), B * Hq)``: LSE ``(B, Hq, T)`` of the scored queries' logits."""
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // Hq, bh % Hq
-    rows = first_scored + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_row = first_scored + tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
     q = _load_queries(Q + b * qb + h * qh, qt, rows, T, D, DP)
     keys = K + b * kb + (h // G) * kh
     mask_plane = MASK + b * mask_b + (h // G) * mask_h
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
-    last = tl.minimum(N, first_scored + (tl.program_id(0) + 1) * BLOCK_M + (N - T))  # causal: no key after it
-    for start in range(0, last, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        s, _ = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, HAS_MASK, D, DP,
-                            IEEE)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at 0
-        l = l * tl.exp(m - m_use) + tl.sum(tl.exp(s - m_use[:, None]), 1)
-        m = m_new
-    lse = tl.where(l > 0, m + tl.log(l), float("-inf"))
+    below = (first_row + (N - T) + 1) // BLOCK_N * BLOCK_N  # key blocks that every row of this block sees whole
+    for start in range(0, below, BLOCK_N):
+        s = _tile_logits(q, keys, kn, rows, start + tl.arange(0, BLOCK_N), T, N, mask_plane, mask_t, mask_n, scaling,
+                         False, HAS_MASK, D, DP, IEEE)
+        m, l = _online_lse(m, l, s)
+    for start in range(below, tl.minimum(N, first_row + BLOCK_M + (N - T)), BLOCK_N):
+        s = _tile_logits(q, keys, kn, rows, start + tl.arange(0, BLOCK_N), T, N, mask_plane, mask_t, mask_n, scaling,
+                         True, HAS_MASK, D, DP, IEEE)
+        m, l = _online_lse(m, l, s)
+    lse = tl.where(l > 0, m + tl.log(l), float("inf"))
     tl.store(LSE + bh * T + rows, lse, mask=rows < T)
+
+
+@triton.jit
+def _mass_rows(total, queries, qt, lse_row, keys, kn, first, end, cols, T, N, mask_plane, mask_t, mask_n, scaling,
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+               BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
+    """Add the probabilities of query rows ``[first, end)`` at key columns ``cols`` to ``total`` (BLOCK_N,)."""
+    for start in range(first, end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q = _load_queries(queries, qt, rows, T, D, DP)
+        s = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, CAUSAL, HAS_MASK, D, DP,
+                         IEEE)
+        lse = tl.load(lse_row + rows, mask=rows < T, other=float("inf"))
+        total += tl.sum(tl.exp(s - lse[:, None]), 0)
+    return total
 
 
 @triton.jit(do_not_specialize=["T", "N", "first_scored"])
@@ -101,18 +129,18 @@ def _column_mass(Q, qb, qh, qt, K, kb, kh, kn, LSE, SCORES, MASK, mask_b, mask_h
     keys = K + b * kb + kv * kh
     mask_plane = MASK + b * mask_b + kv * mask_h
     first = tl.maximum(first_scored, first_col - (N - T))  # the first query that may see this block's first key
+    # From ``below`` on (whole tiles from ``first``), every query sees the whole block: no causal test.
+    sees_all = tl.maximum(first, first_col + BLOCK_N - 1 - (N - T))
+    below = first + tl.cdiv(sees_all - first, BLOCK_M) * BLOCK_M
     total = tl.zeros((BLOCK_N,), tl.float32)
     for g in range(G):
         head = kv * G + g
         queries = Q + b * qb + head * qh
         lse_row = LSE + (b * Hkv * G + head) * T
-        for start in range(first, T, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            q = _load_queries(queries, qt, rows, T, D, DP)
-            s, allowed = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, HAS_MASK,
-                                      D, DP, IEEE)
-            lse = tl.load(lse_row + rows, mask=rows < T, other=float("inf"))
-            total += tl.sum(tl.where(allowed, tl.exp(s - lse[:, None]), 0.0), 0)
+        total = _mass_rows(total, queries, qt, lse_row, keys, kn, first, below, cols, T, N, mask_plane, mask_t,
+                           mask_n, scaling, True, HAS_MASK, D, DP, BLOCK_M, IEEE)
+        total = _mass_rows(total, queries, qt, lse_row, keys, kn, below, T, cols, T, N, mask_plane, mask_t, mask_n,
+                           scaling, False, HAS_MASK, D, DP, BLOCK_M, IEEE)
     tl.store(SCORES + bkv * N + cols, total, mask=cols < N)
 
 
@@ -153,14 +181,16 @@ def scored_attention_triton(
         mask_strides = tuple(stride if size > 1 else 0 for size, stride in zip(mask.shape[:2], mask.stride()[:2]))
         mask_strides += (mask.stride(2), mask.stride(3))
     inputs = (q, *q.stride()[:3], k, *k.stride()[:3])
-    common = dict(G=hq // hkv, HAS_MASK=mask is not None, D=d, DP=triton.next_power_of_2(d), BLOCK_M=BLOCK_M,
-                  BLOCK_N=BLOCK_N, IEEE=query.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    common = dict(G=hq // hkv, HAS_MASK=mask is not None, D=d, DP=triton.next_power_of_2(d),
+                  IEEE=query.dtype == torch.float32)
     # A model split over GPUs: launch on the inputs' one (CPU tensors run under Triton's interpreter).
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        _row_logsumexp[(triton.cdiv(t - first_scored, BLOCK_M), b * hq)](
-            *inputs, lse, mask_arg, *mask_strides, t, n, first_scored, scaling, hq, **common)
-        _column_mass[(triton.cdiv(n, BLOCK_N), b * hkv)](
-            *inputs, lse, scores, mask_arg, *mask_strides, t, n, first_scored, scaling, hkv, **common)
+        _row_logsumexp[(triton.cdiv(t - first_scored, LSE_BLOCK_M), b * hq)](
+            *inputs, lse, mask_arg, *mask_strides, t, n, first_scored, scaling, hq, **common, BLOCK_M=LSE_BLOCK_M,
+            BLOCK_N=LSE_BLOCK_N, num_warps=LSE_WARPS, num_stages=LSE_STAGES)
+        _column_mass[(triton.cdiv(n, MASS_BLOCK_N), b * hkv)](
+            *inputs, lse, scores, mask_arg, *mask_strides, t, n, first_scored, scaling, hkv, **common,
+            BLOCK_M=MASS_BLOCK_M, BLOCK_N=MASS_BLOCK_N, num_warps=MASS_WARPS, num_stages=MASS_STAGES)
     if mask is not None:
         # A query with nothing to attend (a padding query) gives 0, as in the reference, not SDPA's mean of values.
         empty = ~mask.any(dim=-1)  # (B, 1 or Hkv, T)
