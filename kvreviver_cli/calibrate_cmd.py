@@ -16,12 +16,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvreviver_cli.common import UsageError, clean_errors, console, err_console
-from kvreviver_core.calibration import CALIBRATION_CHUNK, CALIBRATION_TOKENS, calibrate, settings_path
-from kvreviver_core.models import load_model
 
 ECHOKV_ONLY = ("--keep", "--group-size", "--local-size")
 
 
+# --tokens' default, kvreviver_core.calibration.CALIBRATION_TOKENS, is in its help text rather than read from that
+# module here: it imports torch, which the CLI's help and usage errors do without (tests/test_cli_import_time.py
+# checks that the two agree).
 @clean_errors
 def calibrate_command(
     method: str = typer.Option(..., "--method", help="vector (ridge regression value ~ key) or echokv (head reconstruction)."),
@@ -29,12 +30,15 @@ def calibrate_command(
     text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text to calibrate on; default: builtin prose."),
     steps: Optional[int] = typer.Option(None, "--steps", help="echokv: AdamW steps per training stage (default 200)."),
     out: Optional[Path] = typer.Option(None, "--out", help="the .safetensors file to write; default: the model's cache."),
-    tokens: int = typer.Option(CALIBRATION_TOKENS, "--tokens", help="calibration tokens (512-token sequences)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="calibration tokens (512-token sequences; default 4096)."),
     keep: Optional[float] = typer.Option(None, "--keep", help="echokv: fraction of KV heads stored exactly (0.4)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="echokv: heads per group S (largest divisor <= 4)."),
     local_size: Optional[int] = typer.Option(None, "--local-size", help="echokv: layers a head is rebuilt from, m (2)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda: where the model runs."),
 ) -> None:
+    from kvreviver_core.calibration import CALIBRATION_CHUNK, CALIBRATION_TOKENS, calibrate, settings_path
+    from kvreviver_core.models import load_model
+
     if method not in ("vector", "echokv"):
         raise UsageError(f"--method must be vector or echokv, got {method!r}")
     echokv_options = {"keep": keep, "group_size": group_size, "local_size": local_size}
@@ -49,6 +53,7 @@ def calibrate_command(
         raise UsageError(f"--keep must be a fraction in (0, 1), got {keep:g}")
     if any(size is not None and size < 1 for size in (group_size, local_size)):
         raise UsageError("--group-size and --local-size must be positive integers")
+    tokens = CALIBRATION_TOKENS if tokens is None else tokens
     if tokens < 2 * CALIBRATION_CHUNK:
         raise UsageError(f"--tokens must cover at least 2 chunks of {CALIBRATION_CHUNK} tokens, got {tokens}")
     if text is not None and not text.is_file():

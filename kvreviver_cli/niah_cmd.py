@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -22,9 +21,11 @@ from kvreviver_cli.common import (
     parse_names,
 )
 from kvreviver_cli.config import apply_config
-from kvreviver_core import distributed, niah, plots
-from kvreviver_core.models import load_model
+from kvreviver_core import distributed
 from kvreviver_core.results import ResultStore
+
+if TYPE_CHECKING:  # niah imports torch, plots matplotlib: both are imported where they are used
+    from kvreviver_core import niah, plots
 
 MIN_NEW_TOKENS = 24  # SmolLM2 writes one token per digit and answers in a full sentence
 
@@ -50,6 +51,10 @@ def _fmt(scores: list[float]) -> str:
 def save_heatmaps(rows: list[dict], methods: list[str], depths: list[float], lengths: list[int], out: Path,
                   title: str) -> list[plots.Heatmap]:
     """One PNG per method and one with every method side by side, all on the same colour scale."""
+    import numpy as np
+
+    from kvreviver_core import niah, plots
+
     matrices = {m: np.array(niah.mean_scores(rows, m, depths, lengths)) for m in methods}
     saved = [plots.plot_method(matrices[m], m, depths, lengths, out / f"heatmap_{_file_safe(m)}.png", title)
              for m in methods]
@@ -62,6 +67,8 @@ def _file_safe(label: str) -> str:
 
 
 def _needle(needle: str | None, question: str | None, answer: str | None) -> niah.Needle | None:
+    from kvreviver_core import niah
+
     given = [x is not None for x in (needle, question, answer)]
     if not any(given):
         return None
@@ -106,6 +113,8 @@ def niah_command(
     if o["max_new_tokens"] < MIN_NEW_TOKENS:
         raise UsageError(f"--max-new-tokens must be >= {MIN_NEW_TOKENS} (a correct answer in a full sentence is cut "
                          f"off below that), got {o['max_new_tokens']}")
+    from kvreviver_core import niah
+
     grid = niah.NiahGrid(
         methods=parse_names(o["methods"]), budget=o["budget"], lengths=parse_ints(o["lengths"], "--lengths"),
         depths=parse_floats(o["depths"], "--depths"), seed=o["seed"],
@@ -129,6 +138,9 @@ def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, ha
     its share of the grid points (all methods of a point together) into its own rank file; rank 0 folds those into
     ``out/results.jsonl`` and goes on as a single process would, finding every row stored; the other ranks exit.
     """
+    from kvreviver_core import niah
+    from kvreviver_core.models import load_model
+
     check_device_map(device, device_map)
     haystack_text = niah.load_haystack(haystack)
     rank = distributed.RankInfo.from_env()

@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-import transformers
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -27,16 +25,12 @@ from kvreviver_cli.common import (
     UsageError, check_device_map, clean_errors, console, err_console, parse_ints, parse_names,
 )
 from kvreviver_cli.config import apply_config
-from kvreviver_core import list_methods
-from kvreviver_core.compiled import compile_token_blocks
-from kvreviver_core.specs import method_spec
-from kvreviver_core.models import load_model
-from kvreviver_core.profiling import find_max_batch as search_max_batch
-from kvreviver_core.profiling import (
-    NvmlUnavailable, ProfileRow, RunSpec, guarded, input_device, measure_run, model_devices, nvml_reader,
-    release_memory,
-)
 from kvreviver_core.results import ResultStore
+
+if TYPE_CHECKING:  # torch, the method registry and the profiler are imported when the command runs
+    import torch
+
+    from kvreviver_core.profiling import ProfileRow, RunSpec
 
 GIB = 1024**3
 MIB = 1024**2
@@ -47,6 +41,9 @@ WARMUP_RUN_STEPS = 24
 
 def _validate(methods: list[str], batches: list[int], budget: float, context: int, new_tokens: int,
               max_batch_limit: int, sample_interval_ms: float) -> None:
+    from kvreviver_core import list_methods
+    from kvreviver_core.specs import method_spec
+
     if not methods:
         raise UsageError(f"unknown method(s) (none given); available: {', '.join(list_methods())}")
     for method in methods:
@@ -67,6 +64,8 @@ def _validate(methods: list[str], batches: list[int], budget: float, context: in
 
 
 def _check_device(device: str, device_map: str | None) -> None:
+    import torch
+
     check_device_map(device, device_map)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("no NVIDIA GPU found (profile reads GPU memory through NVML); "
@@ -74,6 +73,8 @@ def _check_device(device: str, device_map: str | None) -> None:
 
 
 def _device_name(devices: list[torch.device]) -> str:
+    import torch
+
     if devices[0].type != "cuda":
         return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     names = [torch.cuda.get_device_name(d) for d in devices]
@@ -187,6 +188,17 @@ def profile_command(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options ([profile] table)."),
 ) -> None:
     values = {k: v for k, v in locals().items() if k not in ("ctx", "config")}
+    import torch
+    import transformers
+
+    from kvreviver_core.compiled import compile_token_blocks
+    from kvreviver_core.models import load_model
+    from kvreviver_core.profiling import find_max_batch as search_max_batch
+    from kvreviver_core.profiling import (
+        NvmlUnavailable, ProfileRow, RunSpec, guarded, input_device, measure_run, model_devices, nvml_reader,
+        release_memory,
+    )
+
     o = apply_config(ctx, config, values, "profile")
     method_names, batches = parse_names(o["methods"]), parse_ints(o["batch"], "--batch")
     _validate(method_names, batches, o["budget"], o["context"], o["new_tokens"], o["max_batch_limit"],

@@ -22,7 +22,6 @@ from rich.table import Table
 from kvreviver_cli import eval_cmd, niah_cmd
 from kvreviver_cli.common import UsageError, clean_errors, console, parse_floats, parse_ints
 from kvreviver_cli.config import apply_config
-from kvreviver_core import niah
 from kvreviver_core.budget import Budget
 
 Split = tuple[float, float, float]
@@ -131,6 +130,8 @@ def sweep_niah(values: dict, splits: list[Split], budget: float) -> list[dict]:
 
     Each split is a method spec (``kvreviver:split=V/C/R``), so its grid points are keyed apart in results.jsonl.
     """
+    from kvreviver_core import niah
+
     specs = [niah.split_spec("kvreviver", split) for split in splits]
     grid = niah.NiahGrid(methods=["full", *specs], budget=budget, lengths=parse_ints(values["lengths"], "--lengths"),
                          depths=parse_floats(values["depths"], "--depths"), seed=values["seed"],

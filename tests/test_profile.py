@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from kvreviver_cli import profile_cmd
 from kvreviver_core.models import ARCH_PRESETS
+from kvreviver_core import profiling
 from kvreviver_core.profiling import PeakSampler, ProfileRow, find_max_batch, guarded, is_out_of_memory
 
 CPU = torch.device("cpu")
@@ -215,7 +216,7 @@ def test_profile_reports_oom_rows_and_keeps_going(monkeypatch, tmp_path):
         return ProfileRow(spec.method, batch, "ok", prefill_s=0.1, decode_s=1.0, decode_steps_timed=1,
                           decode_tokens_per_s=float(batch), kv_bytes=batch, kv_full_bytes=10 * batch)
 
-    monkeypatch.setattr(profile_cmd, "measure_run", fake_measure)
+    monkeypatch.setattr(profiling, "measure_run", fake_measure)  # the command imports it when it runs
     result = _invoke([*TINY, "--batch", "2,4", "--find-max-batch", "--max-batch-limit", "64", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "profile.json").read_text())
