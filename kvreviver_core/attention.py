@@ -9,8 +9,10 @@ announces which layer is being computed (:func:`announce_layer`); the function t
 * whether it computes attention itself (a fused decode kernel).
 
 Scores are softmax(QK^T) summed over the queries asked for and over the query heads of each KV-head group,
-``(batch, kv_heads, kv_len)`` in fp32. Prefill is processed in query chunks, so no N x N matrix is ever built for
-more than one chunk at a time. Without a compressed layer the function is plain SDPA.
+``(batch, kv_heads, kv_len)`` in fp32. On CUDA a prefill takes them from Triton kernels that keep the logits in
+registers (:mod:`kvreviver_core.kernels.scored_prefill`); elsewhere :func:`scored_attention` processes the queries
+in chunks, so no N x N matrix is ever built for more than one chunk at a time. Without a compressed layer the
+function is plain SDPA.
 """
 
 from __future__ import annotations
