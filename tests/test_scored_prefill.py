@@ -81,14 +81,14 @@ def test_padding_and_a_query_with_nothing_to_attend(dtype):
 
 
 @pytest.mark.parametrize("tiles", [(16, 32, 32, 16), (64, 64, 64, 64), (32, 128, 128, 32)],
-                         ids=lambda tiles: "lse{}x{}-mass{}x{}".format(*tiles))
+                         ids=lambda tiles: "rows{}x{}-mass{}x{}".format(*tiles))
 def test_per_head_slots_gqa_and_unpadded_head_dim(monkeypatch, tiles):
     """A mask per KV head (slots a method dropped), 3 query heads a group, head_dim 40 (padded to 64 in the
     kernel), a key layout with strides (B, N, Hkv, D) as HF's projections give, and tiles of several shapes, so
     that the diagonal crosses them at different offsets."""
     from kvreviver_core.kernels import scored_prefill
 
-    for name, size in zip(("LSE_BLOCK_M", "LSE_BLOCK_N", "MASS_BLOCK_M", "MASS_BLOCK_N"), tiles):
+    for name, size in zip(("ROW_BLOCK_M", "ROW_BLOCK_N", "MASS_BLOCK_M", "MASS_BLOCK_N"), tiles):
         monkeypatch.setattr(scored_prefill, name, size)
     dtype = torch.float32
     query, key, value = inputs(dtype, batch=2, heads=6, kv_heads=2, t=150, n=200, d=40, seed=1)

@@ -6,14 +6,15 @@ probabilities summed over the queries and over each KV head's query heads, ``(B,
 them half a dozen times: at 32k tokens on an H200 its prefill took 24 s against 1.7 s for SDPA alone
 (BENCHMARKS.md). Here the logits stay in registers:
 
-1. ``_row_logsumexp``: grid ``(cdiv(scored, LSE_BLOCK_M), B * Hq)``, one program per block of scored queries of one
-   query head, an online max and sum of exponentials over the keys. Writes each query's log-sum-exp ``(B, Hq, T)``
-   (+inf for a query with nothing to attend, so that its probabilities come out 0).
+1. ``_attend_rows``: grid ``(cdiv(T, ROW_BLOCK_M), B * Hq)``, one program per block of queries of one query head,
+   flash attention's online softmax over the keys. Writes the output ``(B, T, Hq, D)`` and each query's
+   log-sum-exp ``(B, Hq, T)`` (+inf for a query with nothing to attend, so that its probabilities come out 0; its
+   output is 0).
 2. ``_column_mass``: grid ``(cdiv(N, MASS_BLOCK_N), B * Hkv)``, one program per block of keys of one KV head. It
    takes the logits again, tile by tile, for every query head of the group and every scored query that may see
    those keys, and sums ``exp(logit - lse)``. Each program owns its columns, so no atomics.
 
-The output itself is SDPA's (:func:`kvreviver_core.attention._sdpa`). Attention here is causal with the queries at
+Attention here is causal with the queries at
 the end of the keys (a query at ``N - T + i`` sees keys up to it), intersected with the boolean mask when one is
 given, as HF's masks for a causal LM always are. The causal bound lets both passes skip the tiles above the
 diagonal, and only the tiles across it are masked. Logits are accumulated in fp32 (tensor cores; exact fp32
@@ -28,11 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvreviver_core.attention import _sdpa
-
 # Each pass's tile (queries x keys), warps and software-pipelining stages: on an H200 at 32k tokens (Llama-2-7B
 # shapes, bf16) the fastest of 8 plans for each, 10.9 and 15.9 ms against 12.1 and 16.8 for 64 x 64 (BENCHMARKS.md).
-LSE_BLOCK_M, LSE_BLOCK_N, LSE_WARPS, LSE_STAGES = 64, 128, 4, 3
+ROW_BLOCK_M, ROW_BLOCK_N, ROW_WARPS, ROW_STAGES = 64, 128, 4, 3
 MASS_BLOCK_M, MASS_BLOCK_N, MASS_WARPS, MASS_STAGES = 128, 64, 4, 3
 
 
@@ -66,39 +65,60 @@ def _load_queries(Q, query_stride, rows, T, D: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _online_lse(m, l, s):
-    """Fold a tile's logits ``s`` (BLOCK_M, BLOCK_N) into the rows' running max ``m`` and sum of exponentials
-    ``l``."""
+def _online_softmax(m, l, acc, s, v, IEEE: tl.constexpr):
+    """Fold a tile's logits ``s`` (BLOCK_M, BLOCK_N) and values ``v`` (BLOCK_N, DP) into the rows' running max
+    ``m``, sum of exponentials ``l`` and output ``acc`` (BLOCK_M, DP), fp32."""
     m_new = tl.maximum(m, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at 0
-    return m_new, l * tl.exp(m - m_use) + tl.sum(tl.exp(s - m_use[:, None]), 1)
+    alpha = tl.exp(m - m_use)
+    p = tl.exp(s - m_use[:, None])
+    if IEEE:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
 
 
-@triton.jit(do_not_specialize=["T", "N", "first_scored"])
-def _row_logsumexp(Q, qb, qh, qt, K, kb, kh, kn, LSE, MASK, mask_b, mask_h, mask_t, mask_n, T, N, first_scored,
-                   scaling, Hq, G: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """Grid ``(cdiv(T - first_scored, BLOCK_M), B * Hq)``: LSE ``(B, Hq, T)`` of the scored queries' logits."""
+@triton.jit
+def _load_values(V, value_stride, cols, N, D: tl.constexpr, DP: tl.constexpr):
+    di = tl.arange(0, DP)
+    return tl.load(V + cols[:, None] * value_stride + di[None, :], mask=(cols < N)[:, None] & (di < D)[None, :],
+                   other=0.0)
+
+
+@triton.jit(do_not_specialize=["T", "N"])
+def _attend_rows(Q, qb, qh, qt, K, kb, kh, kn, V, vb, vh, vn, OUT, ob, oh, ot, LSE, MASK, mask_b, mask_h, mask_t,
+                 mask_n, T, N, scaling, Hq, G: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr,
+                 DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Grid ``(cdiv(T, BLOCK_M), B * Hq)``: OUT (rows ``ot`` apart) and LSE ``(B, Hq, T)`` of a block of queries."""
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // Hq, bh % Hq
-    first_row = first_scored + tl.program_id(0) * BLOCK_M
+    first_row = tl.program_id(0) * BLOCK_M
     rows = first_row + tl.arange(0, BLOCK_M)
     q = _load_queries(Q + b * qb + h * qh, qt, rows, T, D, DP)
     keys = K + b * kb + (h // G) * kh
+    values = V + b * vb + (h // G) * vh
     mask_plane = MASK + b * mask_b + (h // G) * mask_h
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, DP), tl.float32)
     below = (first_row + (N - T) + 1) // BLOCK_N * BLOCK_N  # key blocks that every row of this block sees whole
     for start in range(0, below, BLOCK_N):
-        s = _tile_logits(q, keys, kn, rows, start + tl.arange(0, BLOCK_N), T, N, mask_plane, mask_t, mask_n, scaling,
-                         False, HAS_MASK, D, DP, IEEE)
-        m, l = _online_lse(m, l, s)
+        cols = start + tl.arange(0, BLOCK_N)
+        s = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, False, HAS_MASK, D, DP,
+                         IEEE)
+        m, l, acc = _online_softmax(m, l, acc, s, _load_values(values, vn, cols, N, D, DP), IEEE)
     for start in range(below, tl.minimum(N, first_row + BLOCK_M + (N - T)), BLOCK_N):
-        s = _tile_logits(q, keys, kn, rows, start + tl.arange(0, BLOCK_N), T, N, mask_plane, mask_t, mask_n, scaling,
-                         True, HAS_MASK, D, DP, IEEE)
-        m, l = _online_lse(m, l, s)
-    lse = tl.where(l > 0, m + tl.log(l), float("inf"))
-    tl.store(LSE + bh * T + rows, lse, mask=rows < T)
+        cols = start + tl.arange(0, BLOCK_N)
+        s = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, True, HAS_MASK, D, DP,
+                         IEEE)
+        m, l, acc = _online_softmax(m, l, acc, s, _load_values(values, vn, cols, N, D, DP), IEEE)
+    seen = l > 0
+    out = acc / tl.where(seen, l, 1.0)[:, None]  # 0 for a query with nothing to attend
+    di = tl.arange(0, DP)
+    tl.store(OUT + b * ob + h * oh + rows[:, None] * ot + di[None, :], out.to(OUT.dtype.element_ty),
+             mask=(rows < T)[:, None] & (di < D)[None, :])
+    tl.store(LSE + bh * T + rows, tl.where(seen, m + tl.log(l), float("inf")), mask=rows < T)
 
 
 @triton.jit
@@ -167,12 +187,9 @@ def scored_attention_triton(
     if n < t:
         raise ValueError(f"scored attention needs at least as many keys as queries, got {n} keys for {t} queries")
     first_scored = 0 if score_queries is None else max(0, t - score_queries)
-    out = _sdpa(query, key, value, mask, scaling)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key, value))
+    out = torch.empty(b, t, hq, d, dtype=query.dtype, device=query.device)
     scores = torch.zeros(b, hkv, n, dtype=torch.float32, device=query.device)
-    if first_scored == t:
-        return out, scores
-    q = query if query.stride(-1) == 1 else query.contiguous()
-    k = key if key.stride(-1) == 1 else key.contiguous()
     lse = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
     if mask is None:
         mask_arg, mask_strides = lse, (0, 0, 0, 0)  # never read (HAS_MASK off)
@@ -180,21 +197,17 @@ def scored_attention_triton(
         mask_arg = mask.view(torch.uint8)
         mask_strides = tuple(stride if size > 1 else 0 for size, stride in zip(mask.shape[:2], mask.stride()[:2]))
         mask_strides += (mask.stride(2), mask.stride(3))
-    inputs = (q, *q.stride()[:3], k, *k.stride()[:3])
     common = dict(G=hq // hkv, HAS_MASK=mask is not None, D=d, DP=triton.next_power_of_2(d),
                   IEEE=query.dtype == torch.float32)
+    queries, keys = (q, *q.stride()[:3]), (k, *k.stride()[:3])
     # A model split over GPUs: launch on the inputs' one (CPU tensors run under Triton's interpreter).
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        _row_logsumexp[(triton.cdiv(t - first_scored, LSE_BLOCK_M), b * hq)](
-            *inputs, lse, mask_arg, *mask_strides, t, n, first_scored, scaling, hq, **common, BLOCK_M=LSE_BLOCK_M,
-            BLOCK_N=LSE_BLOCK_N, num_warps=LSE_WARPS, num_stages=LSE_STAGES)
-        _column_mass[(triton.cdiv(n, MASS_BLOCK_N), b * hkv)](
-            *inputs, lse, scores, mask_arg, *mask_strides, t, n, first_scored, scaling, hkv, **common,
-            BLOCK_M=MASS_BLOCK_M, BLOCK_N=MASS_BLOCK_N, num_warps=MASS_WARPS, num_stages=MASS_STAGES)
-    if mask is not None:
-        # A query with nothing to attend (a padding query) gives 0, as in the reference, not SDPA's mean of values.
-        empty = ~mask.any(dim=-1)  # (B, 1 or Hkv, T)
-        if empty.shape[1] > 1:
-            empty = empty.repeat_interleave(hq // hkv, dim=1)
-        out = out.masked_fill(empty.transpose(1, 2).unsqueeze(-1), 0.0)
+        _attend_rows[(triton.cdiv(t, ROW_BLOCK_M), b * hq)](
+            *queries, *keys, v, *v.stride()[:3], out, out.stride(0), out.stride(2), out.stride(1), lse, mask_arg,
+            *mask_strides, t, n, scaling, hq, **common, BLOCK_M=ROW_BLOCK_M, BLOCK_N=ROW_BLOCK_N,
+            num_warps=ROW_WARPS, num_stages=ROW_STAGES)
+        if first_scored < t:
+            _column_mass[(triton.cdiv(n, MASS_BLOCK_N), b * hkv)](
+                *queries, *keys, lse, scores, mask_arg, *mask_strides, t, n, first_scored, scaling, hkv, **common,
+                BLOCK_M=MASS_BLOCK_M, BLOCK_N=MASS_BLOCK_N, num_warps=MASS_WARPS, num_stages=MASS_STAGES)
     return out, scores
