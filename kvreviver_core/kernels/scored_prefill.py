@@ -30,8 +30,9 @@ import triton
 import triton.language as tl
 
 # Each pass's tile (queries x keys), warps and software-pipelining stages: on an H200 at 32k tokens (Llama-2-7B
-# shapes, bf16) the fastest of 8 plans for each, 10.9 and 15.9 ms against 12.1 and 16.8 for 64 x 64 (BENCHMARKS.md).
-ROW_BLOCK_M, ROW_BLOCK_N, ROW_WARPS, ROW_STAGES = 64, 128, 4, 3
+# shapes, bf16) the fastest of 6 plans for the row pass (25.5 ms, as SDPA's flash kernel alone) and of 8 for the
+# column pass (15.9 ms), BENCHMARKS.md.
+ROW_BLOCK_M, ROW_BLOCK_N, ROW_WARPS, ROW_STAGES = 128, 128, 8, 3
 MASS_BLOCK_M, MASS_BLOCK_N, MASS_WARPS, MASS_STAGES = 128, 64, 4, 3
 
 
