@@ -98,6 +98,41 @@ def test_per_head_slots_gqa_and_unpadded_head_dim(monkeypatch, tiles):
     check(query, key, value, mask.to(DEVICE), 40, dtype)
 
 
+class RefusingKernel:
+    """A kernel whose launches raise Triton's OutOfResources unless their plan is in ``fits``, as Triton does when
+    a compiled kernel needs more shared memory than the GPU has (fp32 at head_dim 128 with the row pass's own plan,
+    on any GPU). The plans that ran are kept in ``ran``."""
+
+    def __init__(self, kernel, fits):
+        self.kernel, self.fits, self.ran = kernel, fits, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            plan = (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"], meta["num_stages"])
+            if plan not in self.fits:
+                import triton
+
+                raise triton.OutOfResources(400 * 1024, 227 * 1024, "shared memory")
+            self.ran.append(plan)
+            return self.kernel[grid](*args, **meta)
+
+        return launch
+
+
+@pytest.mark.parametrize("fallback_fits", [True, False], ids=["fallback-plan", "torch-path"])
+def test_a_plan_the_gpu_cannot_hold_falls_back(monkeypatch, fallback_fits):
+    from kvreviver_core.kernels import scored_prefill
+
+    fits = {scored_prefill.FALLBACK_PLAN} if fallback_fits else set()
+    kernels = {name: RefusingKernel(getattr(scored_prefill, name), fits) for name in ("_attend_rows", "_column_mass")}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(scored_prefill, name, kernel)
+    query, key, value = inputs(torch.float32)
+    check(query, key, value, None, None, torch.float32)
+    want = [scored_prefill.FALLBACK_PLAN] if fallback_fits else []
+    assert all(kernel.ran == want for kernel in kernels.values())
+
+
 def test_is_the_attention_function_on_cuda(monkeypatch):
     """kvreviver_attention routes a scoring layer's prefill here on CUDA, and to the torch path when told not to."""
     from kvreviver_core import attention

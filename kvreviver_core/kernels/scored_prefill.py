@@ -29,11 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kvreviver_core.attention import scored_attention
+
 # Each pass's tile (queries x keys), warps and software-pipelining stages: on an H200 at 32k tokens (Llama-2-7B
 # shapes, bf16) the fastest of 6 plans for the row pass (25.5 ms, as SDPA's flash kernel alone) and of 8 for the
 # column pass (15.9 ms), BENCHMARKS.md.
 ROW_BLOCK_M, ROW_BLOCK_N, ROW_WARPS, ROW_STAGES = 128, 128, 8, 3
 MASS_BLOCK_M, MASS_BLOCK_N, MASS_WARPS, MASS_STAGES = 128, 64, 4, 3
+# The plan of a pass whose own needs more shared memory than the GPU has. Compiled for sm_90, the row pass's plan
+# needs 64 KiB at head_dim 128 in bf16, 128 KiB at 256, but 384 KiB at 128 in fp32 (an H100 or H200 has 227, an A100
+# 163); this one needs 32, 64 and 112 KiB. Where even this one does not fit, the torch path runs.
+FALLBACK_PLAN = (64, 64, 4, 2)
 
 
 @triton.jit
@@ -202,13 +208,31 @@ def scored_attention_triton(
                   IEEE=query.dtype == torch.float32)
     queries, keys = (q, *q.stride()[:3]), (k, *k.stride()[:3])
     # A model split over GPUs: launch on the inputs' one (CPU tensors run under Triton's interpreter).
-    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        _attend_rows[(triton.cdiv(t, ROW_BLOCK_M), b * hq)](
-            *queries, *keys, v, *v.stride()[:3], out, out.stride(0), out.stride(2), out.stride(1), lse, mask_arg,
-            *mask_strides, t, n, scaling, hq, **common, BLOCK_M=ROW_BLOCK_M, BLOCK_N=ROW_BLOCK_N,
-            num_warps=ROW_WARPS, num_stages=ROW_STAGES)
-        if first_scored < t:
-            _column_mass[(triton.cdiv(n, MASS_BLOCK_N), b * hkv)](
-                *queries, *keys, lse, scores, mask_arg, *mask_strides, t, n, first_scored, scaling, hkv, **common,
-                BLOCK_M=MASS_BLOCK_M, BLOCK_N=MASS_BLOCK_N, num_warps=MASS_WARPS, num_stages=MASS_STAGES)
+    try:
+        with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+            _launch(_attend_rows, (ROW_BLOCK_M, ROW_BLOCK_N, ROW_WARPS, ROW_STAGES),
+                    lambda bm, bn: (triton.cdiv(t, bm), b * hq), *queries, *keys, v, *v.stride()[:3], out,
+                    out.stride(0), out.stride(2), out.stride(1), lse, mask_arg, *mask_strides, t, n, scaling, hq,
+                    **common)
+            if first_scored < t:
+                _launch(_column_mass, (MASS_BLOCK_M, MASS_BLOCK_N, MASS_WARPS, MASS_STAGES),
+                        lambda bm, bn: (triton.cdiv(n, bn), b * hkv), *queries, *keys, lse, scores, mask_arg,
+                        *mask_strides, t, n, first_scored, scaling, hkv, **common)
+    except triton.OutOfResources:
+        return scored_attention(query, key, value, mask, scaling, score_queries)
     return out, scores
+
+
+def _launch(kernel, plan: tuple[int, int, int, int], grid, *args, **meta) -> None:
+    """Launch ``kernel`` with ``plan`` (queries and keys a tile, warps, stages; ``grid(queries, keys)`` its grid), or
+    with :data:`FALLBACK_PLAN` where the GPU has too little shared memory for it: Triton raises OutOfResources when it
+    loads the compiled kernel, before anything runs."""
+    for tried in dict.fromkeys((plan, FALLBACK_PLAN)):
+        block_m, block_n, warps, stages = tried
+        try:
+            kernel[grid(block_m, block_n)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                                           num_stages=stages)
+            return
+        except triton.OutOfResources:
+            if tried == FALLBACK_PLAN:
+                raise
