@@ -37,7 +37,7 @@ import statistics
 import types
 from pathlib import Path
 
-from cli_args import BenchmarkParser, int_list, require_triton
+from cli_args import BenchmarkParser, int_list, require_cuda, require_triton
 
 require_triton()  # before the imports below: the decode kernel's module needs it
 
@@ -344,8 +344,7 @@ def main() -> None:
             knob_grid(args.grid, combine)
     except ValueError as error:
         parser.error(str(error))
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU (and Triton)")
+    require_cuda("it times the Triton kernel against SDPA")
     from triton.testing import do_bench
 
     names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,

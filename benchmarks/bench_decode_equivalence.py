@@ -25,7 +25,7 @@ import torch
 from kvreviver_core import models
 from kvreviver_core.cache import make_cache
 from kvreviver_core.generation import cache_kwargs, format_prompt
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, require_cuda
 
 PROMPT_TOKENS = (300, 650, 1000, 1500)
 FUSED = {"kernel": True, "reference": "reference", "unfused": False}
@@ -75,8 +75,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("runs/decode_equivalence.json"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark compares the CUDA kernel with the reference: it needs a GPU")
+    require_cuda("it compares the Triton kernel with the reference")
 
     results = []
     for dtype in args.dtypes.split(","):

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
-from cli_args import BenchmarkParser, int_list, require_triton
+from cli_args import BenchmarkParser, int_list, require_cuda, require_triton
 
 require_triton()  # before the imports below, which need it
 
@@ -181,9 +180,7 @@ def main() -> None:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
-    if not torch.cuda.is_available():
-        print("error: bench_exact_loop.py needs a CUDA GPU", file=sys.stderr)
-        raise SystemExit(2)
+    require_cuda("it times kernels")
 
     device = torch.cuda.get_device_name()
     copy = copy_bandwidth()

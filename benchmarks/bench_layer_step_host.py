@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvreviver_core.attention import kvreviver_attention
 from kvreviver_core.cache import make_cache
-from cli_args import BenchmarkParser
+from cli_args import BenchmarkParser, require_cuda
 
 HEADS, HEAD_DIM = 32, 128
 
@@ -88,8 +88,7 @@ def main() -> None:
     parser.add_argument("--profile-top", type=int, default=18)
     parser.add_argument("--out", type=Path, default=Path("runs/layer_step_host.jsonl"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_layer_step_host.py needs a CUDA GPU")
+    require_cuda("it times a decode step's host work beside the GPU's")
     model = host_model()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -1,5 +1,6 @@
-"""The benchmark scripts' argument parser, its type for comma-separated integers, and their Triton check: a bad
-argument, or no Triton for a script whose kernels need it, is one line on stderr and exit code 2, as in the CLI."""
+"""The benchmark scripts' argument parser, its type for comma-separated integers, and their Triton and CUDA checks:
+a bad argument, or no Triton or no GPU for a script that needs one, is one line on stderr and exit code 2, as in the
+CLI."""
 
 from __future__ import annotations
 
@@ -35,4 +36,13 @@ def require_triton() -> None:
     if importlib.util.find_spec("triton") is None:
         print(f"{Path(sys.argv[0]).name}: error: needs Triton (pip install triton), which is not installed",
               file=sys.stderr)
+        raise SystemExit(2)
+
+
+def require_cuda(why: str) -> None:
+    """Exit with a one-line error (code 2) where torch sees no CUDA device: for the scripts that measure a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"{Path(sys.argv[0]).name}: error: needs a CUDA GPU ({why}), and torch sees none", file=sys.stderr)
         raise SystemExit(2)

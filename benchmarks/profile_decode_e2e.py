@@ -38,7 +38,7 @@ from kvreviver_core.models import random_model
 from kvreviver_core.graphs import GraphedDecode
 from kvreviver_core.profiling import profiled_cache, synthetic_ids
 from kvreviver_core.specs import method_spec
-from cli_args import BenchmarkParser, int_list
+from cli_args import BenchmarkParser, int_list, require_cuda
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
@@ -149,8 +149,7 @@ def main() -> None:
                         "gzipped) into this folder, for the streams' timeline")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_decode_e2e.jsonl"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_decode_e2e.py needs a CUDA GPU (it measures kernel launches and GPU time)")
+    require_cuda("it measures kernel launches and GPU time")
     model = random_model(args.arch, torch.bfloat16, torch.device("cuda"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -34,7 +34,7 @@ from profile_compress_step import prefilled_layer
 from trace_layer_timeline import gpu_kernels, replay_spans
 
 from kvreviver_core.kernels import reviver_decode
-from cli_args import BenchmarkParser, int_list
+from cli_args import BenchmarkParser, int_list, require_cuda
 
 
 def kernel_times(fn, calls: int) -> dict[str, float]:
@@ -88,8 +88,7 @@ def main() -> None:
         parser.error(f"--parts: unknown part(s) {', '.join(sorted(unknown))} (attention, step)")
     if args.timeline and (args.plain or args.parts != "attention"):
         parser.error("--timeline replays the attention alone: give --parts attention, without --plain")
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU (and Triton)")
+    require_cuda("it times the Triton kernels")
     device = torch.cuda.get_device_name()
     h, d = args.heads, 128
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -110,3 +111,22 @@ def test_a_bad_integer_list_is_a_one_line_error(script):
     if err is not None:
         prog = " ".join([script, *subcommand])
         assert err == f"{prog}: error: argument {option}: expected comma-separated integers, got '1,x' (see --help)\n"
+
+
+NEEDS_CUDA = ["bench_decode_attention.py", "bench_decode_equivalence.py", "bench_exact_loop.py",
+              "bench_layer_step_host.py", "profile_decode_e2e.py", "profile_decode_kernels.py"]
+
+
+def test_the_scripts_that_need_a_gpu_share_the_cuda_check():
+    """Every script that calls it is listed below, so the test after this one covers it."""
+    calling = sorted(path.name for path in BENCHMARKS.glob("*.py") if "require_cuda(" in path.read_text()
+                     and path.name != "cli_args.py")
+    assert calling == sorted(NEEDS_CUDA)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("script", NEEDS_CUDA)
+def test_no_gpu_is_a_one_line_error(script):
+    err = one_line_error(script, [])
+    if err is not None:
+        assert err.startswith(f"{script}: error: needs a CUDA GPU (") and err.rstrip().endswith("torch sees none")
