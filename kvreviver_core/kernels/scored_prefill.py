@@ -179,16 +179,8 @@ def scored_attention_triton(
     scaling: float,
     score_queries: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`kvreviver_core.attention.scored_attention`'s signature and results, on CUDA (causal; see the module).
-
-    Args:
-        query: ``(B, Hq, T, D)``; key, value: ``(B, Hkv, N, D)`` (not repeated for GQA), ``N >= T``.
-        mask: ``(B, 1 or Hkv, T, N)`` bool or None (causal).
-        score_queries: sum the probabilities of the last ``score_queries`` queries only (None = all).
-
-    Returns:
-        output ``(B, T, Hq, D)`` and scores ``(B, Hkv, N)`` fp32.
-    """
+    """:func:`kvreviver_core.attention.scored_attention`'s arguments and results (the output ``(B, T, Hq, D)``, the
+    scores ``(B, Hkv, N)`` fp32), on CUDA, for at least as many keys as queries; causal (see the module)."""
     b, hq, t, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
     if n < t:
