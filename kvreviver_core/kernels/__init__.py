@@ -1,4 +1,5 @@
-"""Decode kernels: KVReviver's fused revive+attention (Triton) and its pure-torch reference.
+"""Decode kernels: KVReviver's fused revive+attention (Triton) and its pure-torch reference. The scoring methods'
+prefill attention on Triton is :mod:`.scored_prefill` (picked by :func:`kvreviver_core.attention.scored_backend`).
 
 :func:`decode_backend` picks what a layer runs for a decode step from its ``fused`` option:
 
