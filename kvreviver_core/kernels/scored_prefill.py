@@ -49,8 +49,7 @@ def _tile_logits(q, K, key_stride, rows, cols, T, N, MASK, mask_t, mask_n, scali
     rows ``key_stride`` apart), -inf where the query may not attend: with CAUSAL (a tile across the diagonal) past
     its own position or at a row ``>= T``; with HAS_MASK where the mask (``MASK`` at this head's plane, strides
     ``mask_t``, ``mask_n``) is False. A tile below the diagonal has no causal test: every row sees every column."""
-    di = tl.arange(0, DP)
-    k = tl.load(K + cols[:, None] * key_stride + di[None, :], mask=(cols < N)[:, None] & (di < D)[None, :], other=0.0)
+    k = _load_rows(K, key_stride, cols, N, D, DP)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
     else:
@@ -65,9 +64,11 @@ def _tile_logits(q, K, key_stride, rows, cols, T, N, MASK, mask_t, mask_n, scali
 
 
 @triton.jit
-def _load_queries(Q, query_stride, rows, T, D: tl.constexpr, DP: tl.constexpr):
+def _load_rows(X, row_stride, rows, count, D: tl.constexpr, DP: tl.constexpr):
+    """The ``(len(rows), DP)`` tile of query, key or value rows ``rows`` (``row_stride`` apart, the first ``count``
+    real), zeros past the row count and past ``D``."""
     di = tl.arange(0, DP)
-    return tl.load(Q + rows[:, None] * query_stride + di[None, :], mask=(rows < T)[:, None] & (di < D)[None, :],
+    return tl.load(X + rows[:, None] * row_stride + di[None, :], mask=(rows < count)[:, None] & (di < D)[None, :],
                    other=0.0)
 
 
@@ -87,10 +88,16 @@ def _online_softmax(m, l, acc, s, v, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_values(V, value_stride, cols, N, D: tl.constexpr, DP: tl.constexpr):
-    di = tl.arange(0, DP)
-    return tl.load(V + cols[:, None] * value_stride + di[None, :], mask=(cols < N)[:, None] & (di < D)[None, :],
-                   other=0.0)
+def _attend_tiles(m, l, acc, q, keys, kn, values, vn, rows, first, end, T, N, mask_plane, mask_t, mask_n, scaling,
+                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Fold the key blocks from ``first`` to ``end`` into query rows ``rows``' online softmax."""
+    for start in range(first, end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        s = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, CAUSAL, HAS_MASK, D, DP,
+                         IEEE)
+        m, l, acc = _online_softmax(m, l, acc, s, _load_rows(values, vn, cols, N, D, DP), IEEE)
+    return m, l, acc
 
 
 @triton.jit(do_not_specialize=["T", "N"])
@@ -102,7 +109,7 @@ def _attend_rows(Q, qb, qh, qt, K, kb, kh, kn, V, vb, vh, vn, OUT, ob, oh, ot, L
     b, h = bh // Hq, bh % Hq
     first_row = tl.program_id(0) * BLOCK_M
     rows = first_row + tl.arange(0, BLOCK_M)
-    q = _load_queries(Q + b * qb + h * qh, qt, rows, T, D, DP)
+    q = _load_rows(Q + b * qb + h * qh, qt, rows, T, D, DP)
     keys = K + b * kb + (h // G) * kh
     values = V + b * vb + (h // G) * vh
     mask_plane = MASK + b * mask_b + (h // G) * mask_h
@@ -110,16 +117,11 @@ def _attend_rows(Q, qb, qh, qt, K, kb, kh, kn, V, vb, vh, vn, OUT, ob, oh, ot, L
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, DP), tl.float32)
     below = (first_row + (N - T) + 1) // BLOCK_N * BLOCK_N  # key blocks that every row of this block sees whole
-    for start in range(0, below, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        s = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, False, HAS_MASK, D, DP,
-                         IEEE)
-        m, l, acc = _online_softmax(m, l, acc, s, _load_values(values, vn, cols, N, D, DP), IEEE)
-    for start in range(below, tl.minimum(N, first_row + BLOCK_M + (N - T)), BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        s = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, True, HAS_MASK, D, DP,
-                         IEEE)
-        m, l, acc = _online_softmax(m, l, acc, s, _load_values(values, vn, cols, N, D, DP), IEEE)
+    m, l, acc = _attend_tiles(m, l, acc, q, keys, kn, values, vn, rows, 0, below, T, N, mask_plane, mask_t, mask_n,
+                              scaling, False, HAS_MASK, D, DP, BLOCK_N, IEEE)
+    m, l, acc = _attend_tiles(m, l, acc, q, keys, kn, values, vn, rows, below,
+                              tl.minimum(N, first_row + BLOCK_M + (N - T)), T, N, mask_plane, mask_t, mask_n, scaling,
+                              True, HAS_MASK, D, DP, BLOCK_N, IEEE)
     seen = l > 0
     out = acc / tl.where(seen, l, 1.0)[:, None]  # 0 for a query with nothing to attend
     di = tl.arange(0, DP)
@@ -135,7 +137,7 @@ def _mass_rows(total, queries, qt, lse_row, keys, kn, first, end, cols, T, N, ma
     """Add the probabilities of query rows ``[first, end)`` at key columns ``cols`` to ``total`` (BLOCK_N,)."""
     for start in range(first, end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = _load_queries(queries, qt, rows, T, D, DP)
+        q = _load_rows(queries, qt, rows, T, D, DP)
         s = _tile_logits(q, keys, kn, rows, cols, T, N, mask_plane, mask_t, mask_n, scaling, CAUSAL, HAS_MASK, D, DP,
                          IEEE)
         lse = tl.load(lse_row + rows, mask=rows < T, other=float("inf"))
