@@ -28,14 +28,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvreviver_core.attention import _sdpa, scored_attention
-from cli_args import BenchmarkParser, int_list
+from cli_args import BenchmarkParser, int_list, require_cuda, require_triton
 
 
 def backends(names: list[str], parser: BenchmarkParser) -> dict:
     table = {"torch": scored_attention, "sdpa": lambda q, k, v, mask, scaling, _: (_sdpa(q, k, v, mask, scaling), None)}
     if "triton" in names:
-        from cli_args import require_triton
-
         require_triton()
         from kvreviver_core.kernels.scored_prefill import scored_attention_triton
 
@@ -72,8 +70,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_scored_prefill.jsonl"))
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA device")
+    if device.type == "cuda":
+        require_cuda("--device cuda; --device cpu runs the torch and sdpa backends")
     timed = backends(args.backends.split(","), parser)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

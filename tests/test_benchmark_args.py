@@ -114,7 +114,8 @@ def test_a_bad_integer_list_is_a_one_line_error(script):
 
 
 NEEDS_CUDA = ["bench_decode_attention.py", "bench_decode_equivalence.py", "bench_exact_loop.py",
-              "bench_layer_step_host.py", "profile_decode_e2e.py", "profile_decode_kernels.py"]
+              "bench_layer_step_host.py", "bench_scored_prefill.py", "profile_decode_e2e.py",
+              "profile_decode_kernels.py"]
 
 
 def test_the_scripts_that_need_a_gpu_share_the_cuda_check():
