@@ -26,6 +26,7 @@ LIST_OPTIONS = {
     "profile_decode_e2e.py": "--contexts",
     "profile_decode_kernels.py": "--contexts",
     "profile_sampler_overhead.py": "--batch",
+    "scored_prefill_plans.py": "--head-dims",
 }
 
 
