@@ -104,8 +104,9 @@ def _launch(args, rd, triton) -> tuple:
     return rd._position_pass, constexprs, rd.PASS_WARPS, 3  # Triton's default stages: the launch sets none
 
 
-# STL: spills to local memory; REDG and ATOMG: global atomics without and with a returned value.
-KEY_OPCODES = ("BAR", "LDG", "LDGSTS", "HMMA", "SHFL", "REDG", "ATOMG", "IMAD.MOV", "STL")
+# HGMMA: Hopper's warpgroup MMAs; MUFU: the special-function unit (exp2); STL: spills to local memory; REDG and
+# ATOMG: global atomics without and with a returned value.
+KEY_OPCODES = ("BAR", "LDG", "LDGSTS", "HMMA", "HGMMA", "MUFU", "SHFL", "REDG", "ATOMG", "IMAD.MOV", "STL")
 
 
 def instruction_mix(opcodes: list[str]) -> str:
@@ -113,6 +114,20 @@ def instruction_mix(opcodes: list[str]) -> str:
     counts = Counter("IMAD.MOV" if op.startswith("IMAD.MOV") else op.split(".")[0] for op in opcodes)
     return (", ".join(f"{op} {n}" for op, n in counts.most_common(10)) + "; "
             + ", ".join(f"{op} {counts[op]}" for op in KEY_OPCODES))
+
+
+def cubin_usage(compiled, triton) -> tuple[int, int, str]:
+    """Registers a thread, stack bytes and the SASS of a kernel ``triton.compile`` built, from the CUDA tools that
+    ship with Triton."""
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as scratch:
+        cubin = Path(scratch) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1)), sass
 
 
 def sass_listing(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
@@ -181,16 +196,7 @@ def main() -> None:
                                   options={"num_warps": warps, "num_stages": stages})
     except triton.CompilationError as error:
         fail(f"{kernel.__name__} does not compile so: {str(error).strip().splitlines()[-1]}")
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as scratch:
-        cubin = Path(scratch) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout
-        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-    registers = re.search(r"REG:(\d+)", usage).group(1)
-    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    registers, stack, sass = cubin_usage(compiled, triton)
     texts, loops = sass_listing(sass)
     opcodes = [text.split()[0] for text in texts]
     print(f"{kernel.__name__} from {args.tree}: sm_{args.arch}, {warps} warps, {stages} stages, "

@@ -34,3 +34,24 @@ def test_the_fallback_plan_fits_every_gpu(plans, kernel, arch, head_dim, dtype):
 def test_the_row_pass_plan_fits_llama_shapes_in_bf16(plans, arch):
     """The plan swept on an H200 (head_dim 128, bf16) needs no fallback on an H100/H200 or an A100."""
     assert plans.shared_kib("rows", plans.own_plan("rows"), arch, 128, "bf16") <= plans.SHARED_KIB[arch]
+
+
+def test_the_own_plans_compile_without_spills_at_llama_shapes():
+    """``--sass`` at head_dim 128 in bf16 for sm_90, typed as a launch types it: each pass at its own plan within 255
+    registers, nothing on the stack and no spill in its loops, each loop on the tensor cores through asynchronous
+    copies (an unaligned stride would turn them into scalar loads)."""
+    import re
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "scored_prefill_plans.py"), "--sass", "--archs", "90",
+                           "--head-dims", "128", "--dtypes", "bf16"], capture_output=True, text=True, timeout=600,
+                          cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr
+    passes = re.findall(r"^(_\w+): .*registers a thread (\d+), stack (\d+) B", done.stdout, re.M)
+    assert [name for name, _, _ in passes] == ["_attend_rows", "_column_mass"], done.stdout
+    assert all(int(registers) <= 255 and stack == "0" for _, registers, stack in passes), done.stdout
+    loops = [dict(re.findall(r"([A-Z][\w.]*) (\d+)", line.split(";")[1]))
+             for line in done.stdout.splitlines() if line.startswith("loop of ")]
+    assert len(loops) >= 4, done.stdout  # two key loops a pass: below the diagonal and across it
+    assert all(c["STL"] == "0" and int(c["HGMMA"]) > 0 and int(c["LDGSTS"]) > 0 for c in loops), done.stdout
