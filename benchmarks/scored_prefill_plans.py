@@ -1,8 +1,8 @@
 """Shared memory each pass of the scored prefill (``kvreviver_core.kernels.scored_prefill``) needs, on any machine,
 without a GPU: each kernel compiled with Triton's own ptxas for sm_90 (H100/H200, 227 KiB a block at most) and sm_80
-(A100, 163 KiB), with its own plan and with ``FALLBACK_PLAN``, for a few head dims and dtypes; each figure is the
-larger of the two builds, with and without a mask. A plan past the GPU's limit is one Triton refuses to load; the
-pass then takes the fallback plan.
+(A100, 163 KiB), with its own plan (built without and with a mask: a padded batch takes the second) and with
+``FALLBACK_PLAN`` (the larger of its two builds), for a few head dims and dtypes. A plan past the GPU's limit is one
+Triton refuses to load; the pass then takes the fallback plan.
 
 With ``--sass``, instead: what each pass's own plan compiles to, without a mask: registers a thread, stack (spills
 to local memory show as ``STL``) and each loop's instruction mix, as ``sass_decode_kernels.py`` prints them for the
@@ -56,11 +56,9 @@ def compile_pass(kernel: str, plan, arch: int, head_dim: int, dtype: str, has_ma
                           target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def shared_kib(kernel: str, plan, arch: int, head_dim: int, dtype: str) -> float:
-    """KiB of shared memory ``kernel`` compiles to under ``plan``: the larger of its builds with and without a
-    mask."""
-    return max(compile_pass(kernel, plan, arch, head_dim, dtype, has_mask).metadata.shared / 1024
-               for has_mask in (False, True))
+def shared_kib(kernel: str, plan, arch: int, head_dim: int, dtype: str, has_mask: bool) -> float:
+    """KiB of shared memory ``kernel`` compiles to under ``plan``, built with or without a mask."""
+    return compile_pass(kernel, plan, arch, head_dim, dtype, has_mask).metadata.shared / 1024
 
 
 def print_sass(kernel: str, arch: int, head_dim: int, dtype: str) -> None:
@@ -92,15 +90,17 @@ def main() -> None:
                     for kernel in KERNELS:
                         print_sass(kernel, arch, head_dim, dtype)
         return
-    print("| arch | head_dim | dtype | pass | own plan KiB | fallback KiB | limit KiB |")
-    print("|---:|---:|---|---|---:|---:|---:|")
+    print("| arch | head_dim | dtype | pass | own plan KiB, no mask | own plan KiB, mask | fallback KiB | limit KiB |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|")
     for arch in args.archs:
         for head_dim in args.head_dims:
             for dtype in args.dtypes.split(","):
                 for kernel in KERNELS:
-                    own = shared_kib(kernel, own_plan(kernel), arch, head_dim, dtype)
-                    fallback = shared_kib(kernel, scored_prefill.FALLBACK_PLAN, arch, head_dim, dtype)
-                    print(f"| sm_{arch} | {head_dim} | {dtype} | {kernel} | {own:.0f} | {fallback:.0f} | "
+                    own = [shared_kib(kernel, own_plan(kernel), arch, head_dim, dtype, m) for m in (False, True)]
+                    fallback = max(shared_kib(kernel, scored_prefill.FALLBACK_PLAN, arch, head_dim, dtype, m)
+                                   for m in (False, True))
+                    print(f"| sm_{arch} | {head_dim} | {dtype} | {kernel} | {own[0]:.0f} | {own[1]:.0f} | "
+                          f"{fallback:.0f} | "
                           f"{SHARED_KIB[arch]} |", flush=True)
 
 

@@ -25,15 +25,18 @@ def plans(monkeypatch):
 @pytest.mark.parametrize("kernel", ["rows", "mass"])
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("head_dim, dtype", [(128, "bf16"), (256, "bf16"), (128, "fp32")])
-def test_the_fallback_plan_fits_every_gpu(plans, kernel, arch, head_dim, dtype):
-    used = plans.shared_kib(kernel, plans.scored_prefill.FALLBACK_PLAN, arch, head_dim, dtype)
+@pytest.mark.parametrize("has_mask", [False, True], ids=["no-mask", "mask"])
+def test_the_fallback_plan_fits_every_gpu(plans, kernel, arch, head_dim, dtype, has_mask):
+    used = plans.shared_kib(kernel, plans.scored_prefill.FALLBACK_PLAN, arch, head_dim, dtype, has_mask)
     assert used <= plans.SHARED_KIB[arch], f"{used:.0f} KiB"
 
 
 @pytest.mark.parametrize("arch", [90, 80])
-def test_the_row_pass_plan_fits_llama_shapes_in_bf16(plans, arch):
-    """The plan swept on an H200 (head_dim 128, bf16) needs no fallback on an H100/H200 or an A100."""
-    assert plans.shared_kib("rows", plans.own_plan("rows"), arch, 128, "bf16") <= plans.SHARED_KIB[arch]
+def test_the_row_pass_plan_fits_an_unpadded_llama_prefill_in_bf16(plans, arch):
+    """The plan swept on an H200 (head_dim 128, bf16, no mask) needs no fallback on an H100/H200 or an A100. (With a
+    mask, a padded batch, it needs more than either has, and the fallback plan runs: BENCHMARKS.md.)"""
+    used = plans.shared_kib("rows", plans.own_plan("rows"), arch, 128, "bf16", False)
+    assert used <= plans.SHARED_KIB[arch], f"{used:.0f} KiB"
 
 
 def test_the_own_plans_compile_without_spills_at_llama_shapes():

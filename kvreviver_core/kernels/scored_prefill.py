@@ -36,10 +36,10 @@ from kvreviver_core.attention import scored_attention
 # column pass (15.9 ms), BENCHMARKS.md.
 ROW_BLOCK_M, ROW_BLOCK_N, ROW_WARPS, ROW_STAGES = 128, 128, 8, 3
 MASS_BLOCK_M, MASS_BLOCK_N, MASS_WARPS, MASS_STAGES = 128, 64, 4, 3
-# The plan of a pass whose own needs more shared memory than the GPU has. Compiled for sm_90, the row pass's plan
-# needs 65 KiB at head_dim 128 in bf16, 129 KiB at 256, but 385 KiB at 128 in fp32 (an H100 or H200 has 227, an A100
-# 163); this one needs 32, 64 and 112 KiB (benchmarks/scored_prefill_plans.py). Where even this one does not fit, the
-# torch path runs.
+# The plan of a pass whose own needs more shared memory than the GPU has (an H100 or H200 has 227 KiB, an A100 163).
+# Compiled for sm_90, the row pass's plan needs 224 KiB at head_dim 128 in bf16 (228 with a mask, so a padded batch
+# takes this plan), 448 at 256 and 384 at 128 in fp32; this one needs at most 82, 162 and 112
+# (benchmarks/scored_prefill_plans.py). Where even this one does not fit, the torch path runs.
 FALLBACK_PLAN = (64, 64, 4, 2)
 
 
