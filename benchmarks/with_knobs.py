@@ -38,6 +38,9 @@ def knob_module(qualified: str):
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
     knobs = []
     while argv and "=" in argv[0]:
         qualified, _, value = argv.pop(0).partition("=")

@@ -43,3 +43,10 @@ def test_bad_input_is_a_one_line_usage_error(args):
     done = run(*args)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("with_knobs: ")
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_the_usage_and_runs_nothing(flag):
+    done = run(flag)
+    assert done.returncode == 0, done.stderr
+    assert "Usage: python benchmarks/with_knobs.py KNOB=VALUE" in done.stdout
