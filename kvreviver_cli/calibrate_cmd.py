@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvreviver_cli.common import UsageError, clean_errors, console, err_console
+from kvreviver_cli.common import UsageError, check_out_path, clean_errors, console, err_console
 
 ECHOKV_ONLY = ("--keep", "--group-size", "--local-size")
 
@@ -60,6 +60,7 @@ def calibrate_command(
         raise UsageError(f"--text {text} is not a file")
     if out is not None and out.suffix != ".safetensors":
         raise UsageError(f"--out must name a .safetensors file, got {out}")
+    check_out_path(out, folder=False)
     dtype = "float32" if device == "cpu" else "auto"
     with err_console.status(f"loading {model or 'the embedded SmolLM2'}", spinner="dots"):
         loaded, tokenizer = load_model(model, dtype=dtype, device=device)

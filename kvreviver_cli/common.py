@@ -1,13 +1,16 @@
-"""What every command shares: clean one-line errors with exit code 2, and list-valued options."""
+"""What every command shares: clean one-line errors with exit code 2, list-valued options, and ``--out``."""
 
 from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
+
+from kvreviver_core.results import ResultStore
 
 console = Console()
 err_console = Console(stderr=True)
@@ -86,3 +89,26 @@ def check_device_map(device: str, device_map: str | None) -> None:
         raise UsageError("--device-map spreads one model over all GPUs, while torchrun gives each rank a GPU and a "
                          "model of its own: use one or the other")
 
+
+def check_out_path(out: Path | None, folder: bool = True) -> None:
+    """``--out`` can be written: nothing there yet, or a folder (a file where not ``folder``), and no file in the way
+    of its parent folders."""
+    if out is None:
+        return
+    if out.exists() and out.is_dir() != folder:
+        raise UsageError(f"--out {out} exists and is {'not a folder' if folder else 'a folder'}")
+    blocker = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"--out {out} cannot be created: {blocker} is a file, not a folder")
+
+
+def open_results(path: Path | None, key_fields: tuple[str, ...]) -> ResultStore:
+    """The results file of ``--out``; rows that lack the command's key fields are another command's (or not
+    results at all): a UsageError, before anything is appended to the file."""
+    store = ResultStore(path, key_fields)
+    for number, row in enumerate(store.rows, start=1):
+        missing = [field for field in key_fields if field not in row]
+        if missing:
+            raise UsageError(f"{path}: row {number} has no {', '.join(missing)}: not this command's results "
+                             "(another command's --out?)")
+    return store

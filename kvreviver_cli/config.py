@@ -14,10 +14,12 @@ from kvreviver_cli.common import UsageError
 
 def load_toml(path: Path, command: str) -> dict:
     """Top-level keys, overlaid with the table named after ``command`` if the file has one."""
-    if not path.exists():
-        raise UsageError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
     section = data.get(command, {})
@@ -55,6 +57,9 @@ def apply_config(ctx: typer.Context, config: Path | None, values: dict, command:
 def _convert(ctx: typer.Context, param: click.Parameter | None, value, config: Path):
     if param is None:
         return value
+    if isinstance(value, bool) and not getattr(param, "is_bool_flag", False):  # click would take true for 1
+        raise UsageError(f"config file {config}: bad value for {param.name}: a boolean ({str(value).lower()}), but "
+                         f"{param.opts[0]} is not an on/off flag")
     try:
         if hasattr(param, "type_cast_value"):  # click's own parameters (typer < 0.26)
             return param.type_cast_value(click.Context(click.Command("config")), value)

@@ -24,7 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvreviver_cli.common import (
-    DEVICE_MAP_HELP, UsageError, check_device_map, clean_errors, console, parse_floats, parse_names,
+    DEVICE_MAP_HELP, UsageError, check_device_map, check_out_path, clean_errors, console, open_results, parse_floats,
+    parse_names,
 )
 from kvreviver_cli.config import apply_config
 from kvreviver_core import distributed
@@ -158,9 +159,6 @@ def load_task(settings: EvalSettings) -> EvalTask:
                                   settings.input_field, settings.reference_field)
 
     dataset = None if settings.dataset == data.BUILTIN else load(None)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress display only
     with console.status("loading the model", spinner="dots"):
         model, tokenizer = models.load_model(settings.model, dtype=settings.dtype,
                                              device=distributed.rank_device(settings.device, rank),
@@ -356,8 +354,7 @@ def print_table(table: Table) -> None:
 
 def check_out(out: Path | None) -> None:
     """``--out`` is usable: a folder or nothing yet, and given under torchrun (the ranks share rows through it)."""
-    if out is not None and out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+    check_out_path(out)
     if out is None and distributed.RankInfo.from_env().distributed:
         raise UsageError("under torchrun, --out is needed: the ranks share their rows through its files")
 
@@ -368,7 +365,7 @@ def open_store(out: Path | None) -> ResultStore:
     if out is None:
         return ResultStore(None, ROW_KEY)
     distributed.fold_rank_files(out / "results.jsonl", ROW_KEY)  # a killed torchrun run's rows count as done
-    return ResultStore(out / "results.jsonl", ROW_KEY)
+    return open_results(out / "results.jsonl", ROW_KEY)
 
 
 def parse_budgets(text: str, split) -> list[float]:

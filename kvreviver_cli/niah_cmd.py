@@ -17,8 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvreviver_cli.common import (
-    DEVICE_MAP_HELP, UsageError, check_device_map, clean_errors, console, err_console, parse_floats, parse_ints,
-    parse_names,
+    DEVICE_MAP_HELP, UsageError, check_device_map, check_out_path, clean_errors, console, err_console, open_results,
+    parse_floats, parse_ints, parse_names,
 )
 from kvreviver_cli.config import apply_config
 from kvreviver_core import distributed
@@ -106,7 +106,7 @@ def niah_command(
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     out: Path = typer.Option(Path("niah-results"), "--out", help="Folder for results.jsonl (resumable) and heatmaps."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options ([niah] table)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options (\\[niah] table)."),
 ) -> None:
     values = {k: v for k, v in locals().items() if k not in ("ctx", "config")}
     o = apply_config(ctx, config, values, "niah")
@@ -142,6 +142,7 @@ def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, ha
     from kvreviver_core.models import load_model
 
     check_device_map(device, device_map)
+    check_out_path(out)
     haystack_text = niah.load_haystack(haystack)
     rank = distributed.RankInfo.from_env()
     net, tokenizer = load_model(model, dtype, distributed.rank_device(device, rank), device_map=device_map)
@@ -174,5 +175,5 @@ def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, ha
         if not rank.main:
             raise typer.Exit()
     distributed.fold_rank_files(results, niah.KEY_FIELDS)  # a killed torchrun run's rows count as done
-    store = ResultStore(results, niah.KEY_FIELDS)
+    store = open_results(results, niah.KEY_FIELDS)
     return run(store, None, show=True), store, model_name

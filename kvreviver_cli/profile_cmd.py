@@ -22,10 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvreviver_cli.common import (
-    UsageError, check_device_map, clean_errors, console, err_console, parse_ints, parse_names,
+    UsageError, check_device_map, check_out_path, clean_errors, console, err_console, open_results, parse_ints,
+    parse_names,
 )
 from kvreviver_cli.config import apply_config
-from kvreviver_core.results import ResultStore
 
 if TYPE_CHECKING:  # torch, the method registry and the profiler are imported when the command runs
     import torch
@@ -40,7 +40,7 @@ WARMUP_RUN_STEPS = 24
 
 
 def _validate(methods: list[str], batches: list[int], budget: float, context: int, new_tokens: int,
-              max_batch_limit: int, sample_interval_ms: float) -> None:
+              decode_warmup: int, max_batch_limit: int, sample_interval_ms: float) -> None:
     from kvreviver_core import list_methods
     from kvreviver_core.specs import method_spec
 
@@ -57,6 +57,8 @@ def _validate(methods: list[str], batches: list[int], budget: float, context: in
         raise UsageError(f"--budget must be a fraction in (0, 1], got {budget:g}")
     if context < 1 or new_tokens < 1:
         raise UsageError(f"--context and --new-tokens must be >= 1, got {context} and {new_tokens}")
+    if decode_warmup < 0:
+        raise UsageError(f"--decode-warmup must be >= 0, got {decode_warmup}")
     if max_batch_limit < 1:
         raise UsageError(f"--max-batch-limit must be >= 1, got {max_batch_limit}")
     if not (sample_interval_ms > 0):
@@ -185,7 +187,7 @@ def profile_command(
     sample_interval_ms: float = typer.Option(10.0, "--sample-interval-ms", help="NVML sampling interval."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic token ids."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for profile.jsonl (resumable) and profile.json."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options ([profile] table)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options (\\[profile] table)."),
 ) -> None:
     values = {k: v for k, v in locals().items() if k not in ("ctx", "config")}
     import torch
@@ -201,9 +203,11 @@ def profile_command(
 
     o = apply_config(ctx, config, values, "profile")
     method_names, batches = parse_names(o["methods"]), parse_ints(o["batch"], "--batch")
-    _validate(method_names, batches, o["budget"], o["context"], o["new_tokens"], o["max_batch_limit"],
-              o["sample_interval_ms"])
+    _validate(method_names, batches, o["budget"], o["context"], o["new_tokens"], o["decode_warmup"],
+              o["max_batch_limit"], o["sample_interval_ms"])
     _check_device(o["device"], o["device_map"])
+    check_out_path(o["out"])
+    store = open_results(o["out"] / "profile.jsonl" if o["out"] else None, ("setup", "method", "batch"))
     if o["cuda_graphs"] and (o["device"] != "cuda" or o["device_map"] is not None):
         raise UsageError("--cuda-graphs needs --device cuda on one GPU (no --device-map)")
     net, _ = load_model(o["model"], o["dtype"], o["device"], arch=o["arch"], random_weights=o["random_weights"],
@@ -230,7 +234,6 @@ def profile_command(
         setup["compiled_blocks"] = len(compile_token_blocks(net))
     if o["device_map"] is not None:  # absent otherwise, so that earlier single-device results still resume
         setup["device_map"] = {"mode": o["device_map"], "layers_per_device": _layers_per_device(net)}
-    store = ResultStore(o["out"] / "profile.jsonl" if o["out"] else None, ("setup", "method", "batch"))
     spec_of = {m: RunSpec(m, o["budget"], o["context"], o["new_tokens"], o["decode_warmup"], o["seed"],
                           o["sample_interval_ms"] / 1000, o["cuda_graphs"]) for m in method_names}
     warmed: set[str] = set()

@@ -142,10 +142,14 @@ def load_hub(spec: HubDataset, name: str, limit: int | None, seed: int) -> list[
 def read_jsonl(path: Path, input_field: str, reference_field: str) -> list[Example]:
     """Every example of ``path``. References are all present or all absent; blank lines are skipped."""
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
+        raise FileNotFoundError(f"dataset file {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"dataset file {path} is not UTF-8 text (byte {exc.start})") from None
     examples: list[Example] = []
     with_reference: bool | None = None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

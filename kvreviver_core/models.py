@@ -286,8 +286,11 @@ def load_model(
         if name_or_path:
             raise ModelUnavailable("give either --model or --arch with --random-weights, not both")
         return random_model(arch, torch_dtype, target, device_map), None
-    source = str(embedded_model_dir()) if name_or_path is None else name_or_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the commands show their own progress; a bar would add lines to their errors
+    source = str(embedded_model_dir()) if name_or_path is None else name_or_path
 
     local = Path(source).exists()
     if not local and (source.startswith((".", "/", "~")) or source.count("/") > 1):
@@ -297,9 +300,11 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, device_map=device_map
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a local folder without a usable tokenizer raises ValueError
         if local:
-            raise ModelUnavailable(f"cannot load model from {source}: {str(exc).splitlines()[0]}") from None
+            raise ModelUnavailable(f"cannot load model from {source}: {' '.join(str(exc).split())}") from None
+        if not isinstance(exc, OSError):
+            raise
         raise ModelUnavailable(
             f"model {source!r} is not in the local HF cache and the hub cannot be reached; download it where there "
             f"is network (huggingface-cli download {source}) or pass a local folder"

@@ -234,8 +234,9 @@ class NiahGrid:
             raise ValueError(f"depths must be fractions in [0, 1], got {self.depths}")
         if self.needle is not None and self.questions_per_context != 1:
             raise ValueError("a custom needle is one fact: --questions-per-context must be 1 with --needle")
-        if self.questions_per_context < 1:
-            raise ValueError(f"questions per context must be >= 1, got {self.questions_per_context}")
+        if not 1 <= self.questions_per_context <= len(SUBJECTS):  # one passkey subject per question
+            raise ValueError(f"questions per context must be between 1 and {len(SUBJECTS)}, "
+                             f"got {self.questions_per_context}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
 

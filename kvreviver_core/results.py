@@ -11,8 +11,9 @@ from typing import Iterable
 class ResultStore:
     """Rows keyed by ``key_fields``; a rerun skips the keys already present.
 
-    A kill can leave a half-written last line; it is dropped on load (that row is simply recomputed). A malformed
-    line anywhere else means the file is not ours or was edited, and is reported with its line number.
+    A kill can leave a half-written last line, one without its newline; it is dropped on load (that row is simply
+    recomputed). Any other malformed line, a complete last one included, means the file is not ours or was edited,
+    and is reported with its line number (the file is left as it is).
     """
 
     def __init__(self, path: Path | None, key_fields: Iterable[str]) -> None:
@@ -23,7 +24,11 @@ class ResultStore:
             self._load()
 
     def _load(self) -> None:
-        lines = self.path.read_text().split("\n")
+        try:
+            text = self.path.read_text()
+        except UnicodeDecodeError:  # rows are written as ASCII JSON
+            raise ValueError(f"{self.path}: not a results file (not UTF-8 text)") from None
+        lines = text.split("\n")
         complete = lines[:-1] if lines and lines[-1] == "" else lines
         for number, line in enumerate(complete, start=1):
             if not line.strip():
@@ -33,7 +38,7 @@ class ResultStore:
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:
-                if number == len(complete):  # torn last write from a kill
+                if number == len(complete) and not text.endswith("\n"):  # torn last write from a kill
                     self._truncate_to(complete[: number - 1])
                     break
                 raise ValueError(f"{self.path}:{number}: malformed results line ({exc})") from None

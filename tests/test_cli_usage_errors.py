@@ -24,13 +24,15 @@ CASES: dict[str, list[str]] = {
     "missing_value": ["eval", "--budget"],
     "own_check": ["eval", "--budget", "1.5"],
     "subcommand_help": ["eval", "--help"],
+    "niah_help": ["niah", "--help"],
+    "profile_help": ["profile", "--help"],
     "no_args": [],
 }
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, subprocess.CompletedProcess[str]]:
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     procs = {
         name: subprocess.Popen([sys.executable, "-m", "kvreviver_cli", *args], cwd=ROOT, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -102,3 +104,11 @@ def test_no_arguments_shows_help(runs) -> None:
     assert "Usage:" in help_text
     for command in ("eval", "niah", "profile", "sweep-ratios", "calibrate"):
         assert command in help_text
+
+
+@pytest.mark.parametrize("command", ["niah", "profile"])
+def test_config_help_names_the_commands_table(runs, command) -> None:
+    """Rich would take ``[niah]`` in a help text for markup and print nothing of it."""
+    run = runs[f"{command}_help"]
+    assert run.returncode == 0, run.stderr
+    assert f"([{command}] table)" in run.stdout, run.stdout
