@@ -66,17 +66,28 @@ def calibrate_command(
         loaded, tokenizer = load_model(model, dtype=dtype, device=device)
     if tokenizer is None:
         raise UsageError("calibration needs a model with a tokenizer")
+    if method == "echokv":
+        from kvreviver_core.methods.echokv import calibration_plan
+
+        calibration_plan(loaded.config.num_hidden_layers, loaded.config.num_key_value_heads, **given)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                TimeElapsedColumn())
-    with Progress(*columns, console=err_console) as progress:
-        tasks: dict[str, int] = {}
+    # Shown from the first report on, so that what fails before (a text too short for --tokens) is one line alone.
+    progress = Progress(*columns, console=err_console)
+    tasks: dict[str, int] = {}
 
-        def report(stage: str, done: int, total: int, loss: float | None) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total, loss="")
-            progress.update(tasks[stage], completed=done, loss="" if loss is None else f"loss {loss:.4f}")
+    def report(stage: str, done: int, total: int, loss: float | None) -> None:
+        if not tasks:
+            progress.start()
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total, loss="")
+        progress.update(tasks[stage], completed=done, loss="" if loss is None else f"loss {loss:.4f}")
 
+    try:
         path = calibrate(method, loaded, tokenizer, text, steps, out, tokens=tokens, progress=report, **given)
+    finally:
+        if tasks:  # stopping a display never started would still print a line
+            progress.stop()
     settings = json.loads(settings_path(path).read_text())
     console.print(f"wrote {path} and {settings_path(path).name} ({settings['seconds']} s)")
     if "heldout_loss" in settings:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,31 @@ def test_bad_config_file_is_named(tmp_path, kind, message):
         path.write_text("[eval]\nlimit = true\n")
     line = error_line(run_cli("eval", "--config", path, "--methods", "full", *NO_MODEL))
     assert message.format(path=path) in line
+
+
+# -- calibrate: checks that came only after the activations, or under the progress display ---------------------------
+def test_an_echokv_group_size_the_kv_heads_cannot_take_fails_before_any_activation(tiny, tmp_path, monkeypatch):
+    from kvreviver_core import calibration
+
+    def collect(*args, **kwargs):
+        raise AssertionError("activations collected before the options were checked")
+
+    monkeypatch.setattr(calibration, "calibrate_on", collect)
+    line = error_line(run_cli("calibrate", "--method", "echokv", "--model", tiny, "--device", "cpu",
+                              "--group-size", "3", "--out", tmp_path / "w.safetensors"))
+    assert "echokv group size must divide the 2 KV heads, got 3" in line  # the tiny Llama has 2
+
+
+def test_a_text_too_short_for_the_tokens_is_one_line_alone(tiny, tmp_path):
+    # A real process: the progress display writes to the process's stderr, which CliRunner does not see whole.
+    text = tmp_path / "short.txt"
+    text.write_text("a few words only\n")
+    done = subprocess.run([sys.executable, "-m", "kvreviver_cli", "calibrate", "--method", "vector", "--model",
+                           str(tiny), "--device", "cpu", "--text", str(text), "--out", str(tmp_path / "w.safetensors")],
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"error: the calibration text has \d+ tokens; it needs at least 1024 "
+                                            r"\(2 chunks of 512\)", lines[0]), done.stderr
+    assert not (tmp_path / "w.safetensors").exists()

@@ -208,12 +208,20 @@ class _Trainer:
         return tensors
 
 
+def calibration_plan(layers: int, heads: int, keep: float = 0.4, group_size: int | None = None,
+                     local_size: int = 2) -> EchoPlan:
+    """The plan calibration trains for ``layers`` layers of ``heads`` KV heads, from its options (checked, so that
+    the command can reject them before it collects any activations)."""
+    return EchoPlan(layers, heads, keep, group_size or default_group_size(heads), local_size)
+
+
 @calibrator("echokv", with_queries=True, default_steps=200)
-def fit_echokv(model, acts: Activations, steps: int, progress: ProgressFn | None, keep: float = 0.4,
-               group_size: int | None = None, local_size: int = 2, lr: float = 3e-3, seed: int = 0):
-    """Train the reconstruction networks, ``steps`` AdamW steps per stage; returns (tensors, summary)."""
+def fit_echokv(model, acts: Activations, steps: int, progress: ProgressFn | None, lr: float = 3e-3, seed: int = 0,
+               **plan_options):
+    """Train the reconstruction networks, ``steps`` AdamW steps per stage; returns (tensors, summary).
+    ``plan_options``: :func:`calibration_plan`'s."""
     layers, heads, length, _ = acts.shape
-    plan = EchoPlan(layers, heads, keep, group_size or default_group_size(heads), local_size)
+    plan = calibration_plan(layers, heads, **plan_options)
     trainer = _Trainer(model, acts, plan)
     history = {"start": trainer.heldout_losses()}
     generator = torch.Generator().manual_seed(seed)
