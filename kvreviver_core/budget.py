@@ -65,6 +65,8 @@ class Budget:
         object.__setattr__(self, "split", split)
         if not isinstance(self.sketch_rows, int) or self.sketch_rows < 1:
             raise ValueError(f"sketch rows r must be an integer >= 1, got {self.sketch_rows!r}")
+        if isinstance(self.replace_rate, bool) or not isinstance(self.replace_rate, (int, float)):
+            raise ValueError(f"replace rate must be a number, got {self.replace_rate!r}")
         if not (self.replace_rate >= 1.0):
             raise ValueError(f"replace rate must be >= 1, got {self.replace_rate}")
         if not isinstance(self.recent_slack, int) or self.recent_slack < 0:

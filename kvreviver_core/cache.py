@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvreviver_core import attention
-from kvreviver_core.budget import TUNABLE_FIELDS, Budget
+from kvreviver_core.budget import Budget
 from kvreviver_core.kernels import side_stream
 from kvreviver_core.methods import METHODS, CompressedLayer, list_methods
 
@@ -69,19 +69,14 @@ def make_cache(method: str, budget: Budget | float | int = 1.0, model: torch.nn.
         budget: a :class:`Budget`, a fraction of the full cache's memory in (0, 1], or a token count (int > 1).
         model: the HF model the cache will be used with (required): its attention is routed through
             :func:`kvreviver_core.attention.kvreviver_attention`, which is plain SDPA for any other cache.
-        options: the method's own options (see its dataclass), plus Budget fields (split, sketch_rows,
-            replace_rate, recent_slack).
+        options: the method's own options (see its dataclass), plus the Budget fields it reads (its
+            ``budget_fields``: KVReviver's split, sketch_rows, replace_rate, recent_slack).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(list_methods())}")
-    budget = Budget.coerce(budget, **{k: options.pop(k) for k in list(options) if k in TUNABLE_FIELDS})
     spec_cls = METHODS[method]
-    unknown = set(options) - set(spec_cls.option_names())
-    if unknown:
-        raise ValueError(
-            f"method {method!r} has no option {', '.join(sorted(unknown))}; its options: "
-            f"{', '.join(spec_cls.option_names()) or 'none'}"
-        )
+    budget_options, options = spec_cls.split_options(options)
+    budget = Budget.coerce(budget, **budget_options)
     if model is None:
         raise ValueError("make_cache needs model= : the cache routes the model's attention through its scoring hook")
     spec = spec_cls(**options)

@@ -3,13 +3,13 @@ command takes them (``kvreviver:combine=mean``, ``kvreviver:split=0.2/0.4/0.4``)
 
 from __future__ import annotations
 
-from kvreviver_core.budget import TUNABLE_FIELDS, Budget
+from kvreviver_core.budget import Budget
 from kvreviver_core.methods import METHODS, list_methods
 
 
 def method_spec(spec: str) -> tuple[str, dict]:
     """``"kvreviver:estimator=mean:split=0.2/0.4/0.4"`` -> ``("kvreviver", {"estimator": "mean", "split": (0.2,
-    0.4, 0.4)})``, checked: the method's own options and the Budget fields of ``TUNABLE_FIELDS``."""
+    0.4, 0.4)})``, checked: the method's own options and the Budget fields it reads (``budget_fields``)."""
     name, *pairs = spec.split(":")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
@@ -19,14 +19,10 @@ def method_spec(spec: str) -> tuple[str, dict]:
         if not eq or not key:
             raise ValueError(f"method option {pair!r} in {spec!r} is not key=value")
         options[key] = _option_value(value)
-    allowed = [*METHODS[name].option_names(), *TUNABLE_FIELDS]
-    unknown = set(options) - set(allowed)
-    if unknown:
-        raise ValueError(f"method {name!r} has no option {', '.join(sorted(unknown))}; its options: "
-                         f"{', '.join(allowed)}")
+    budget_options, own_options = METHODS[name].split_options(options)
     # Bad values fail now, not after an hour of grid.
-    Budget.coerce(1.0, **{k: v for k, v in options.items() if k in TUNABLE_FIELDS})
-    METHODS[name](**{k: v for k, v in options.items() if k not in TUNABLE_FIELDS})
+    Budget.coerce(1.0, **budget_options)
+    METHODS[name](**own_options)
     return name, options
 
 

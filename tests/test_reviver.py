@@ -8,6 +8,7 @@ import torch
 
 from kvreviver_core import Budget, make_cache
 from kvreviver_core.generation import cache_kwargs
+from kvreviver_core.specs import method_spec
 from kvreviver_core.methods.reviver import ReviverLayer
 from tests.conftest import tiny_llama
 from tests.test_sketch import naive_query
@@ -254,6 +255,14 @@ def test_make_cache_rejects_unknown_methods_and_options(tiny_model):
         make_cache("kvreviver", 0.1, model=tiny_model, split=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="overlap must be true or false"):
         make_cache("kvreviver", 0.1, model=tiny_model, overlap="yes")
+    with pytest.raises(ValueError, match="replace rate must be a number"):
+        make_cache("kvreviver", 0.1, model=tiny_model, replace_rate="abc")
+    # A Budget field that only KVReviver reads would change nothing for another method.
+    with pytest.raises(ValueError, match="method 'h2o' has no option split"):
+        make_cache("h2o", 0.1, model=tiny_model, split=(0.2, 0.4, 0.4))
+    with pytest.raises(ValueError, match="method 'snapkv' has no option sketch_rows"):
+        method_spec("snapkv:sketch_rows=2")
+    assert make_cache("kvreviver", 0.1, model=tiny_model, sketch_rows=2).budget.sketch_rows == 2
 
 
 @torch.no_grad()

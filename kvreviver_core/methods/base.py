@@ -47,6 +47,9 @@ class Method:
     """Base of a method's options. Subclasses are dataclasses registered with :func:`register`."""
 
     name: ClassVar[str] = ""
+    # The Budget fields (of budget.TUNABLE_FIELDS) the method's layers read; an option naming any other is refused,
+    # since it would change nothing.
+    budget_fields: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self, model: torch.nn.Module | None) -> None:
         """Arrange anything the method needs on the model (weights, calibration). Default: nothing."""
@@ -57,6 +60,18 @@ class Method:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def split_options(cls, options: dict) -> tuple[dict, dict]:
+        """``options`` as (Budget fields, the method's own options); ValueError naming any option the method
+        does not take."""
+        allowed = [*cls.option_names(), *cls.budget_fields]
+        unknown = set(options) - set(allowed)
+        if unknown:
+            raise ValueError(f"method {cls.name!r} has no option {', '.join(sorted(unknown))}; its options: "
+                             f"{', '.join(allowed) or 'none'}")
+        budget = {k: v for k, v in options.items() if k in cls.budget_fields}
+        return budget, {k: v for k, v in options.items() if k not in budget}
 
     @classmethod
     def graph_options(cls) -> dict:

@@ -38,11 +38,12 @@ ablation of the Vague part.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from kvreviver_core.attention import _key_validity
-from kvreviver_core.budget import Budget, split_capacity, token_capacity
+from kvreviver_core.budget import TUNABLE_FIELDS, Budget, split_capacity, token_capacity
 from kvreviver_core.kernels import check_fused_option, decode_backend, inplace_kernels
 from kvreviver_core.methods.base import CompressedLayer, Method, register, tensor_bytes
 from kvreviver_core.sketch import COMBINES, ESTIMATORS, Combine, Estimator, VagueSketch
@@ -409,6 +410,8 @@ class KVReviverMethod(Method):
             stream beside the rest of the model's step (:mod:`kvreviver_core.kernels.side_stream`); the same results
             either way.
     """
+
+    budget_fields: ClassVar[tuple[str, ...]] = TUNABLE_FIELDS
 
     estimator: str = "sum"
     signed_keys: bool = False
