@@ -11,8 +11,8 @@ from typing import Iterable
 class ResultStore:
     """Rows keyed by ``key_fields``; a rerun skips the keys already present.
 
-    A kill can leave a half-written last line, one without its newline; it is dropped on load (that row is simply
-    recomputed). Any other malformed line, a complete last one included, means the file is not ours or was edited,
+    A kill can leave a half-written last line, the start of a row's JSON object without its newline; it is dropped
+    on load (that row is simply recomputed). Any other malformed line, a complete last one included, means the file is not ours or was edited,
     and is reported with its line number (the file is left as it is).
     """
 
@@ -38,7 +38,9 @@ class ResultStore:
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:
-                if number == len(complete) and not text.endswith("\n"):  # torn last write from a kill
+                # A write torn by a kill is a last line without its newline, and the start of a row's JSON object:
+                # any other text there (a foreign file of one line, say) is reported, not truncated away.
+                if number == len(complete) and not text.endswith("\n") and line.startswith("{"):
                     self._truncate_to(complete[: number - 1])
                     break
                 raise ValueError(f"{self.path}:{number}: malformed results line ({exc})") from None

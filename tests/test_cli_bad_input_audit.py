@@ -63,6 +63,23 @@ def test_complete_malformed_last_results_line_is_reported_not_dropped(tmp_path):
     assert digest(path) == before
 
 
+@pytest.mark.parametrize("text", ["notes about a run", '{"method": "full"}\nnot json'])
+def test_a_last_line_without_newline_that_is_no_row_is_reported_not_truncated(tmp_path, text):
+    path = tmp_path / "results.jsonl"
+    path.write_text(text)  # no newline at the end, but no row's start either: not a write torn by a kill
+    before = digest(path)
+    with pytest.raises(ValueError, match="malformed results line"):
+        ResultStore(path, ("method",))
+    assert digest(path) == before
+
+
+def test_a_torn_last_row_is_dropped_and_the_rows_before_it_kept(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"method": "full"}\n{"method": "h2o", "sc')
+    assert [row["method"] for row in ResultStore(path, ("method",)).rows] == ["full"]
+    assert path.read_text() == '{"method": "full"}\n'
+
+
 def test_profile_keeps_a_malformed_profile_jsonl(tmp_path):
     out = tmp_path / "prof"
     out.mkdir()
