@@ -57,14 +57,22 @@ def apply_config(ctx: typer.Context, config: Path | None, values: dict, command:
 def _convert(ctx: typer.Context, param: click.Parameter | None, value, config: Path):
     if param is None:
         return value
-    if isinstance(value, bool) and not getattr(param, "is_bool_flag", False):  # click would take true for 1
-        raise UsageError(f"config file {config}: bad value for {param.name}: a boolean ({str(value).lower()}), but "
-                         f"{param.opts[0]} is not an on/off flag")
+    # click would take true for 1, 1 for true, and 2.5 for 2: TOML has booleans and integers, so ask for them.
+    bad = f"config file {config}: bad value for {param.name}:"
+    is_flag = getattr(param, "is_bool_flag", False)
+    if isinstance(value, bool) != is_flag:
+        if is_flag:
+            raise UsageError(f"{bad} {value!r}, but {param.opts[0]} is an on/off flag: write true or false")
+        raise UsageError(f"{bad} a boolean ({str(value).lower()}), but {param.opts[0]} is not an on/off flag")
     try:
         if hasattr(param, "type_cast_value"):  # click's own parameters (typer < 0.26)
-            return param.type_cast_value(click.Context(click.Command("config")), value)
-        return param.process_value(ctx, value)  # typer >= 0.26 parameters, on its vendored click
+            converted = param.type_cast_value(click.Context(click.Command("config")), value)
+        else:
+            converted = param.process_value(ctx, value)  # typer >= 0.26 parameters, on its vendored click
     except Exception as exc:
         if type(exc).__name__ != "BadParameter":  # either click's
             raise
         raise UsageError(f"config file {config}: bad value for {param.name}: {exc.message}") from None
+    if isinstance(value, float) and isinstance(converted, int):
+        raise UsageError(f"{bad} {value!r}, but {param.opts[0]} takes an integer")
+    return converted

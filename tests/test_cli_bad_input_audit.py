@@ -188,6 +188,7 @@ def test_unreadable_dataset_file_is_named(tmp_path, kind, message):
     ("binary", "config file {path} is not valid TOML: not UTF-8 text"),
     ("folder", "config file {path} is not a file"),
     ("bool-for-int", "config file {path}: bad value for limit: a boolean (true), but --limit is not an on/off flag"),
+    ("float-for-int", "config file {path}: bad value for limit: 3.0, but --limit takes an integer"),
 ])
 def test_bad_config_file_is_named(tmp_path, kind, message):
     path = tmp_path / "run.toml"
@@ -196,9 +197,17 @@ def test_bad_config_file_is_named(tmp_path, kind, message):
     elif kind == "binary":
         path.write_bytes(b"\xff\xfe[eval]\n")
     else:
-        path.write_text("[eval]\nlimit = true\n")
+        path.write_text(f"[eval]\nlimit = {'true' if kind == 'bool-for-int' else '3.0'}\n")
     line = error_line(run_cli("eval", "--config", path, "--methods", "full", *NO_MODEL))
     assert message.format(path=path) in line
+
+
+def test_a_number_for_an_on_off_flag_in_a_config_file_is_named(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[profile]\ncuda-graphs = 1\n")
+    line = error_line(run_cli("profile", "--config", path, "--device", "cpu"))
+    assert f"config file {path}: bad value for cuda_graphs: 1, but --cuda-graphs is an on/off flag: write true or " \
+           "false" in line
 
 
 # -- calibrate: checks that came only after the activations, or under the progress display ---------------------------
