@@ -10,7 +10,6 @@ from typing import Callable, TypeVar
 import typer
 from rich.console import Console
 
-from kvreviver_core.results import ResultStore
 
 console = Console()
 err_console = Console(stderr=True)
@@ -102,13 +101,3 @@ def check_out_path(out: Path | None, folder: bool = True) -> None:
         raise UsageError(f"--out {out} cannot be created: {blocker} is a file, not a folder")
 
 
-def open_results(path: Path | None, key_fields: tuple[str, ...]) -> ResultStore:
-    """The results file of ``--out``; rows that lack the command's key fields are another command's (or not
-    results at all): a UsageError, before anything is appended to the file."""
-    store = ResultStore(path, key_fields)
-    for number, row in enumerate(store.rows, start=1):
-        missing = [field for field in key_fields if field not in row]
-        if missing:
-            raise UsageError(f"{path}: row {number} has no {', '.join(missing)}: not this command's results "
-                             "(another command's --out?)")
-    return store

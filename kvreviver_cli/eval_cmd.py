@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvreviver_cli.common import (
-    DEVICE_MAP_HELP, UsageError, check_device_map, check_out_path, clean_errors, console, open_results, parse_floats,
+    DEVICE_MAP_HELP, UsageError, check_device_map, check_out_path, clean_errors, console, parse_floats,
     parse_names,
 )
 from kvreviver_cli.config import apply_config
@@ -365,7 +365,7 @@ def open_store(out: Path | None) -> ResultStore:
     if out is None:
         return ResultStore(None, ROW_KEY)
     distributed.fold_rank_files(out / "results.jsonl", ROW_KEY)  # a killed torchrun run's rows count as done
-    return open_results(out / "results.jsonl", ROW_KEY)
+    return ResultStore(out / "results.jsonl", ROW_KEY)
 
 
 def parse_budgets(text: str, split) -> list[float]:

@@ -17,8 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvreviver_cli.common import (
-    DEVICE_MAP_HELP, UsageError, check_device_map, check_out_path, clean_errors, console, err_console, open_results,
-    parse_floats, parse_ints, parse_names,
+    DEVICE_MAP_HELP, UsageError, check_device_map, check_out_path, clean_errors, console, err_console, parse_floats, parse_ints, parse_names,
 )
 from kvreviver_cli.config import apply_config
 from kvreviver_core import distributed
@@ -143,6 +142,10 @@ def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, ha
 
     check_device_map(device, device_map)
     check_out_path(out)
+    results = out / "results.jsonl"
+    # Read once on every rank, before the model loads: a results file that is not this command's fails each rank
+    # here, where under torchrun rank 0 alone would fail later, at its fold, and leave the others at the barrier.
+    ResultStore(results, niah.KEY_FIELDS)
     haystack_text = niah.load_haystack(haystack)
     rank = distributed.RankInfo.from_env()
     net, tokenizer = load_model(model, dtype, distributed.rank_device(device, rank), device_map=device_map)
@@ -152,7 +155,6 @@ def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, ha
                          f"exceed the model's {limit} positions")
     model_name = model or "embedded SmolLM2-135M-Instruct"
     haystack_name = str(haystack) if haystack else niah.PYDOC_HAYSTACK
-    results = out / "results.jsonl"
 
     def run(store: ResultStore, points: list[tuple[int, float]] | None, show: bool) -> list[dict]:
         total = len(grid.methods) * (len(grid.lengths) * len(grid.depths) if points is None else len(points))
@@ -175,5 +177,5 @@ def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, ha
         if not rank.main:
             raise typer.Exit()
     distributed.fold_rank_files(results, niah.KEY_FIELDS)  # a killed torchrun run's rows count as done
-    store = open_results(results, niah.KEY_FIELDS)
+    store = ResultStore(results, niah.KEY_FIELDS)
     return run(store, None, show=True), store, model_name

@@ -22,10 +22,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvreviver_cli.common import (
-    UsageError, check_device_map, check_out_path, clean_errors, console, err_console, open_results, parse_ints,
+    UsageError, check_device_map, check_out_path, clean_errors, console, err_console, parse_ints,
     parse_names,
 )
 from kvreviver_cli.config import apply_config
+from kvreviver_core.results import ResultStore
 
 if TYPE_CHECKING:  # torch, the method registry and the profiler are imported when the command runs
     import torch
@@ -207,7 +208,7 @@ def profile_command(
               o["max_batch_limit"], o["sample_interval_ms"])
     _check_device(o["device"], o["device_map"])
     check_out_path(o["out"])
-    store = open_results(o["out"] / "profile.jsonl" if o["out"] else None, ("setup", "method", "batch"))
+    store = ResultStore(o["out"] / "profile.jsonl" if o["out"] else None, ("setup", "method", "batch"))
     if o["cuda_graphs"] and (o["device"] != "cuda" or o["device_map"] is not None):
         raise UsageError("--cuda-graphs needs --device cuda on one GPU (no --device-map)")
     net, _ = load_model(o["model"], o["dtype"], o["device"], arch=o["arch"], random_weights=o["random_weights"],

@@ -13,7 +13,8 @@ class ResultStore:
 
     A kill can leave a half-written last line, the start of a row's JSON object without its newline; it is dropped
     on load (that row is simply recomputed). Any other malformed line, a complete last one included, means the file is not ours or was edited,
-    and is reported with its line number (the file is left as it is).
+    and is reported with its line number (the file is left as it is), as is a row without the key fields (another
+    command's results). Every reader checks this, torchrun ranks included, before anything is appended.
     """
 
     def __init__(self, path: Path | None, key_fields: Iterable[str]) -> None:
@@ -44,6 +45,10 @@ class ResultStore:
                     self._truncate_to(complete[: number - 1])
                     break
                 raise ValueError(f"{self.path}:{number}: malformed results line ({exc})") from None
+            missing = [field for field in self.key_fields if field not in row]
+            if missing:
+                raise ValueError(f"{self.path}:{number}: row has no {', '.join(missing)}: not this command's "
+                                 "results (another command's --out?)")
             self.rows.append(row)
 
     def _truncate_to(self, lines: list[str]) -> None:

@@ -96,8 +96,16 @@ def test_profile_rejects_another_commands_rows(tmp_path):
     (out / "profile.jsonl").write_text('{"prompt_id": "x", "method": "full"}\n')  # an eval row, say
     before = digest(out / "profile.jsonl")
     line = error_line(run_cli(*TINY_PROFILE, "--out", out))
-    assert "profile.jsonl: row 1 has no setup, batch: not this command's results" in line
+    assert "profile.jsonl:1: row has no setup, batch: not this command's results" in line
     assert digest(out / "profile.jsonl") == before
+
+
+def test_niah_rejects_another_commands_rows_before_the_model_loads(tmp_path):
+    (tmp_path / "results.jsonl").write_text('{"prompt_id": "x", "method": "full"}\n')  # an eval row
+    before = digest(tmp_path / "results.jsonl")
+    line = error_line(run_cli("niah", "--methods", "full", "--lengths", "500", "--out", tmp_path, *NO_MODEL))
+    assert "results.jsonl:1: row has no " in line and "not this command's results" in line
+    assert digest(tmp_path / "results.jsonl") == before
 
 
 def test_non_utf8_results_file_is_named(tmp_path):

@@ -120,6 +120,17 @@ def test_fold_adds_new_keys_once_keeps_the_results_file_and_deletes_rank_files(t
     assert fold_rank_files(results, KEY) == 0 and _rows(results) == old + rank0 + rank1[:1] + stale
 
 
+@pytest.mark.parametrize("foreign", ["results", "rank file"])
+def test_a_rank_refuses_another_commands_rows_and_appends_nothing(tmp_path, foreign):
+    results = tmp_path / "results.jsonl"
+    target = results if foreign == "results" else rank_file(results, RankInfo(1, 2, 1))
+    _write(target, [{"prompt_id": "x", "method": "full"}])  # an eval row: no point
+    before = target.read_bytes()
+    with pytest.raises(ValueError, match=r":1: row has no point: not this command's results"):
+        rank_store(results, KEY, RankInfo(1, 2, 1))
+    assert target.read_bytes() == before
+
+
 def test_a_kill_during_the_fold_loses_no_row(tmp_path, monkeypatch):
     results = tmp_path / "results.jsonl"
     _write(results, [{"point": 0, "method": "full"}])
