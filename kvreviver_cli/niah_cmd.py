@@ -144,7 +144,8 @@ def run_grid(grid: niah.NiahGrid, model: str | None, dtype: str, device: str, ha
     check_out_path(out)
     results = out / "results.jsonl"
     # Read once on every rank, before the model loads: a results file that is not this command's fails each rank
-    # here, where under torchrun rank 0 alone would fail later, at its fold, and leave the others at the barrier.
+    # here with its one line, where under torchrun rank 0 alone would fail later, at its fold, after every rank had
+    # loaded the model (torchrun then ends the others).
     ResultStore(results, niah.KEY_FIELDS)
     haystack_text = niah.load_haystack(haystack)
     rank = distributed.RankInfo.from_env()
