@@ -10,7 +10,6 @@ from typing import Callable, TypeVar
 import typer
 from rich.console import Console
 
-
 console = Console()
 err_console = Console(stderr=True)
 
@@ -99,5 +98,3 @@ def check_out_path(out: Path | None, folder: bool = True) -> None:
     blocker = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
     if blocker is not None:
         raise UsageError(f"--out {out} cannot be created: {blocker} is a file, not a folder")
-
-

@@ -72,7 +72,7 @@ def _convert(ctx: typer.Context, param: click.Parameter | None, value, config: P
     except Exception as exc:
         if type(exc).__name__ != "BadParameter":  # either click's
             raise
-        raise UsageError(f"config file {config}: bad value for {param.name}: {exc.message}") from None
+        raise UsageError(f"{bad} {exc.message}") from None
     if isinstance(value, float) and isinstance(converted, int):
         raise UsageError(f"{bad} {value!r}, but {param.opts[0]} takes an integer")
     return converted

@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvreviver_cli.common import (
-    DEVICE_MAP_HELP, UsageError, check_device_map, check_out_path, clean_errors, console, err_console, parse_floats, parse_ints, parse_names,
+    DEVICE_MAP_HELP, UsageError, check_device_map, check_out_path, clean_errors, console, err_console, parse_floats,
+    parse_ints, parse_names,
 )
 from kvreviver_cli.config import apply_config
 from kvreviver_core import distributed

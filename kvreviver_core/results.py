@@ -12,9 +12,10 @@ class ResultStore:
     """Rows keyed by ``key_fields``; a rerun skips the keys already present.
 
     A kill can leave a half-written last line, the start of a row's JSON object without its newline; it is dropped
-    on load (that row is simply recomputed). Any other malformed line, a complete last one included, means the file is not ours or was edited,
-    and is reported with its line number (the file is left as it is), as is a row without the key fields (another
-    command's results). Every reader checks this, torchrun ranks included, before anything is appended.
+    on load (that row is simply recomputed). Any other malformed line, a complete last one included, means the file
+    is not ours or was edited, and is reported with its line number (the file is left as it is), as is a row without
+    the key fields (another command's results). Every reader checks this, torchrun ranks included, before anything
+    is appended.
     """
 
     def __init__(self, path: Path | None, key_fields: Iterable[str]) -> None:

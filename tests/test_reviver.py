@@ -8,8 +8,8 @@ import torch
 
 from kvreviver_core import Budget, make_cache
 from kvreviver_core.generation import cache_kwargs
-from kvreviver_core.specs import method_spec
 from kvreviver_core.methods.reviver import ReviverLayer
+from kvreviver_core.specs import method_spec
 from tests.conftest import tiny_llama
 from tests.test_sketch import naive_query
 
